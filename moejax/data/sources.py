@@ -1,0 +1,286 @@
+"""Document sources: random-access sequences of (text, domain id), one per kind of data.
+
+Every source is a `DocSource`: a length and `get(i) -> (text, domain)` (domain -1 when unknown).
+Random access is what makes the pipeline simple: shuffling is a per-epoch permutation of indices,
+and the checkpointable position is a few integers.
+
+- builtin: the synthetic corpus of `moejax.data.builtin` (pure Python, no TF, no files).
+- tfds: `tfds.data_source(name, split, data_dir)` reads a dataset prepared in the array_record
+  format, without TensorFlow. Datasets prepared as tfrecord (the TFDS default, and most of
+  gs://tensorflow-datasets) are refused with the conversion command to run once.
+- text_files: local files are cut into documents, split into train / validation once, and written
+  as an array_record TFDS dataset under `data.cache_dir` (keyed by a hash of the file contents and
+  the options); afterwards they are read back like any TFDS dataset (`builder_from_directory`).
+  Building and reading are both TF-free in tensorflow-datasets 4.9.10.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import hashlib
+import os
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from moejax.data import builtin as builtin_lib
+from moejax.data.config import DECODE_ERRORS, DOC_SPLITS, SOURCES
+
+TEXT_FILES_VERSION = "1.0.0"
+TEXT_FILES_SPLITS = ("train", "validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class DocSource:
+  """A random-access document collection; `key` identifies its contents (for caches/state)."""
+  key: str
+  num_docs: int
+  get: Callable[[int], tuple[str | bytes, int]]
+
+
+def resolve_cache_dir(data_config) -> str:
+  """`data.cache_dir`, or $MOEJAX_DATA_CACHE, or ~/.cache/moejax/data; made absolute."""
+  path = data_config.cache_dir or os.environ.get("MOEJAX_DATA_CACHE") or "~/.cache/moejax/data"
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"{field}={value!r} is not supported; allowed values are {allowed}.")
+
+
+# --- builtin -------------------------------------------------------------------------------------
+
+
+def builtin_source(data_config, split: str) -> DocSource:
+  cb = data_config.builtin
+  _check_choice("split (data.builtin)", split, builtin_lib.SPLITS)
+  num_docs = cb.num_docs if split == "train" else cb.num_eval_docs
+  builtin_lib.check_builtin_config(cb.num_domains, num_docs, cb.min_lines, cb.max_lines)
+  args = (cb.seed, split)
+  opts = dict(num_domains=cb.num_domains, min_lines=cb.min_lines, max_lines=cb.max_lines)
+
+  def get(i: int) -> tuple[str, int]:
+    return builtin_lib.make_document(*args, i, **opts)
+
+  key = (f"builtin/seed={cb.seed}/domains={cb.num_domains}/lines={cb.min_lines}-{cb.max_lines}"
+         f"/docs={cb.num_docs},{cb.num_eval_docs}")
+  return DocSource(key=f"{key}/{split}", num_docs=num_docs, get=get)
+
+
+# --- tfds ----------------------------------------------------------------------------------------
+
+
+def _wrap_tfds_datasource(ds, key: str, text_key: str, field_name: str) -> DocSource:
+  num_docs = len(ds)
+  if num_docs == 0:
+    raise ValueError(f"{field_name}: the split {key!r} has no examples.")
+  first = ds[0]
+  if text_key not in first:
+    raise ValueError(f"data.tfds.text_key={text_key!r} is not a feature of {key!r}; "
+                     f"available keys are {sorted(first)}.")
+
+  def get(i: int) -> tuple[str | bytes, int]:
+    return ds[int(i)][text_key], -1
+
+  return DocSource(key=key, num_docs=num_docs, get=get)
+
+
+def tfds_source(data_config, split: str) -> DocSource:
+  """A TFDS dataset prepared as array_record, read with `tfds.data_source` (no TensorFlow)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  cfg = data_config.tfds
+  if not cfg.name:
+    raise ValueError("data.tfds.name is empty; set it to a TFDS dataset name such as 'lm1b'.")
+  data_dir = cfg.data_dir or None
+  try:
+    ds = tfds.data_source(cfg.name, split=split, data_dir=data_dir, download=False)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"data.tfds.name={cfg.name!r}: no such TFDS dataset ({str(e)[:200]}...).")\
+        from e
+  except NotImplementedError as e:
+    # `data_source` refuses non-array_record formats; tell apart "absent" from "wrong format".
+    builder = tfds.builder(cfg.name, data_dir=data_dir)
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f"data.tfds.name={cfg.name!r} is not prepared in data.tfds.data_dir={cfg.data_dir!r} "
+          f"(looked in {builder.data_dir}). Prepare it once with network access: "
+          f"`tfds build {cfg.name} --data_dir=DIR --file_format=array_record`.") from e
+    raise ValueError(
+        f"data.tfds.name={cfg.name!r} in {builder.data_dir} is stored as "
+        f"{builder.info.file_format}; the TF-free reader needs array_record. Convert it once: "
+        f"`tfds convert_format --dataset_version_dir={builder.data_dir} "
+        "--out_file_format=array_record`.") from e
+  except ValueError as e:
+    if "split" in str(e).lower():
+      raise ValueError(f"split={split!r} does not exist for data.tfds.name={cfg.name!r}: "
+                       f"{e}") from e
+    raise
+  key = f"tfds/{cfg.name}/{os.path.abspath(cfg.data_dir) if cfg.data_dir else ''}/{split}"
+  return _wrap_tfds_datasource(ds, key, cfg.text_key, f"data.tfds.name={cfg.name!r}")
+
+
+# --- text files ----------------------------------------------------------------------------------
+
+
+def expand_paths(paths: str | list[str] | tuple[str, ...]) -> list[str]:
+  """Comma-separated (or listed) paths/globs -> sorted unique absolute file paths."""
+  patterns = [p.strip() for p in (paths.split(",") if isinstance(paths, str) else paths)]
+  patterns = [p for p in patterns if p]
+  if not patterns:
+    raise ValueError("data.text_files.paths is empty; give comma-separated file paths or globs, "
+                     "e.g. '../shared/data/tinyshakespeare.txt'.")
+  files: list[str] = []
+  for pattern in patterns:
+    expanded = os.path.expanduser(pattern)
+    matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+    matches = [m for m in matches if os.path.isfile(m)]
+    if not matches:
+      raise FileNotFoundError(f"data.text_files.paths: {pattern!r} matches no file "
+                              f"(working directory {os.getcwd()}).")
+    files.extend(os.path.abspath(m) for m in matches)
+  return sorted(set(files))
+
+
+def split_documents(text: str, doc_split: str) -> list[str]:
+  """Cuts one file's text into non-empty documents ('paragraph' | 'line' | 'file')."""
+  if doc_split == "file":
+    docs = [text]
+  elif doc_split == "line":
+    docs = text.splitlines()
+  else:
+    docs = re.split(r"\n[ \t\r\f\v]*\n", text)
+  return [d.strip("\n") for d in docs if d.strip()]
+
+
+def read_documents(path: str, doc_split: str, decode_errors: str) -> list[str]:
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8", errors=decode_errors)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"data.text_files.paths: {path} is not valid UTF-8 at byte {e.start} "
+                     f"and data.text_files.decode_errors='strict'; use 'replace' to map bad "
+                     "bytes to U+FFFD.") from e
+  docs = split_documents(text, doc_split)
+  if not docs:
+    raise ValueError(f"data.text_files.paths: {path} is empty (no non-whitespace text).")
+  return docs
+
+
+def _fingerprint(files: list[str], cfg) -> str:
+  h = hashlib.sha256()
+  h.update(f"{TEXT_FILES_VERSION}|{cfg.doc_split}|{cfg.decode_errors}|"
+           f"{float(cfg.held_out_fraction)!r}".encode())
+  for path in files:
+    h.update(path.encode() + b"\0")
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()[:16]
+
+
+def held_out_split(num_docs: int, fraction: float) -> np.ndarray:
+  """bool[num_docs], True for held-out documents: a fixed random ceil(fraction * n) of them."""
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"data.text_files.held_out_fraction={fraction}: must be in [0, 1).")
+  held = np.zeros(num_docs, dtype=bool)
+  if fraction == 0:
+    return held
+  num_held = int(np.ceil(fraction * num_docs))
+  if num_docs - num_held < 1:
+    raise ValueError(f"data.text_files: only {num_docs} document(s), too few to hold out "
+                     f"{fraction:.0%} and keep a training split; add text or change "
+                     "data.text_files.doc_split (e.g. 'line').")
+  held[np.random.default_rng(0).permutation(num_docs)[:num_held]] = True
+  return held
+
+
+@functools.cache
+def _make_builder_class():
+  """Defines the TFDS builder lazily (TFDS is imported only on this path)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  class MoejaxTextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Local text documents -> 'train' / 'validation' array_record splits."""
+    VERSION = tfds.core.Version(TEXT_FILES_VERSION)
+
+    def __init__(self, *, docs: list[str], held: np.ndarray, **kwargs):
+      self._docs, self._held = docs, held
+      super().__init__(**kwargs)
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, description="Local text files converted by moejax.data.",
+          features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
+                                               "doc_index": np.int64}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      splits = {"train": self._generate_examples(False)}
+      if self._held.any():
+        splits["validation"] = self._generate_examples(True)
+      return splits
+
+    def _generate_examples(self, held: bool):
+      for i in np.flatnonzero(self._held == held):
+        yield int(i), {"text": self._docs[i], "doc_index": int(i)}
+
+  return MoejaxTextFiles
+
+
+def build_text_files_dataset(data_config) -> str:
+  """Builds (once) the cached TFDS dataset of `data.text_files`; returns its directory."""
+  cfg = data_config.text_files
+  _check_choice("data.text_files.doc_split", cfg.doc_split, DOC_SPLITS)
+  _check_choice("data.text_files.decode_errors", cfg.decode_errors, DECODE_ERRORS)
+  files = expand_paths(cfg.paths)
+  fingerprint = _fingerprint(files, cfg)
+  root = os.path.join(resolve_cache_dir(data_config), "text_files", fingerprint)
+  dataset_dir = os.path.join(root, "moejax_text_files", TEXT_FILES_VERSION)
+  if os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+    return dataset_dir
+  docs = [doc for path in files for doc in read_documents(path, cfg.doc_split, cfg.decode_errors)]
+  held = held_out_split(len(docs), float(cfg.held_out_fraction))
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  builder = _make_builder_class()(docs=docs, held=held, data_dir=root,
+                                  file_format="array_record")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  with open(os.path.join(root, "sources.txt"), "w") as f:  # human-readable provenance
+    f.write("\n".join(files) + "\n")
+  return dataset_dir
+
+
+def text_files_source(data_config, split: str) -> DocSource:
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  dataset_dir = build_text_files_dataset(data_config)
+  builder = tfds.builder_from_directory(dataset_dir)
+  available = list(builder.info.splits.keys())
+  if split.split("[")[0] not in available:
+    raise ValueError(f"split={split!r} does not exist for data.source='text_files'; available "
+                     f"splits are {available} (validation needs "
+                     "data.text_files.held_out_fraction > 0).")
+  ds = builder.as_data_source(split=split)
+  return _wrap_tfds_datasource(ds, f"text_files/{dataset_dir}/{split}", "text",
+                               f"data.text_files.paths={data_config.text_files.paths!r}")
+
+
+def get_source(data_config, split: str) -> DocSource:
+  """The `DocSource` of `data.source` for `split`."""
+  _check_choice("data.source", data_config.source, SOURCES)
+  if data_config.source == "builtin":
+    return builtin_source(data_config, split)
+  if data_config.source == "tfds":
+    return tfds_source(data_config, split)
+  return text_files_source(data_config, split)
+
+
+def tokenizer_cache_dir(data_config) -> str:
+  """Where a trained SentencePiece model is cached: next to the data when it is local."""
+  if data_config.source == "text_files":
+    return os.path.dirname(build_text_files_dataset(data_config))
+  return os.path.join(resolve_cache_dir(data_config), "sentencepiece")

@@ -1,0 +1,314 @@
+"""Decoder-only MoE language model (Flax NNX).
+
+    tokens_BL -> Embed -> [Block] x num_layers -> RMSNorm -> LM head -> logits_BLV
+    Block(x) = x + Attn(RMSNorm(x));  x + FFN(RMSNorm(x))        (pre-norm, no biases)
+
+- Attention: causal, RoPE on q/k, multi-head or grouped-query (`num_kv_heads < num_heads`; query
+  heads are grouped as `[K, G]` with `H = K * G`). With packed data the mask is *document-causal*:
+  a token attends to earlier tokens of the same `segment_ids` document only, and RoPE uses the
+  per-document `positions`.
+- FFN: a dense MLP or a `moejax.moe.MoELayer`. Which layers are MoE is `moe_layers` (an explicit
+  list) or else `moe_every` (0 = none, 1 = all, 2 = every other: layers 1, 3, 5, ... as in Switch /
+  GShard, which replace every second FFN of the dense model).
+- Precision: params in `param_dtype` (float32), activations in `dtype` (e.g. bfloat16); norms,
+  softmax, RoPE and logits are computed in float32. The MoE router's float32 is the MoE layer's job.
+- Sharding: only expert weights carry `out_sharding` metadata (set by the MoE layer); everything in
+  this file is replicated, so `moejax.sharding` stays the one place that decides layouts.
+
+Shape letters: B batch, L (and S, the key axis) sequence, D model, F MLP width, V vocab, H query
+heads, K kv heads, G = H / K queries per kv head, d head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Model hyper-parameters; `TransformerConfig(**config.model.to_dict())` validates them."""
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 0          # 0 = num_heads (multi-head); fewer = grouped-query attention.
+  head_dim: int = 0              # 0 = d_model // num_heads.
+  d_ff: int = 256                # Width of the dense MLP (the MoE experts' width is in `moe`).
+  activation: str = "swiglu"
+  tie_embeddings: bool = True
+  moe_every: int = 0             # 0 = dense model, 1 = every layer, n = layers n-1, 2n-1, ...
+  moe_layers: tuple[int, ...] = ()  # Explicit MoE layer indices; overrides `moe_every`.
+  moe: dict[str, Any] | None = None  # kwargs of `moejax.moe.MoEConfig`.
+  dtype: str = "float32"         # Activations.
+  param_dtype: str = "float32"
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    def fail(field, value, allowed):
+      raise ValueError(f"config.model.{field}={value!r}: allowed values are {allowed}.")
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+        fail(field, getattr(self, field), "positive integers")
+    for field in ("num_kv_heads", "head_dim", "moe_every"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+        fail(field, getattr(self, field), "integers >= 0")
+    if self.num_heads % self.kv_heads:
+      fail("num_kv_heads", self.num_kv_heads,
+           f"divisors of num_heads={self.num_heads} (each kv head serves G query heads)")
+    if not self.head_dim and self.d_model % self.num_heads:
+      fail("head_dim", self.head_dim,
+           f"a positive integer, or 0 only if num_heads={self.num_heads} divides "
+           f"d_model={self.d_model}")
+    if self.dh % 2:
+      fail("head_dim", self.head_dim,
+           f"an even number (RoPE rotates pairs); d_model / num_heads = {self.dh} is odd")
+    if self.activation not in ACTIVATIONS:
+      fail("activation", self.activation, ACTIVATIONS)
+    for field in ("dtype", "param_dtype"):
+      if getattr(self, field) not in DTYPES:
+        fail(field, getattr(self, field), DTYPES)
+    object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
+    # Stored as sorted (key, value) pairs: the config is a static (hashed) attribute of the model.
+    moe = dict(self.moe or {})
+    object.__setattr__(self, "moe", tuple(sorted(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in moe.items())) or None)
+    bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
+    if bad:
+      fail("moe_layers", self.moe_layers, f"layer indices in [0, {self.num_layers})")
+    if self.moe_layer_indices and not self.moe:
+      fail("moe", self.moe, "a dict of MoEConfig fields when any layer is MoE")
+    if self.moe_layer_indices:
+      self.moe_config()  # MoEConfig validates its own fields (ValueError).
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dh(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def moe_layer_indices(self) -> tuple[int, ...]:
+    if self.moe_layers:
+      return tuple(sorted(set(self.moe_layers)))
+    if self.moe_every:
+      return tuple(i for i in range(self.num_layers) if i % self.moe_every == self.moe_every - 1)
+    return ()
+
+  def moe_config(self, **overrides):
+    from moejax.moe import MoEConfig  # Imported lazily: a dense model does not need moe.py.
+    return MoEConfig(**{**dict(self.moe or {}), **overrides})
+
+
+def _dense_init(fan_in_axes: tuple[int, ...]):
+  """Truncated-normal fan-in init (std 1/sqrt(fan_in)), fan-in over `fan_in_axes`."""
+  return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                           in_axis=fan_in_axes, out_axis=-1)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32 (bfloat16 mean-of-squares loses too many bits)."""
+
+  def __init__(self, d: int, eps: float, dtype, param_dtype):
+    self.scale = nnx.Param(jnp.ones((d,), param_dtype))
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    x = x_BLD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x_BLNd: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half form) at integer `positions_BL`, in float32."""
+  d = x_BLNd.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) / (d // 2))
+  angle_BL1h = (positions_BL.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BL1h), jnp.cos(angle_BL1h)
+  x = x_BLNd.astype(jnp.float32)
+  x1, x2 = x[..., : d // 2], x[..., d // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BLNd.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal (document-causal) self-attention with RoPE; grouped-query when K < H."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    D, H, K, d = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dh
+    pd = jnp.dtype(cfg.param_dtype)
+    self.wq_DHd = nnx.Param(_dense_init((0,))(rngs.params(), (D, H, d), pd))
+    self.wk_DKd = nnx.Param(_dense_init((0,))(rngs.params(), (D, K, d), pd))
+    self.wv_DKd = nnx.Param(_dense_init((0,))(rngs.params(), (D, K, d), pd))
+    self.wo_HdD = nnx.Param(_dense_init((0, 1))(rngs.params(), (H, d, D), pd))
+    self.cfg = cfg
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    B, L, _ = x_BLD.shape
+    K, G, d = cfg.kv_heads, cfg.num_heads // cfg.kv_heads, cfg.dh
+    q_BLHd = jnp.einsum("BLD,DHd->BLHd", x_BLD, self.wq_DHd[...].astype(dt))
+    k_BLKd = jnp.einsum("BLD,DKd->BLKd", x_BLD, self.wk_DKd[...].astype(dt))
+    v_BLKd = jnp.einsum("BLD,DKd->BLKd", x_BLD, self.wv_DKd[...].astype(dt))
+    q_BLHd = rope(q_BLHd, positions_BL, cfg.rope_theta)
+    k_BLKd = rope(k_BLKd, positions_BL, cfg.rope_theta)
+    q_BLKGd = q_BLHd.reshape(B, L, K, G, d)
+    logits_BKGLS = jnp.einsum("BLKGd,BSKd->BKGLS", q_BLKGd, k_BLKd,
+                              preferred_element_type=jnp.float32) / math.sqrt(d)
+    # Document-causal: key s is visible from query l iff s <= l and both are in the same document.
+    # (Causal order within a packed row is only right if `positions` restart per document, which
+    # is what RoPE gets; the mask itself uses only the row index and `segment_ids`.)
+    visible_LS = jnp.tril(jnp.ones((L, L), bool))
+    visible_BLS = visible_LS[None] & (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
+    logits_BKGLS = jnp.where(visible_BLS[:, None, None], logits_BKGLS, -1e30)
+    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(dt)
+    out_BLKGd = jnp.einsum("BKGLS,BSKd->BLKGd", probs_BKGLS, v_BLKd)
+    return jnp.einsum("BLHd,HdD->BLD", out_BLKGd.reshape(B, L, K * G, d),
+                      self.wo_HdD[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """Dense feed-forward; gated (SwiGLU/GeGLU) or plain (GELU/ReLU). Returns (y, None)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    D, F, pd = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
+    self.gated = cfg.activation in ("swiglu", "geglu")
+    self.act = jax.nn.silu if cfg.activation == "swiglu" else (
+        jax.nn.relu if cfg.activation == "relu" else jax.nn.gelu)
+    self.w_up_DF = nnx.Param(_dense_init((0,))(rngs.params(), (D, F), pd))
+    if self.gated:
+      self.w_gate_DF = nnx.Param(_dense_init((0,))(rngs.params(), (D, F), pd))
+    self.w_down_FD = nnx.Param(_dense_init((0,))(rngs.params(), (F, D), pd))
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_BLD, mask_BL=None):
+    dt = self.dtype
+    h_BLF = x_BLD @ self.w_up_DF[...].astype(dt)
+    if self.gated:
+      h_BLF = self.act(x_BLD @ self.w_gate_DF[...].astype(dt)) * h_BLF
+    else:
+      h_BLF = self.act(h_BLF)
+    return h_BLF @ self.w_down_FD[...].astype(dt), None
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; `ffn` is an `MLP` or a `moejax.moe.MoELayer`."""
+
+  def __init__(self, cfg: TransformerConfig, is_moe: bool, *, rngs: nnx.Rngs):
+    dt, pd = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt, pd)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt, pd)
+    self.is_moe = is_moe
+    if is_moe:  # The seam to the MoE layer (contract: y_BLD, aux = layer(x_BLD, mask_BL)).
+      from moejax.moe import MoELayer
+      self.ffn = MoELayer(cfg.moe_config(), cfg.d_model, dtype=dt, param_dtype=pd, rngs=rngs)
+    else:
+      self.ffn = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, mask_BL):
+    x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
+    y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL)
+    return x_BLD + y_BLD, aux
+
+
+class Transformer(nnx.Module):
+  """The decoder-only LM. `__call__` returns `(logits_BLV float32, {layer_index: MoE aux})`."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dt, pd = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    # N(0, 1) embeddings: the first RMSNorm rescales them anyway; the tied head divides by
+    # sqrt(D) so initial logits are O(1) (T5 convention).
+    self.embed_VD = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pd))
+    moe_layers = set(cfg.moe_layer_indices)
+    self.blocks = nnx.List([Block(cfg, i in moe_layers, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt, pd)
+    if not cfg.tie_embeddings:
+      self.head_DV = nnx.Param(_dense_init((0,))(rngs.params(), (cfg.d_model, cfg.vocab_size), pd))
+
+  def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
+               segment_ids_BL: jax.Array | None = None, mask_BL: jax.Array | None = None):
+    """`mask_BL` marks real tokens for the MoE layers (padding takes no capacity, no loss)."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    B, L = tokens_BL.shape
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones((B, L), jnp.int32)
+    x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(dt)
+    moe_aux = {}
+    for i, block in enumerate(self.blocks):
+      x_BLD, aux = block(x_BLD, positions_BL, segment_ids_BL, mask_BL)
+      if aux is not None:
+        moe_aux[i] = aux
+    x_BLD = self.final_norm(x_BLD)
+    if cfg.tie_embeddings:
+      logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, self.embed_VD[...].astype(dt),
+                              preferred_element_type=jnp.float32) / math.sqrt(cfg.d_model)
+    else:
+      logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.head_DV[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+    return logits_BLV, moe_aux
+
+  def moe_layers(self) -> list[nnx.Module]:
+    """The MoE FFN modules, in layer order."""
+    return [b.ffn for b in self.blocks if b.is_moe]
+
+  def set_capacity_factor_override(self, value: float | None) -> None:
+    """`math.inf` = no-drop evaluation; None = the configured (train/eval) capacity factor."""
+    for layer in self.moe_layers():
+      layer.capacity_factor_override = value
+
+
+# -------------------------------------------------------------------------------------------------
+# Parameter and FLOP counting, without allocating anything (nnx.eval_shape).
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+  total: int            # Every parameter.
+  active: int           # Used per token: non-expert + top_k / E of each MoE layer's experts.
+  expert: int           # Expert parameters (leaves of MoE layers whose first dim is E).
+  embedding: int        # Input embedding table (a lookup: no FLOPs).
+  flops_per_token: int  # Training (fwd + bwd) FLOPs per token at `seq_len`, PaLM's formula.
+
+  def summary(self) -> str:
+    return (f"params: total {self.total / 1e6:,.2f}M, active/token {self.active / 1e6:,.2f}M "
+            f"(experts {self.expert / 1e6:,.2f}M, embedding {self.embedding / 1e6:,.2f}M); "
+            f"train FLOPs/token {self.flops_per_token / 1e6:,.2f}M")
+
+
+def count_params(cfg: TransformerConfig, seq_len: int = 0) -> ParamCount:
+  """Counts parameters of `Transformer(cfg)` from shapes only (works for 47B-param configs).
+
+  FLOPs/token (training, PaLM appendix B): `6 * N + 12 * layers * H * d * seq_len`, where N is
+  the active matmul parameters (active minus the embedding lookup; a tied head counts once as a
+  matmul). Capacity padding and the router's softmax are not counted.
+  """
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  total = size(nnx.state(model, nnx.Param))
+  expert = active_expert = 0
+  for layer in model.moe_layers():
+    moe = layer.cfg if hasattr(layer, "cfg") else cfg.moe_config()
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(layer, nnx.Param))
+            if x.shape and x.shape[0] == moe.num_experts)
+    expert += n
+    active_expert += n * moe.top_k // moe.num_experts
+  active = total - expert + active_expert
+  embedding = cfg.vocab_size * cfg.d_model
+  matmul = active - embedding + (embedding if cfg.tie_embeddings else 0)
+  flops = 6 * matmul + 12 * cfg.num_layers * cfg.num_heads * cfg.dh * seq_len
+  return ParamCount(total, active, expert, embedding, flops)

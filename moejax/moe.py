@@ -1,0 +1,377 @@
+"""The Mixture-of-Experts feed-forward layer (Flax NNX), a thin module around `routing`.
+
+    y_BLD, aux = MoELayer(MoEConfig(num_experts=8, top_k=2, d_ff=512), d_model=256,
+                          rngs=nnx.Rngs(0))(x_BLD, mask_BL)
+
+Forward pass: tokens `[B, L, D]` are cut into G groups of S tokens (`group_size`, or
+`num_groups`, default one group per sequence); the float32 router picks experts per group
+(`routing.route`); tokens are copied into a capacity buffer `[G, E, C, D]` (`dispatch`); each
+expert `i` runs its FFN on its `[G*C, D]` slots with stacked weights `wi [E, D, F]`,
+`wo [E, F, D]`; outputs are gate-weighted back into `[B, L, D]` (`combine`). A dropped choice
+contributes exactly zero: the token continues through the residual connection of the block.
+
+Expert parallelism: when a mesh with an `expert` axis is set (`jax.set_mesh`), groups are sharded
+over (`data`, `expert`) and expert weights over `expert`. Inside `jax.shard_map` every device
+routes its own groups, builds its `[E, g*C, D]` buffer, `all_to_all` over `expert` sends each
+expert's slots to the device that holds it (`[E/ep, ep*g*C, D]`), the local experts run, and a
+second `all_to_all` brings the results back. Routing sums are `psum`-ed over the mesh so the
+losses and statistics equal the single-device ones.
+
+The layer returns `(y, MoEAux)`: `aux.loss` is the weighted sum of this layer's auxiliary losses
+(add it to the task loss), `aux.metrics` the unweighted losses and routing statistics. Nothing is
+hidden in a global collection.
+
+Train vs eval: `layer.deterministic = True` (or `model.eval()`, or `deterministic=True` at call
+time) switches to the eval capacity factor and turns off jitter, random second-expert routing and
+expert dropout. `capacity_factor_override` (e.g. `math.inf` for a no-drop eval) beats both
+factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
+
+from moejax import dispatch as dispatch_lib
+from moejax import routing
+from moejax import sharding
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+NO_DROP = math.inf  # capacity_factor value that gives every token a slot.
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Every knob of the MoE layer. Construction validates all fields (ValueError names the field)."""
+  # Number of experts E.
+  num_experts: int = 8
+  # Experts per token K (1: Switch, 2: GShard).
+  top_k: int = 1
+  # Hidden width F of each expert.
+  d_ff: int = 1024
+  # Expert activation: relu (T5/Switch), gelu, swiglu (gated; adds a second [E, D, F] matrix).
+  activation: str = "relu"
+  # Training capacity factor CF in C = ceil(K * CF * S / E); math.inf = no drop.
+  capacity_factor: float = 1.25
+  # Eval capacity factor (ST-MoE Table 8: eval CF 2.0 beats eval at the train CF); math.inf = no drop.
+  eval_capacity_factor: float = 2.0
+  # Explicit slots per expert per group, instead of a factor (train and eval). None: use factors.
+  expert_capacity: int | None = None
+  # Floor on the capacity (flaxformer / Mesh TF use 4).
+  min_capacity: int = 0
+  # Round the capacity up to a multiple of this (hardware alignment; vmoe uses 4).
+  capacity_multiple: int = 1
+  # Capacity formula: switch (the paper's ceil(K*CF*S/E)) or another codebase's (see routing).
+  capacity_convention: str = "switch"
+  # Tokens per routing group S; None with num_groups None: one group per sequence.
+  group_size: int | None = None
+  # Number of routing groups G per batch (alternative to group_size).
+  num_groups: int | None = None
+  # Combine weights: softmax (Switch raw probability), gshard / mixtral (normalised over selected).
+  gate: str = "softmax"
+  # Normalise gshard/mixtral gates over the router's top-K (before_drop) or the kept ones (after_drop).
+  renormalize: str = "before_drop"
+  # What happens to choices after the first (training): all, random (GShard), threshold.
+  second_expert_policy: str = "all"
+  # Normalised-gate threshold of the `threshold` policy.
+  second_expert_threshold: float = 0.2
+  # Who wins a full expert: position (earlier tokens; causal-safe) or probability (BPR; leaks future).
+  priority: str = "position"
+  # Overflowing choices: drop (residual only) or reroute (next-best expert with room).
+  overflow: str = "drop"
+  # Which router choices count in the Switch balance loss's f: first (Switch) or all K (Megatron).
+  balance_loss_choices: str = "first"
+  # Coefficient of the Switch load-balance loss (alpha, 1e-2 in Switch).
+  balance_loss_weight: float = 1e-2
+  # Coefficient of the GShard-form balance loss (its uniform value is 1/E^2, not 1).
+  gshard_loss_weight: float = 0.0
+  # Coefficient of the router z-loss (1e-3 in ST-MoE).
+  z_loss_weight: float = 0.0
+  # Router compute dtype: float32 (selective precision) or None (the activation dtype; ablation).
+  router_dtype: str | None = "float32"
+  # Multiplicative router-input jitter eps: x * U[1-eps, 1+eps] in training (Switch: 1e-2).
+  router_jitter: float = 0.0
+  # Router init: truncated normal, std sqrt(scale / fan_in) (Switch recommends 0.1).
+  router_init_scale: float = 0.1
+  # Expert weight init scale, same form (Switch: 0.1; 1.0 is standard fan-in init).
+  expert_init_scale: float = 1.0
+  # Dropout rate on the expert hidden activations in training (Switch "expert dropout").
+  expert_dropout: float = 0.0
+  # Dispatch implementation: sort (gather, O(T*K*D)) or onehot (einsum, O(T*S*K*CF*D)).
+  dispatch: str = "sort"
+
+  def __post_init__(self):
+    def fail(name, allowed):
+      raise ValueError(f"MoEConfig.{name}={getattr(self, name)!r}; allowed: {allowed}.")
+
+    def check_choice(name, options):
+      if getattr(self, name) not in options:
+        fail(name, " | ".join(repr(o) for o in options))
+
+    if not isinstance(self.num_experts, int) or self.num_experts < 1:
+      fail("num_experts", "an integer >= 1")
+    if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+      fail("top_k", f"an integer in [1, num_experts={self.num_experts}]")
+    if not isinstance(self.d_ff, int) or self.d_ff < 1:
+      fail("d_ff", "an integer >= 1")
+    for name in ("capacity_factor", "eval_capacity_factor"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+        fail(name, "a number > 0, or math.inf (moejax.moe.NO_DROP) for no drop")
+    if self.expert_capacity is not None and (not isinstance(self.expert_capacity, int)
+                                             or self.expert_capacity < 1):
+      fail("expert_capacity", "None or an integer >= 1")
+    if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+      fail("min_capacity", "an integer >= 0")
+    if not isinstance(self.capacity_multiple, int) or self.capacity_multiple < 1:
+      fail("capacity_multiple", "an integer >= 1")
+    if self.group_size is not None and self.num_groups is not None:
+      raise ValueError(
+          f"MoEConfig.group_size={self.group_size} and num_groups={self.num_groups} are both set; "
+          "set at most one (neither: one group per sequence).")
+    for name in ("group_size", "num_groups"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        fail(name, "None or an integer >= 1")
+    check_choice("activation", ACTIVATIONS)
+    check_choice("capacity_convention", routing.CAPACITY_CONVENTIONS)
+    check_choice("gate", routing.GATES)
+    check_choice("renormalize", routing.RENORMALIZE)
+    check_choice("second_expert_policy", routing.SECOND_EXPERT_POLICIES)
+    check_choice("priority", routing.PRIORITIES)
+    check_choice("overflow", routing.OVERFLOWS)
+    check_choice("balance_loss_choices", routing.BALANCE_LOSS_CHOICES)
+    check_choice("dispatch", dispatch_lib.DISPATCHES)
+    check_choice("router_dtype", ("float32", "bfloat16", "float16", None))
+    if not 0.0 <= self.second_expert_threshold <= 1.0:
+      fail("second_expert_threshold", "a number in [0, 1]")
+    for name in ("balance_loss_weight", "gshard_loss_weight", "z_loss_weight", "router_jitter",
+                 "router_init_scale", "expert_init_scale"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        fail(name, "a finite number >= 0")
+    if not 0.0 <= self.router_jitter < 1.0:
+      fail("router_jitter", "a number in [0, 1)")
+    if not 0.0 <= self.expert_dropout < 1.0:
+      fail("expert_dropout", "a number in [0, 1)")
+
+  def group_size_for(self, batch: int, length: int) -> int:
+    """S for a `[batch, length]` token block; ValueError if the groups do not tile the tokens."""
+    tokens = batch * length
+    if self.group_size is not None:
+      if tokens % self.group_size:
+        raise ValueError(
+            f"MoEConfig.group_size={self.group_size} does not divide the {tokens} tokens of a "
+            f"[{batch}, {length}] batch; allowed: a divisor of batch * length.")
+      return self.group_size
+    if self.num_groups is not None:
+      if tokens % self.num_groups:
+        raise ValueError(
+            f"MoEConfig.num_groups={self.num_groups} does not divide the {tokens} tokens of a "
+            f"[{batch}, {length}] batch; allowed: a divisor of batch * length.")
+      return tokens // self.num_groups
+    return length
+
+  def capacity(self, group_size: int, *, deterministic: bool,
+               capacity_factor: float | None = None) -> int:
+    """Slots per expert per group for S = `group_size` (`routing.expert_capacity`)."""
+    if capacity_factor is None and self.expert_capacity is not None:
+      return min(self.expert_capacity, group_size)
+    if capacity_factor is None:
+      capacity_factor = self.eval_capacity_factor if deterministic else self.capacity_factor
+    return routing.expert_capacity(group_size, self.num_experts, self.top_k, capacity_factor,
+                                   convention=self.capacity_convention,
+                                   min_capacity=self.min_capacity,
+                                   multiple=self.capacity_multiple)
+
+
+@struct.dataclass
+class MoEAux:
+  """What one MoE layer reports: `loss` (weighted aux losses, add to the task loss), `metrics`."""
+  loss: jax.Array
+  metrics: dict[str, jax.Array]
+
+
+def _activate(h_EXF: jax.Array, activation: str) -> jax.Array:
+  return jax.nn.relu(h_EXF) if activation == "relu" else jax.nn.gelu(h_EXF)
+
+
+def expert_ffn(x_EXD: jax.Array, weights: dict[str, jax.Array], *, activation: str,
+               dropout_rate: float = 0.0, dropout_key: jax.Array | None = None) -> jax.Array:
+  """Each expert's FFN on its own rows: `[E, X, D] -> [E, X, D]` with weights `[E, D, F]`."""
+  dtype = x_EXD.dtype
+  h_EXF = jnp.einsum("EXD,EDF->EXF", x_EXD, weights["wi"].astype(dtype))
+  if activation == "swiglu":
+    h_EXF = jax.nn.silu(jnp.einsum("EXD,EDF->EXF", x_EXD, weights["wi_gate"].astype(dtype))) * h_EXF
+  else:
+    h_EXF = _activate(h_EXF, activation)
+  if dropout_key is not None and dropout_rate > 0:
+    keep_EXF = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h_EXF.shape)
+    h_EXF = jnp.where(keep_EXF, h_EXF / (1.0 - dropout_rate), 0.0).astype(dtype)
+  return jnp.einsum("EXF,EFD->EXD", h_EXF, weights["wo"].astype(dtype))
+
+
+def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Array],
+               jitter_GSD: jax.Array | None, uniform_GSK: jax.Array | None,
+               dropout_key: jax.Array | None, *, cfg: MoEConfig, capacity: int,
+               second_expert_policy: str, expert_axis: str | None = None,
+               reduce_axes: tuple[str, ...] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The MoE computation on G groups: `(y_GSD, routing sums)`. Pure; also the shard_map body.
+
+  With `expert_axis` set it runs per device inside `jax.shard_map`: `weights['wi']` etc. hold the
+  local E/ep experts, and two `all_to_all`s over `expert_axis` move the capacity buffer to the
+  experts and back. `reduce_axes` are psum-ed over for the routing sums.
+  """
+  G, S, D = x_GSD.shape
+  E, C = cfg.num_experts, capacity
+  router_dtype = jnp.dtype(cfg.router_dtype) if cfg.router_dtype else x_GSD.dtype
+  logits_GSE = routing.router_logits(x_GSD, weights["router"], dtype=router_dtype,
+                                     jitter_GSD=jitter_GSD)
+  r = routing.route(logits_GSE, valid_GS, uniform_GSK=uniform_GSK, top_k=cfg.top_k, capacity=C,
+                    gate=cfg.gate, renormalize=cfg.renormalize,
+                    second_expert_policy=second_expert_policy,
+                    second_expert_threshold=cfg.second_expert_threshold, priority=cfg.priority,
+                    overflow=cfg.overflow)
+  x_GECD = dispatch_lib.dispatch(x_GSD, r, E, C, cfg.dispatch)
+  x_EXD = x_GECD.transpose(1, 0, 2, 3).reshape(E, G * C, D)
+  if expert_axis is not None:
+    # Send each expert's slots to the device holding it: [E, gC, D] -> [E/ep, ep*gC, D].
+    x_EXD = jax.lax.all_to_all(x_EXD, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+    if dropout_key is not None:
+      dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(reduce_axes))
+  y_EXD = expert_ffn(x_EXD, weights, activation=cfg.activation, dropout_rate=cfg.expert_dropout,
+                     dropout_key=dropout_key)
+  if expert_axis is not None:
+    # ... and the results back to the devices holding the tokens: [E/ep, ep*gC, D] -> [E, gC, D].
+    y_EXD = jax.lax.all_to_all(y_EXD, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+  y_GECD = y_EXD.reshape(E, G, C, D).transpose(1, 0, 2, 3)
+  y_GSD = dispatch_lib.combine(y_GECD, r, cfg.dispatch)
+  sums = routing.routing_sums(r, valid_GS, balance_loss_choices=cfg.balance_loss_choices)
+  if reduce_axes:
+    sums = jax.lax.psum(sums, reduce_axes)
+  return y_GSD, sums
+
+
+def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
+  """A Param with `out_sharding` metadata, sharded at creation when a mesh is set."""
+  return nnx.Param(value, out_sharding=names,
+                   eager_sharding=not jax.sharding.get_abstract_mesh().empty)
+
+
+class MoELayer(nnx.Module):
+  """Router + E experts with stacked weights. See the module docstring."""
+
+  def __init__(self, cfg: MoEConfig, d_model: int, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if not isinstance(cfg, MoEConfig):
+      raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}.")
+    if not isinstance(d_model, int) or d_model < 1:
+      raise ValueError(f"MoELayer d_model={d_model!r}; allowed: an integer >= 1.")
+    self.cfg = cfg
+    self.d_model = d_model
+    self.dtype = dtype
+    E, D, F = cfg.num_experts, d_model, cfg.d_ff
+    router_init = jax.nn.initializers.variance_scaling(cfg.router_init_scale, "fan_in",
+                                                       "truncated_normal")
+    expert_init = jax.nn.initializers.variance_scaling(
+        cfg.expert_init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+        batch_axis=(0,))
+    self.router = _param(router_init(rngs.params(), (D, E), param_dtype), (None, None))
+    self.wi = _param(expert_init(rngs.params(), (E, D, F), param_dtype),
+                     (sharding.EXPERT, None, None))
+    if cfg.activation == "swiglu":
+      self.wi_gate = _param(expert_init(rngs.params(), (E, D, F), param_dtype),
+                            (sharding.EXPERT, None, None))
+    self.wo = _param(expert_init(rngs.params(), (E, F, D), param_dtype),
+                     (sharding.EXPERT, None, None))
+    self.rngs = rngs
+    self.deterministic = False
+    self.capacity_factor_override: float | None = None
+
+  def weights(self) -> dict[str, jax.Array]:
+    names = ("router", "wi", "wi_gate", "wo") if self.cfg.activation == "swiglu" else (
+        "router", "wi", "wo")
+    return {name: getattr(self, name)[...] for name in names}
+
+  def __call__(self, x_BLD: jax.Array, mask_BL: jax.Array | None = None, *,
+               deterministic: bool | None = None) -> tuple[jax.Array, MoEAux]:
+    cfg = self.cfg
+    if x_BLD.ndim != 3 or x_BLD.shape[-1] != self.d_model:
+      raise ValueError(f"MoELayer input shape {tuple(x_BLD.shape)}; allowed: rank 3 "
+                       f"[batch, length, d_model={self.d_model}].")
+    B, L, D = x_BLD.shape
+    if mask_BL is not None and tuple(mask_BL.shape) != (B, L):
+      raise ValueError(f"MoELayer mask shape {tuple(mask_BL.shape)}; allowed: None or [{B}, {L}].")
+    deterministic = self.deterministic if deterministic is None else deterministic
+    S = cfg.group_size_for(B, L)
+    G = B * L // S
+    C = cfg.capacity(S, deterministic=deterministic, capacity_factor=self.capacity_factor_override)
+    K = cfg.top_k
+
+    x_GSD = x_BLD.astype(self.dtype).reshape(G, S, D)
+    valid_GS = (jnp.ones((B, L), bool) if mask_BL is None else mask_BL.astype(bool)).reshape(G, S)
+    # Randomness is drawn here, for the global shapes, so a sharded run sees the same numbers.
+    jitter_GSD = uniform_GSK = dropout_key = None
+    policy = cfg.second_expert_policy
+    if not deterministic and cfg.router_jitter > 0:
+      jitter_GSD = jax.random.uniform(self.rngs.routing(), (G, S, D), jnp.float32,
+                                      1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
+    if policy == "random":
+      if deterministic or K == 1:
+        policy = "all"  # Eval is deterministic: every selected expert is used.
+      else:
+        uniform_GSK = jax.random.uniform(self.rngs.routing(), (G, S, K), jnp.float32)
+    if not deterministic and cfg.expert_dropout > 0:
+      dropout_key = self.rngs.dropout()
+
+    run = functools.partial(moe_groups, cfg=cfg, capacity=C, second_expert_policy=policy)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and sharding.EXPERT in mesh.axis_names:
+      run = _sharded(run, mesh, G=G, num_experts=cfg.num_experts,
+                     has_jitter=jitter_GSD is not None, has_uniform=uniform_GSK is not None,
+                     has_dropout=dropout_key is not None)
+    y_GSD, sums = run(x_GSD, valid_GS, self.weights(), jitter_GSD, uniform_GSK, dropout_key)
+
+    metrics = routing.finalize_sums(sums)
+    loss = (cfg.balance_loss_weight * metrics["balance_loss"]
+            + cfg.gshard_loss_weight * metrics["gshard_loss"]
+            + cfg.z_loss_weight * metrics["z_loss"])
+    return y_GSD.reshape(B, L, D).astype(self.dtype), MoEAux(loss=loss, metrics=metrics)
+
+
+def _sharded(run, mesh, *, G: int, num_experts: int, has_jitter: bool, has_uniform: bool,
+             has_dropout: bool):
+  """Wraps `moe_groups` in `jax.shard_map`: groups over (data, expert), experts over expert."""
+  ep = mesh.shape[sharding.EXPERT]
+  token_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  shards = math.prod(mesh.shape[a] for a in token_axes)
+  if num_experts % ep:
+    raise ValueError(f"MoEConfig.num_experts={num_experts} is not divisible by the mesh's "
+                     f"expert axis size {ep}; allowed: a multiple of {ep}.")
+  if G % shards:
+    raise ValueError(f"the MoE layer has G={G} routing groups, not divisible by the "
+                     f"{shards} devices of mesh axes {token_axes}; allowed: batch and group "
+                     "sizes such that the number of groups is a multiple of data x expert.")
+  groups = P(token_axes)
+  expert = P(sharding.EXPERT)
+  weight_specs = {"router": P(), "wi": expert, "wi_gate": expert, "wo": expert}
+  in_specs = (groups, groups, weight_specs, groups if has_jitter else None,
+              groups if has_uniform else None, P() if has_dropout else None)
+  body = functools.partial(run, expert_axis=sharding.EXPERT, reduce_axes=token_axes)
+
+  def sharded_run(x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key):
+    specs = dict(in_specs[2])
+    specs = {k: specs[k] for k in weights}
+    return jax.shard_map(body, mesh=mesh, in_specs=(in_specs[0], in_specs[1], specs,
+                                                    *in_specs[3:]),
+                         out_specs=(groups, P()))(x_GSD, valid_GS, weights, jitter_GSD,
+                                                  uniform_GSK, dropout_key)
+
+  return sharded_run

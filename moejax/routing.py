@@ -1,0 +1,337 @@
+"""Routing math for Mixture-of-Experts layers, as pure functions on arrays.
+
+Everything a paper specifies about *which token goes to which expert slot* lives here, so it can be
+read against the papers line by line and tested without building a model. Shapes use one letter
+per axis:
+
+  G groups, S tokens per group, E experts, K experts per token (top_k), C capacity (slots per
+  expert per group), D model width.
+
+Pipeline for one group (`route_group`; `route` vmaps it over groups):
+
+1. `probs_SE = softmax(logits_SE)` in float32 (the logits come from `router_logits`).
+2. Top-K experts per token (`jax.lax.top_k`: ties go to the lower expert index).
+3. Second-expert policy (GShard), for every choice after the first, training only:
+   `all` keeps it; `random` keeps it if `2 * g_j > U(0, 1)` (GShard Algorithm 1, with `g_j` the gate
+   normalised over the top-K); `threshold` keeps it if `g_j > second_expert_threshold`.
+4. Capacity (`expert_capacity`): each expert takes at most C choices per group. Choices claim
+   slots in priority order: choice-major (every token's first choice before any second choice),
+   then within a choice rank by token `position` (Switch/GShard/Mesh TF; the only order that leaks
+   no future tokens in a causal LM) or by the token's top-1 router `probability`
+   (batch-prioritized routing, V-MoE / ST-MoE).
+5. Overflow: `drop` (the choice gets no slot; the token keeps its residual) or `reroute` (the
+   token's earliest unplaced choice tries its next-best unused expert, one candidate per round,
+   rounds in priority order, until it fits or the token has no experts left; Switch's
+   "No-Token-Left-Behind" ablation).
+6. Gates: `softmax` (raw router probability, Switch), `gshard` (normalised over the selected
+   experts) or `mixtral` (softmax over the selected logits -- the same function as `gshard`, kept
+   as a name so configs can say what they reproduce). Normalisation happens over the router's
+   top-K `before_drop` (Megatron, Tutel, GShard) or over the surviving choices `after_drop`
+   (DeepSpeed top-2).
+
+Padding tokens (`valid_S == False`) take no capacity and count in no loss or statistic.
+
+Auxiliary losses and statistics (`routing_sums` → `finalize_sums`) are first accumulated as
+*sums and counts* so that the values computed on one device equal those computed with groups
+sharded over a mesh (the sums are `psum`-ed before the division).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+GATES = ("softmax", "gshard", "mixtral")
+RENORMALIZE = ("before_drop", "after_drop")
+SECOND_EXPERT_POLICIES = ("all", "random", "threshold")
+PRIORITIES = ("position", "probability")
+OVERFLOWS = ("drop", "reroute")
+BALANCE_LOSS_CHOICES = ("first", "all")
+CAPACITY_CONVENTIONS = ("switch", "mesh_tf", "flaxformer", "vmoe", "praxis", "maxtext")
+
+
+# ----------------------------------------------------------------------------------------------
+# Capacity
+# ----------------------------------------------------------------------------------------------
+
+
+def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: float, *,
+                    convention: str = "switch", min_capacity: int = 0, multiple: int = 1) -> int:
+  """Slots per expert per group, C.
+
+  `switch` (default, Switch eq. 3 generalised to top-k; vmoe without its rounding):
+  `C = ceil(k * cf * S / E)`. The other conventions reproduce other codebases' numbers (see
+  REFERENCE.md, "Same knob, different meaning"): `mesh_tf` `max(min(S, int(S*cf/E)), 4)`;
+  `flaxformer` `max(round(cf*S/E), 4)` (no k factor); `vmoe` `ceil(S*k*cf/E)` up to a multiple of
+  4; `praxis` `int(S*cf/E)` up to a multiple of 4; `maxtext` `int(max(ceil(S*k/E)*cf, cf))`.
+
+  `capacity_factor=math.inf` means no drop: `C = S`, room for every token (each token sends at
+  most one choice to a given expert). Then `min_capacity` (floor) and `multiple` (round up for
+  hardware alignment) apply, and C is clipped to S, which never changes the result.
+  """
+  S, E, k, cf = group_size, num_experts, top_k, capacity_factor
+  if math.isinf(cf):
+    return S
+  if convention == "switch":
+    c = math.ceil(k * cf * S / E)
+  elif convention == "mesh_tf":
+    c = max(min(S, int(S * cf / E)), 4)
+  elif convention == "flaxformer":
+    c = max(round(cf * S / E), 4)
+  elif convention == "vmoe":
+    c = 4 * math.ceil(math.ceil(S * k * cf / E) / 4)
+  elif convention == "praxis":
+    c = 4 * math.ceil(int(S * cf / E) / 4)
+  elif convention == "maxtext":
+    c = int(max(math.ceil(S * k / E) * cf, cf))
+  else:
+    raise ValueError(f"capacity_convention={convention!r}; allowed: {CAPACITY_CONVENTIONS}.")
+  c = max(c, min_capacity, 1)
+  c = multiple * math.ceil(c / multiple)
+  return min(c, S)
+
+
+# ----------------------------------------------------------------------------------------------
+# Router
+# ----------------------------------------------------------------------------------------------
+
+
+def router_logits(x_GSD: jax.Array, w_DE: jax.Array, *, dtype=jnp.float32,
+                  jitter_GSD: jax.Array | None = None) -> jax.Array:
+  """`logits = (x * jitter) @ W` computed in `dtype` (float32: Switch's selective precision).
+
+  `jitter_GSD` is the multiplicative input noise U[1-eps, 1+eps] (Switch / ST-MoE apply it to the
+  router *input*), drawn by the caller in training only.
+  """
+  x_GSD = x_GSD.astype(dtype)
+  if jitter_GSD is not None:
+    x_GSD = x_GSD * jitter_GSD.astype(dtype)
+  return jnp.einsum("GSD,DE->GSE", x_GSD, w_DE.astype(dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing one group
+# ----------------------------------------------------------------------------------------------
+
+
+class Routing(NamedTuple):
+  """Where each of a token's K choices went. Leading dims `[G, S]` (or `[S]` for one group)."""
+  router_expert_SK: jax.Array  # int32: the router's top-K experts, before policy and capacity
+  expert_SK: jax.Array  # int32: the expert each choice finally uses (differs after reroute)
+  slot_SK: jax.Array  # int32: the choice's slot in that expert's buffer, valid where kept
+  kept_SK: jax.Array  # bool: the choice has a slot (it is computed and combined)
+  wanted_SK: jax.Array  # bool: the choice asked for a slot (valid token, kept by the policy)
+  gate_SK: jax.Array  # float32: combine weight, 0 where not kept
+  probs_SE: jax.Array  # float32 router probabilities
+  logits_SE: jax.Array  # router logits (for the z-loss)
+
+
+def _claim_slots(expert_N: jax.Array, wants_N: jax.Array, fill_E: jax.Array,
+                 capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Gives slots to N choices listed in priority order (earlier wins).
+
+  Choice n wanting expert e gets slot `fill_E[e] + (number of earlier choices wanting e)`; it is
+  kept if that slot is < capacity. A stable sort by expert makes this O(N log N), independent of
+  E, instead of a cumulative sum over an [N, E] one-hot.
+  Returns (slot_N, kept_N, new fill_E).
+  """
+  (num_experts,) = fill_E.shape
+  n = expert_N.shape[0]
+  key_N = jnp.where(wants_N, expert_N, num_experts)  # non-wanting choices sort last
+  order_N = jnp.argsort(key_N, stable=True)
+  count_X = jnp.bincount(key_N, length=num_experts + 1)
+  start_X = jnp.cumsum(count_X) - count_X
+  rank_sorted_N = jnp.arange(n, dtype=jnp.int32) - start_X[key_N[order_N]]
+  rank_N = jnp.zeros(n, jnp.int32).at[order_N].set(rank_sorted_N.astype(jnp.int32))
+  slot_N = fill_E[jnp.minimum(key_N, num_experts - 1)] + rank_N
+  kept_N = wants_N & (slot_N < capacity)
+  new_fill_E = jnp.minimum(fill_E + count_X[:num_experts], capacity)
+  return slot_N.astype(jnp.int32), kept_N, new_fill_E.astype(jnp.int32)
+
+
+def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacity: int,
+                gate: str = "softmax", renormalize: str = "before_drop",
+                second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
+                uniform_SK: jax.Array | None = None, priority: str = "position",
+                overflow: str = "drop") -> Routing:
+  """Routes the S tokens of one group to E experts with C slots each. See the module docstring.
+
+  `uniform_SK` holds the U(0, 1) draws of the `random` policy (training only; column 0 unused);
+  when it is None, `random` behaves as `all` (deterministic eval).
+  """
+  S, E = logits_SE.shape
+  K = top_k
+  logits_SE = logits_SE.astype(jnp.float32)
+  probs_SE = jax.nn.softmax(logits_SE, axis=-1)
+  valid_S = valid_S.astype(bool)
+
+  # Router's choices. With reroute the full ranking is needed; top_k(E) breaks ties as top_k(K).
+  num_ranked = E if overflow == "reroute" else K
+  top_p_SX, ranking_SX = jax.lax.top_k(probs_SE, num_ranked)
+  router_expert_SK = ranking_SX[:, :K].astype(jnp.int32)
+  top_p_SK = top_p_SX[:, :K]
+  topk_sum_S = jnp.sum(top_p_SK, axis=-1)
+
+  # Second-expert policy (GShard), applied to every choice after the first.
+  norm_gate_SK = top_p_SK / topk_sum_S[:, None]
+  keep_SK = jnp.ones((S, K), bool)
+  if K > 1 and second_expert_policy == "random" and uniform_SK is not None:
+    keep_SK = keep_SK.at[:, 1:].set(2.0 * norm_gate_SK[:, 1:] > uniform_SK[:, 1:])
+  elif K > 1 and second_expert_policy == "threshold":
+    keep_SK = keep_SK.at[:, 1:].set(norm_gate_SK[:, 1:] > second_expert_threshold)
+  wanted_SK = keep_SK & valid_S[:, None]
+
+  # Priority: the order in which tokens claim slots within each choice rank.
+  if priority == "position":
+    token_order_S = jnp.arange(S)
+  else:  # "probability": batch-prioritized routing, highest top-1 probability first.
+    token_order_S = jnp.argsort(-top_p_SK[:, 0], stable=True)
+  # Choice-major flattening: all first choices, then all second choices, ...
+  expert_KS = router_expert_SK[token_order_S].T
+  wanted_KS = wanted_SK[token_order_S].T
+  fill_E = jnp.zeros((E,), jnp.int32)
+  slot_N, kept_N, fill_E = _claim_slots(expert_KS.reshape(-1), wanted_KS.reshape(-1), fill_E,
+                                        capacity)
+  inverse_S = jnp.argsort(token_order_S)
+  slot_SK = slot_N.reshape(K, S).T[inverse_S]
+  kept_SK = kept_N.reshape(K, S).T[inverse_S]
+  expert_SK = router_expert_SK
+
+  if overflow == "reroute" and E > K:
+    # Round r offers expert ranking[:, K + r] to each token's earliest wanted-but-unplaced choice.
+    def reroute_round(r, carry):
+      expert_SK, slot_SK, kept_SK, fill_E = carry
+      unplaced_SK = wanted_SK & ~kept_SK
+      has_unplaced_S = jnp.any(unplaced_SK, axis=-1)
+      first_SK = jax.nn.one_hot(jnp.argmax(unplaced_SK, axis=-1), K, dtype=bool) & unplaced_SK
+      candidate_S = jax.lax.dynamic_index_in_dim(ranking_SX, K + r, axis=1, keepdims=False)
+      slot_N, kept_N, fill_E = _claim_slots(candidate_S[token_order_S].astype(jnp.int32),
+                                            has_unplaced_S[token_order_S], fill_E, capacity)
+      placed_SK = first_SK & kept_N[inverse_S][:, None]
+      expert_SK = jnp.where(placed_SK, candidate_S[:, None].astype(jnp.int32), expert_SK)
+      slot_SK = jnp.where(placed_SK, slot_N[inverse_S][:, None], slot_SK)
+      return expert_SK, slot_SK, kept_SK | placed_SK, fill_E
+
+    expert_SK, slot_SK, kept_SK, fill_E = jax.lax.fori_loop(
+        0, E - K, reroute_round, (expert_SK, slot_SK, kept_SK, fill_E))
+
+  # Gates from the probabilities of the experts finally used.
+  p_SK = jnp.take_along_axis(probs_SE, expert_SK, axis=-1)
+  kept_p_SK = jnp.where(kept_SK, p_SK, 0.0)
+  if gate == "softmax":
+    gate_SK = kept_p_SK
+  elif renormalize == "before_drop":
+    gate_SK = kept_p_SK / topk_sum_S[:, None]
+  else:
+    kept_sum_S = jnp.sum(kept_p_SK, axis=-1, keepdims=True)
+    gate_SK = kept_p_SK / jnp.where(kept_sum_S > 0, kept_sum_S, 1.0)
+  return Routing(router_expert_SK, expert_SK, jnp.where(kept_SK, slot_SK, 0), kept_SK, wanted_SK,
+                 gate_SK, probs_SE, logits_SE)
+
+
+def route(logits_GSE: jax.Array, valid_GS: jax.Array, *, uniform_GSK: jax.Array | None = None,
+          **kwargs) -> Routing:
+  """`route_group` for every group (vmapped); fields get a leading G axis."""
+  if uniform_GSK is None:
+    return jax.vmap(lambda l, v: route_group(l, v, **kwargs))(logits_GSE, valid_GS)
+  return jax.vmap(lambda l, v, u: route_group(l, v, uniform_SK=u, **kwargs))(
+      logits_GSE, valid_GS, uniform_GSK)
+
+
+# ----------------------------------------------------------------------------------------------
+# Auxiliary losses and statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def routing_sums(r: Routing, valid_GS: jax.Array, *,
+                 balance_loss_choices: str = "first") -> dict[str, jax.Array]:
+  """Sums and counts from which every loss and statistic is finalised (see `finalize_sums`).
+
+  Per group g with n_g valid tokens: `f_ge` = fraction of the router's choices (first, or all K,
+  each counting 1/K) that pick expert e, before policy and capacity; `P_ge` = mean router
+  probability of e. Switch loss of the group `E * sum_e f_ge P_ge` (1.0 under uniform routing);
+  GShard loss `(1/E) sum_e (c_ge / n_g) P_ge` with c counting first choices only (uniform: 1/E^2).
+  Both are averaged over the groups that hold at least one valid token.
+  """
+  G, S, E = r.probs_SE.shape
+  K = r.expert_SK.shape[-1]
+  valid_GS = valid_GS.astype(bool)
+  validf_GS = valid_GS.astype(jnp.float32)
+  n_G = jnp.sum(validf_GS, axis=-1)
+  has_tokens_G = n_G > 0
+  safe_n_G = jnp.maximum(n_G, 1.0)
+
+  probs_GSE = jnp.where(valid_GS[..., None], r.probs_SE, 0.0)
+  P_GE = jnp.sum(probs_GSE, axis=1) / safe_n_G[:, None]
+  first_GSE = jax.nn.one_hot(r.router_expert_SK[..., 0], E) * validf_GS[..., None]
+  f_first_GE = jnp.sum(first_GSE, axis=1) / safe_n_G[:, None]
+  if balance_loss_choices == "first":
+    f_GE = f_first_GE
+  else:
+    all_GSE = jnp.sum(jax.nn.one_hot(r.router_expert_SK, E), axis=-2) * validf_GS[..., None]
+    f_GE = jnp.sum(all_GSE, axis=1) / (K * safe_n_G[:, None])
+  # f is a count: no gradient flows through it (Switch eq. 5); P carries the gradient.
+  f_GE = jax.lax.stop_gradient(f_GE)
+  f_first_GE = jax.lax.stop_gradient(f_first_GE)
+  balance_G = E * jnp.sum(f_GE * P_GE, axis=-1)
+  gshard_G = jnp.mean(f_first_GE * P_GE, axis=-1)
+
+  logz_GS = jax.nn.logsumexp(r.logits_SE.astype(jnp.float32), axis=-1)
+  entropy_GS = -jnp.sum(r.probs_SE * jnp.log(jnp.maximum(r.probs_SE, 1e-30)), axis=-1)
+  lost_GSK = (r.wanted_SK & ~r.kept_SK) & valid_GS[..., None]
+  skipped_GSK = ~r.wanted_SK & valid_GS[..., None]
+  unrouted_GS = ~jnp.any(r.kept_SK, axis=-1) & valid_GS
+  load_E = jnp.sum(jax.nn.one_hot(r.expert_SK, E) * r.kept_SK[..., None], axis=(0, 1, 2))
+
+  def masked_sum(v_GS):
+    return jnp.sum(jnp.where(valid_GS, v_GS, 0.0))
+
+  return {
+      "balance_loss": jnp.sum(jnp.where(has_tokens_G, balance_G, 0.0)),
+      "gshard_loss": jnp.sum(jnp.where(has_tokens_G, gshard_G, 0.0)),
+      "groups_with_tokens": jnp.sum(has_tokens_G.astype(jnp.float32)),
+      "z_loss": masked_sum(jnp.square(logz_GS)),
+      "router_entropy": masked_sum(entropy_GS),
+      "tokens": jnp.sum(n_G),
+      "dropped_fraction": jnp.sum(lost_GSK.astype(jnp.float32), axis=(0, 1)),
+      "skipped_fraction": jnp.sum(skipped_GSK.astype(jnp.float32), axis=(0, 1)),
+      "unrouted_fraction": masked_sum(unrouted_GS.astype(jnp.float32)),
+      "router_load": jnp.sum(first_GSE, axis=(0, 1)),
+      "expert_load": load_E,
+  }
+
+
+def finalize_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Turns `routing_sums` (possibly psum-ed over a mesh) into losses and statistics.
+
+  - `balance_loss`, `gshard_loss`: mean over groups with tokens (unweighted by coefficients).
+  - `z_loss`: mean over valid tokens of logsumexp(logits)^2 (ST-MoE eq. 5).
+  - `router_entropy`: mean over valid tokens of the router distribution's entropy (nats).
+  - `dropped_fraction` [K]: fraction of valid tokens whose j-th choice wanted a slot and found
+    none (capacity overflow); `skipped_fraction` [K]: removed by the second-expert policy;
+    `unrouted_fraction`: valid tokens with no expert at all (they ride the residual only).
+  - `router_load` [E]: fraction of first choices per expert, before capacity (f of Switch).
+  - `expert_load` [E]: fraction of computed assignments per expert, after capacity; sums to 1.
+  - `expert_load_max`, `expert_load_min`: `E * max/min(expert_load)`: 1.0 is perfect balance.
+  """
+  tokens = jnp.maximum(sums["tokens"], 1.0)
+  E = sums["expert_load"].shape[-1]
+  expert_load_E = sums["expert_load"] / jnp.maximum(jnp.sum(sums["expert_load"]), 1.0)
+  groups = jnp.maximum(sums["groups_with_tokens"], 1.0)
+  return {
+      "balance_loss": sums["balance_loss"] / groups,
+      "gshard_loss": sums["gshard_loss"] / groups,
+      "z_loss": sums["z_loss"] / tokens,
+      "router_entropy": sums["router_entropy"] / tokens,
+      "dropped_fraction": sums["dropped_fraction"] / tokens,
+      "skipped_fraction": sums["skipped_fraction"] / tokens,
+      "unrouted_fraction": sums["unrouted_fraction"] / tokens,
+      "router_load": sums["router_load"] / tokens,
+      "expert_load": expert_load_E,
+      "expert_load_max": E * jnp.max(expert_load_E),
+      "expert_load_min": E * jnp.min(expert_load_E),
+      "tokens": sums["tokens"],
+  }
