@@ -1,0 +1,392 @@
+"""Tests of moejax.data: sources, tokenizers, packing, resume, multi-process split, errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import moejax.data as md
+from moejax.data import builtin
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**builtin_overrides):
+  c = md.default_data_config()
+  c.builtin.num_docs = 60
+  c.builtin.num_eval_docs = 12
+  for key, value in builtin_overrides.items():
+    c.builtin[key] = value
+  return c
+
+
+def pipeline(c, **kwargs):
+  defaults = dict(seq_len=32, global_batch_size=4, split="train", seed=0, process_index=0,
+                  process_count=1)
+  return md.make_pipeline(c, **{**defaults, **kwargs})
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def epoch(it):
+  return list(it)
+
+
+def reconstruct_documents(batches, bos_id):
+  """Follows each global row across batches and re-assembles the packed documents."""
+  docs, current = [], {}
+  for batch in batches:
+    for r in range(batch["inputs"].shape[0]):
+      seg = batch["segment_ids"][r]
+      for s in np.unique(seg[seg > 0]):
+        idx = np.flatnonzero(seg == s)
+        assert np.all(np.diff(idx) == 1), "segments must be contiguous"
+        inputs, targets = batch["inputs"][r, idx], batch["targets"][r, idx]
+        assert np.array_equal(batch["positions"][r, idx], np.arange(idx.size))
+        assert np.array_equal(inputs[1:], targets[:-1]), "targets are the next inputs"
+        if inputs[0] == bos_id:
+          if r in current:
+            docs.append(current.pop(r))
+          current[r] = [int(inputs[0])]
+        current[r].extend(int(t) for t in targets)
+  docs.extend(current.values())
+  return docs
+
+
+def tokenized_documents(source, tokenizer):
+  return [[tokenizer.bos_id] + tokenizer.encode(source.get(i)[0]).tolist() + [tokenizer.eos_id]
+          for i in range(source.num_docs)]
+
+
+def run_python(code, env=None):
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, **(env or {})})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+# --- imports -------------------------------------------------------------------------------------
+
+
+def test_moejax_imports_do_not_import_tensorflow():
+  out = run_python("""
+      import sys, moejax, moejax.sharding, moejax.data
+      c = moejax.data.default_data_config()
+      next(moejax.data.make_pipeline(c, seq_len=8, global_batch_size=2, split='train', seed=0,
+                                     process_index=0, process_count=1))
+      print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow',
+                                                                  'tensorflow_datasets')))
+  """)
+  assert out.strip() == "[]"
+
+
+# --- built-in corpus -----------------------------------------------------------------------------
+
+
+def test_builtin_corpus_is_deterministic_and_seeded():
+  docs = lambda seed: [builtin.make_document(seed, "train", i) for i in range(40)]
+  assert docs(0) == docs(0)
+  assert docs(0) != docs(1)
+  assert builtin.make_document(0, "train", 3) != builtin.make_document(0, "validation", 3)
+  c0, c1 = small_config(seed=0), small_config(seed=1)
+  b0 = take(pipeline(c0), 3)
+  b0_again = take(pipeline(small_config(seed=0)), 3)
+  b1 = take(pipeline(c1), 3)
+  for x, y in zip(b0, b0_again):
+    for key in md.BATCH_KEYS:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(b0, b1))
+  # The shuffle seed changes the order but not the corpus.
+  assert not np.array_equal(take(pipeline(c0, seed=5), 1)[0]["inputs"], b0[0]["inputs"])
+
+
+def test_builtin_domains_have_distinct_vocabularies():
+  chars = {d: set() for d in range(len(builtin.DOMAIN_NAMES))}
+  for i in range(400):
+    text, domain = builtin.make_document(0, "train", i)
+    assert domain == i % len(builtin.DOMAIN_NAMES)
+    chars[domain] |= set(text) - set(" \n")
+  assert chars[0] <= set("0123456789+-=")
+  assert set("abcdefghijklm") & chars[1] and not set("nopqrstuvwxyz") & (chars[1] - set("copy"))
+  assert chars[2] - set("REV=") <= set("ABCDEFGHIJKLM")
+  assert chars[5] <= set("()[]{}<>")
+  for a in range(8):
+    for b in range(a + 1, 8):
+      assert chars[a] != chars[b]
+
+
+def test_domain_ids_follow_tokens():
+  c = small_config(num_domains=3)
+  for batch in take(pipeline(c), 4):
+    domain, mask = batch["domain"], batch["mask"]
+    assert np.all(domain[mask == 0] == -1)
+    assert set(np.unique(domain[mask == 1])) <= {0, 1, 2}
+    # One domain per segment.
+    for r in range(domain.shape[0]):
+      for s in np.unique(batch["segment_ids"][r][batch["segment_ids"][r] > 0]):
+        assert np.unique(domain[r][batch["segment_ids"][r] == s]).size == 1
+
+
+# --- packing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_len,batch", [(32, 4), (7, 3), (4096, 2)])
+def test_packing_keeps_every_token_exactly_once(seq_len, batch):
+  c = small_config()
+  it = pipeline(c, seq_len=seq_len, global_batch_size=batch, num_epochs=1)
+  batches = epoch(it)
+  assert batches, "an epoch must not be empty"
+  for b in batches:
+    assert set(b) == set(md.BATCH_KEYS)
+    for value in b.values():
+      assert value.dtype == np.int32 and value.shape == (batch, seq_len)
+    np.testing.assert_array_equal(b["mask"], b["segment_ids"] > 0)
+    assert np.all(b["inputs"][b["mask"] == 0] == 0) and np.all(b["targets"][b["mask"] == 0] == 0)
+  tok = md.get_tokenizer(c)
+  expected = tokenized_documents(it.source, tok)
+  got = reconstruct_documents(batches, tok.bos_id)
+  assert sorted(map(tuple, got)) == sorted(map(tuple, expected))
+  if seq_len == 4096:  # longer than any document: several whole documents per row, one batch
+    assert len(batches) == 1
+  # Padding only once a row's stream has run out: at the end of the row, then whole rows.
+  masks = np.stack([b["mask"] for b in batches])  # [steps, rows, seq_len]
+  flat = masks.transpose(1, 0, 2).reshape(batch, -1)
+  assert np.all(np.diff(flat, axis=1) <= 0)
+
+
+def test_repeat_crosses_epochs_with_new_order():
+  c = small_config()
+  tok = md.get_tokenizer(c)
+  source = md.get_source(c, "train")
+  total = sum(len(d) - 1 for d in tokenized_documents(source, tok))
+  it = pipeline(c, seq_len=64, global_batch_size=2)
+  tokens = 0
+  for _ in range(3 * total // (64 * 2) + 1):  # > 3 epochs, never padded
+    b = next(it)
+    assert b["mask"].all()
+    tokens += b["mask"].sum()
+  assert tokens > 3 * total
+
+
+# --- resume and multi-process --------------------------------------------------------------------
+
+
+def test_resume_from_state_sees_identical_batches():
+  c = small_config()
+  reference = take(pipeline(c, seq_len=24, global_batch_size=4), 12)
+  it = pipeline(c, seq_len=24, global_batch_size=4)
+  take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))  # must survive JSON
+  resumed = pipeline(c, seq_len=24, global_batch_size=4)
+  resumed.set_state(state)
+  for x, y in zip(take(resumed, 7), reference[5:]):
+    for key in md.BATCH_KEYS:
+      np.testing.assert_array_equal(x[key], y[key])
+  other = pipeline(c, seq_len=25, global_batch_size=4)
+  with pytest.raises(ValueError, match="seq_len"):
+    other.set_state(state)
+
+
+def test_process_split_is_disjoint_and_equals_single_process():
+  c = small_config()
+  single = take(pipeline(c, global_batch_size=4), 6)
+  halves = [take(pipeline(c, global_batch_size=4, process_index=p, process_count=2), 6)
+            for p in range(2)]
+  for step, full in enumerate(single):
+    for key in md.BATCH_KEYS:
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][step][key], halves[1][step][key]]), full[key])
+  # Disjoint documents: the two processes reassemble different documents.
+  tok = md.get_tokenizer(c)
+  docs = [set(map(tuple, reconstruct_documents(h, tok.bos_id)[:-2])) for h in halves]
+  assert docs[0] and docs[1] and not docs[0] & docs[1]
+
+
+def test_global_batch_on_mesh():
+  import jax
+  from moejax import sharding
+  mesh = sharding.make_mesh({"data": -1, "expert": 2})
+  c = small_config()
+  batch = next(pipeline(c, global_batch_size=8, mesh=mesh))
+  local = next(pipeline(c, global_batch_size=8))
+  for key in md.BATCH_KEYS:
+    assert isinstance(batch[key], jax.Array)
+    assert batch[key].sharding.is_equivalent_to(sharding.batch_sharding(mesh, 2), 2)
+    np.testing.assert_array_equal(np.asarray(batch[key]), local[key])
+  with pytest.raises(ValueError, match="global_batch_size=4"):
+    pipeline(c, global_batch_size=4, mesh=sharding.make_mesh({"data": 8}))
+
+
+# --- tokenizers ----------------------------------------------------------------------------------
+
+
+def test_byte_tokenizer_specials_and_undecodable_bytes():
+  tok = md.ByteTokenizer()
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 259)
+  ids = tok.encode("héllo")
+  assert ids.dtype == np.int32 and ids.min() >= 3 and ids.max() < tok.vocab_size
+  assert tok.decode(ids) == "héllo"
+  raw = tok.encode(b"a\xffb")  # raw bytes keep their value
+  np.testing.assert_array_equal(raw, [ord("a") + 3, 0xFF + 3, ord("b") + 3])
+  assert tok.decode(raw) == "a\ufffdb"
+  assert tok.decode([1] + list(ids) + [2, 0, 0]) == "héllo"
+
+
+def test_sentencepiece_trained_once_and_cached(tmp_path):
+  c = small_config()
+  c.cache_dir = str(tmp_path)
+  c.tokenizer = "sentencepiece"
+  c.sentencepiece.vocab_size = 120
+  tok = md.get_tokenizer(c)
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  assert 4 < tok.vocab_size <= 120
+  assert os.path.dirname(tok.model_path).startswith(str(tmp_path))
+  mtime = os.path.getmtime(tok.model_path)
+  again = md.get_tokenizer(c)
+  assert again.model_path == tok.model_path and os.path.getmtime(again.model_path) == mtime
+  text = builtin.make_document(0, "train", 5)[0].replace("\n", " ")
+  ids = tok.encode(text)
+  assert ids.min() > 2 and tok.decode(ids) == text
+  b = next(pipeline(c, tokenizer=tok))
+  assert b["inputs"].max() < tok.vocab_size and b["inputs"][0, 0] == tok.bos_id
+  c.sentencepiece.model_path = str(tmp_path / "missing.model")
+  with pytest.raises(FileNotFoundError, match="model_path"):
+    md.get_tokenizer(c)
+
+
+# --- TFDS (mock) ---------------------------------------------------------------------------------
+
+
+def test_tfds_source_with_mock_data():
+  import tensorflow_datasets as tfds
+  c = md.default_data_config()
+  c.source, c.tfds.name = "tfds", "lm1b"
+  with tfds.testing.mock_data(num_examples=24):
+    it = pipeline(c, seq_len=16, global_batch_size=4, num_epochs=1)
+    assert it.source.num_docs == 24
+    batches = epoch(it)
+    tok = md.ByteTokenizer()
+    expected = tokenized_documents(it.source, tok)
+    assert sorted(map(tuple, reconstruct_documents(batches, tok.bos_id))) == sorted(
+        map(tuple, expected))
+    assert all(np.all(b["domain"] == -1) for b in batches)
+    c.tfds.text_key = "body"
+    with pytest.raises(ValueError, match="text_key='body'"):
+      pipeline(c)
+
+
+def test_tfds_missing_dataset_and_data_dir(tmp_path):
+  c = md.default_data_config()
+  c.source, c.tfds.name, c.tfds.data_dir = "tfds", "lm1b", str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="not prepared"):
+    pipeline(c)
+  c.tfds.name = "no_such_dataset_xyz"
+  with pytest.raises(ValueError, match="no_such_dataset_xyz"):
+    pipeline(c)
+
+
+# --- local text files ----------------------------------------------------------------------------
+
+
+def write_corpus(path, num_docs=40, seed=0):
+  rng = np.random.default_rng(seed)
+  words = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta"]
+  paras = [" ".join(rng.choice(words, size=rng.integers(3, 30))) for _ in range(num_docs)]
+  path.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+  return paras
+
+
+def test_text_files_build_then_read_in_fresh_processes(tmp_path):
+  paras = write_corpus(tmp_path / "a.txt", 30) + write_corpus(tmp_path / "b.txt", 10, seed=1)
+  cache = tmp_path / "cache"
+  setup = textwrap.dedent(f"""
+      import json, sys, moejax.data as md
+      c = md.default_data_config()
+      c.source, c.cache_dir = 'text_files', {str(cache)!r}
+      c.text_files.paths = {str(tmp_path / '*.txt')!r}
+      c.text_files.held_out_fraction = 0.25
+  """)
+  run_python(setup + "md.sources.build_text_files_dataset(c)\n")
+  out = run_python(setup + textwrap.dedent("""
+      tok = md.get_tokenizer(c)
+      docs = {}
+      for split in ('train', 'validation'):
+        it = md.make_pipeline(c, seq_len=64, global_batch_size=2, split=split, seed=0,
+                              num_epochs=1, process_index=0, process_count=1)
+        docs[split] = [tok.decode(tok.encode(it.source.get(i)[0]))
+                       for i in range(it.source.num_docs)]
+        assert sum(b['mask'].sum() for b in it) > 0
+      assert not any(m.split('.')[0] == 'tensorflow' for m in sys.modules), 'read imported TF'
+      print(json.dumps(docs))
+  """))
+  docs = json.loads(out.strip().splitlines()[-1])
+  assert len(docs["validation"]) == 10 and len(docs["train"]) == 30
+  assert not set(docs["train"]) & set(docs["validation"])
+  assert sorted(docs["train"] + docs["validation"]) == sorted(paras)
+
+
+def test_text_files_errors_and_undecodable_bytes(tmp_path):
+  c = md.default_data_config()
+  c.source, c.cache_dir = "text_files", str(tmp_path / "cache")
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"caf\xe9 au lait\n\nsecond doc\n\nthird\n\nfourth\n")
+  c.text_files.paths = str(bad)
+  c.text_files.decode_errors = "strict"
+  with pytest.raises(ValueError, match="bad.txt is not valid UTF-8 at byte 3"):
+    pipeline(c)
+  c.text_files.decode_errors = "replace"
+  texts = []
+  for split in ("train", "validation"):
+    source = md.get_source(c, split)
+    texts += [source.get(i)[0].decode("utf-8") for i in range(source.num_docs)]
+  assert sorted(texts) == sorted(["caf\ufffd au lait", "second doc", "third", "fourth"])
+  with pytest.raises(ValueError, match="split='test' does not exist"):
+    pipeline(c, split="test")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("  \n\n ")
+  c.text_files.paths = str(empty)
+  with pytest.raises(ValueError, match="empty.txt is empty"):
+    pipeline(c)
+  c.text_files.paths = str(tmp_path / "nothing*.txt")
+  with pytest.raises(FileNotFoundError, match="matches no file"):
+    pipeline(c)
+  c.text_files.paths = ""
+  with pytest.raises(ValueError, match="data.text_files.paths is empty"):
+    pipeline(c)
+  one = tmp_path / "one.txt"
+  one.write_text("a single paragraph\n")
+  c.text_files.paths = str(one)
+  with pytest.raises(ValueError, match="too few to hold out"):
+    pipeline(c)
+  c.text_files.doc_split = "sentences"
+  with pytest.raises(ValueError, match="doc_split='sentences'"):
+    pipeline(c)
+
+
+# --- other errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,kwargs,match", [
+    ("source", "hdf5", {}, "data.source='hdf5' is not supported"),
+    ("tokenizer", "wordpiece", {}, "data.tokenizer='wordpiece' is not supported"),
+    (None, None, {"split": "test"}, "split='test'"),
+    (None, None, {"seq_len": 0}, "seq_len=0"),
+    (None, None, {"global_batch_size": 3, "process_count": 2}, "divisible by process_count"),
+    (None, None, {"process_index": 2, "process_count": 2}, "process_index=2"),
+    ("builtin.num_domains", 9, {}, "num_domains=9"),
+    ("builtin.num_docs", 0, {}, "num_docs"),
+])
+def test_bad_configuration_raises(field, value, kwargs, match):
+  c = small_config()
+  if field:
+    section, _, name = field.rpartition(".")
+    (c[section] if section else c)[name] = value
+  with pytest.raises(ValueError, match=match):
+    pipeline(c, **kwargs)

@@ -1,0 +1,248 @@
+"""The NNX MoE layer: exactness properties, dispatch equivalence, gradients, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import moe
+from moejax.moe import MoEConfig, MoELayer
+
+D = 7  # odd sizes so that shape mix-ups cannot hide
+
+
+def make(cfg, d_model=D, seed=0, **kw):
+  return MoELayer(cfg, d_model, rngs=nnx.Rngs(params=seed, routing=seed + 1, dropout=seed + 2),
+                  **kw)
+
+
+def inputs(B=2, L=11, d_model=D, seed=3):
+  return jax.random.normal(jax.random.key(seed), (B, L, d_model))
+
+
+def naive_ffn(layer, x_D, e):
+  w = layer.weights()
+  h = x_D @ w["wi"][e]
+  if layer.cfg.activation == "swiglu":
+    h = jax.nn.silu(x_D @ w["wi_gate"][e]) * h
+  elif layer.cfg.activation == "relu":
+    h = jax.nn.relu(h)
+  else:
+    h = jax.nn.gelu(h)
+  return h @ w["wo"][e]
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_no_drop_all_experts_equals_dense_mixture(activation):
+  E = 5
+  cfg = MoEConfig(num_experts=E, top_k=E, d_ff=6, activation=activation,
+                  capacity_factor=moe.NO_DROP, eval_capacity_factor=moe.NO_DROP)
+  layer = make(cfg)
+  x = inputs()
+  y, aux = layer(x)
+  probs = jax.nn.softmax(jnp.einsum("BLD,DE->BLE", x, layer.router[...]), axis=-1)
+  expected = np.zeros(x.shape, np.float32)
+  for b in range(x.shape[0]):
+    for t in range(x.shape[1]):
+      for e in range(E):
+        expected[b, t] += np.asarray(probs[b, t, e] * naive_ffn(layer, x[b, t], e))
+  np.testing.assert_allclose(y, expected, rtol=2e-5, atol=2e-6)
+  assert float(jnp.sum(aux.metrics["dropped_fraction"])) == 0.0
+
+
+@pytest.mark.parametrize("dispatch", ["sort", "onehot"])
+def test_dropped_tokens_get_exactly_zero_and_kept_tokens_their_experts(dispatch):
+  cfg = MoEConfig(num_experts=3, top_k=1, d_ff=5, capacity_factor=0.5, dispatch=dispatch)
+  layer = make(cfg)
+  x = inputs(B=1, L=13)
+  y, aux = layer(x)
+  logits = jnp.einsum("GSD,DE->GSE", x, layer.router[...])
+  r = moe.routing.route(logits, jnp.ones((1, 13), bool), top_k=1, capacity=3)
+  assert float(aux.metrics["dropped_fraction"][0]) > 0
+  for t in range(13):
+    if r.kept_SK[0, t, 0]:
+      want = r.gate_SK[0, t, 0] * naive_ffn(layer, x[0, t], int(r.expert_SK[0, t, 0]))
+      np.testing.assert_allclose(y[0, t], want, rtol=2e-5, atol=1e-6)
+    else:
+      assert np.all(np.asarray(y[0, t]) == 0.0)
+
+
+CONFIGS = [
+    dict(top_k=1),
+    dict(top_k=2, gate="gshard"),
+    dict(top_k=2, gate="gshard", renormalize="after_drop", priority="probability"),
+    dict(top_k=3, gate="mixtral", overflow="reroute", activation="swiglu"),
+    dict(top_k=2, second_expert_policy="threshold", second_expert_threshold=0.4),
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_sort_and_onehot_dispatch_agree_on_outputs_and_grads(kw):
+  cfg = MoEConfig(num_experts=5, d_ff=6, capacity_factor=0.8, group_size=11, **kw)
+  sort_layer = make(cfg)
+  onehot_layer = make(MoEConfig(**{**cfg.__dict__, "dispatch": "onehot"}))
+  x = inputs(B=2, L=11)
+  mask = jnp.ones((2, 11), bool).at[1, 7:].set(False)
+
+  def loss(layer, x):
+    y, aux = layer(x, mask)
+    return jnp.sum(jnp.sin(y)) + aux.loss, aux.metrics
+
+  (l1, m1), g1 = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(sort_layer, x)
+  (l2, m2), g2 = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(onehot_layer, x)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), m1, m2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               nnx.to_pure_dict(nnx.state(g1[0], nnx.Param)),
+               nnx.to_pure_dict(nnx.state(g2[0], nnx.Param)))
+  np.testing.assert_allclose(g1[1], g2[1], rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_reach_router_and_every_used_expert():
+  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, gate="gshard", balance_loss_weight=0.0)
+  layer = make(cfg)
+  x = inputs(B=4, L=11)
+  grads = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(layer)
+  assert float(jnp.linalg.norm(grads.router[...])) > 0
+  per_expert = jnp.sqrt(jnp.sum(grads.wi[...] ** 2, axis=(1, 2)))
+  assert bool(jnp.all(per_expert > 0)), per_expert
+  # The balance and z losses alone also train the router.
+  aux_layer = make(MoEConfig(num_experts=4, top_k=2, d_ff=6, z_loss_weight=1e-3))
+  g_aux = nnx.grad(lambda m: m(x)[1].loss)(aux_layer)
+  assert float(jnp.linalg.norm(g_aux.router[...])) > 0
+
+
+def test_padding_changes_nothing_for_other_tokens():
+  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, capacity_factor=0.75, gate="gshard")
+  layer = make(cfg)
+  x = inputs(B=2, L=11)
+  mask = jnp.ones((2, 11), bool).at[0, 3].set(False).at[1, 8:].set(False)
+  y1, aux1 = layer(x, mask)
+  # Different content at the padded positions: the real tokens' outputs, losses and statistics
+  # must not move.
+  x2 = jnp.where(mask[..., None], x, 100.0 * jax.random.normal(jax.random.key(9), x.shape))
+  y2, aux2 = layer(x2, mask)
+  np.testing.assert_allclose(y1[mask], y2[mask], rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, aux1.metrics, aux2.metrics)
+  assert np.all(np.asarray(y1[~mask]) == 0.0)
+  assert float(aux1.metrics["tokens"]) == float(jnp.sum(mask))
+
+
+def test_eval_is_deterministic_and_training_randomness_is_used():
+  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, router_jitter=0.3, expert_dropout=0.3,
+                  second_expert_policy="random", gate="gshard")
+  layer = make(cfg)
+  x = inputs()
+  e1, _ = layer(x, deterministic=True)
+  e2, _ = layer(x, deterministic=True)
+  np.testing.assert_array_equal(e1, e2)
+  t1, _ = layer(x)
+  t2, _ = layer(x)
+  assert not np.allclose(t1, t2)
+  layer.deterministic = True
+  np.testing.assert_array_equal(layer(x)[0], e1)
+
+
+def test_jit_matches_eager():
+  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, gate="gshard", capacity_factor=0.6)
+  layer = make(cfg)
+  x = inputs()
+  y_eager, aux_eager = layer(x)
+  y_jit, aux_jit = nnx.jit(lambda m, x: m(x))(layer, x)
+  np.testing.assert_allclose(y_eager, y_jit, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aux_eager.loss, aux_jit.loss, rtol=1e-5)
+
+
+def test_capacity_uses_train_eval_and_override_factors():
+  cfg = MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, eval_capacity_factor=2.0)
+  assert cfg.capacity(16, deterministic=False) == 8  # ceil(2 * 1.0 * 16 / 4)
+  assert cfg.capacity(16, deterministic=True) == 16
+  assert cfg.capacity(16, deterministic=False, capacity_factor=math.inf) == 16
+  assert MoEConfig(expert_capacity=3).capacity(16, deterministic=False) == 3
+  layer = make(MoEConfig(num_experts=4, top_k=1, d_ff=6, capacity_factor=0.25))
+  x = inputs(B=1, L=16)
+  assert float(layer(x)[1].metrics["dropped_fraction"][0]) > 0
+  layer.capacity_factor_override = math.inf
+  assert float(layer(x)[1].metrics["dropped_fraction"][0]) == 0.0
+
+
+def test_groups_split_tokens_as_configured():
+  x = inputs(B=2, L=12)
+  by_size = make(MoEConfig(num_experts=4, d_ff=6, capacity_factor=0.5, group_size=6))
+  by_count = make(MoEConfig(num_experts=4, d_ff=6, capacity_factor=0.5, num_groups=4))
+  per_sequence = make(MoEConfig(num_experts=4, d_ff=6, capacity_factor=0.5))
+  y_size, _ = by_size(x)
+  np.testing.assert_allclose(y_size, by_count(x)[0], rtol=1e-6)
+  # One group of 12 (2 slots per expert) fills differently from two groups of 6 (1 slot each).
+  assert not np.allclose(y_size, per_sequence(x)[0])
+
+
+def test_bfloat16_activations_keep_a_float32_router():
+  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6)
+  layer = make(cfg, dtype=jnp.bfloat16)
+  y, aux = layer(inputs())
+  assert y.dtype == jnp.bfloat16
+  assert aux.loss.dtype == jnp.float32
+  low = make(MoEConfig(num_experts=4, top_k=2, d_ff=6, router_dtype=None), dtype=jnp.bfloat16)
+  captured = {}
+  orig = moe.routing.router_logits
+
+  def spy(*a, **k):
+    captured["logits"] = orig(*a, **k)
+    return captured["logits"]
+
+  moe.routing.router_logits = spy
+  try:
+    layer(inputs())
+    assert captured["logits"].dtype == jnp.float32
+    low(inputs())
+    assert captured["logits"].dtype == jnp.bfloat16
+  finally:
+    moe.routing.router_logits = orig
+
+
+def test_switch_init_scale():
+  layer = make(MoEConfig(num_experts=4, d_ff=512, router_init_scale=0.1, expert_init_scale=0.1),
+               d_model=256)
+  std = float(jnp.std(layer.wi[...]))
+  np.testing.assert_allclose(std, math.sqrt(0.1 / 256), rtol=0.05)
+  np.testing.assert_allclose(float(jnp.std(layer.router[...])), math.sqrt(0.1 / 256), rtol=0.1)
+  assert float(jnp.max(jnp.abs(layer.wi[...]))) <= 2.0 * math.sqrt(0.1 / 256) / 0.87962566 + 1e-6
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_experts=4, top_k=5), r"top_k=5.*\[1, num_experts=4\]"),
+    (dict(capacity_factor=0.0), r"capacity_factor=0.0.*> 0"),
+    (dict(eval_capacity_factor=-1.0), r"eval_capacity_factor=-1.0"),
+    (dict(gate="switch"), r"gate='switch'.*'softmax' \| 'gshard' \| 'mixtral'"),
+    (dict(priority="random"), r"priority='random'"),
+    (dict(overflow="spill"), r"overflow='spill'"),
+    (dict(second_expert_policy="sampling"), r"second_expert_policy='sampling'"),
+    (dict(activation="tanh"), r"activation='tanh'"),
+    (dict(dispatch="ragged"), r"dispatch='ragged'"),
+    (dict(group_size=4, num_groups=2), r"group_size=4 and num_groups=2"),
+    (dict(renormalize="never"), r"renormalize='never'"),
+    (dict(capacity_convention="t5"), r"capacity_convention='t5'"),
+    (dict(expert_dropout=1.0), r"expert_dropout=1.0"),
+])
+def test_config_errors_name_field_value_and_allowed(kw, match):
+  with pytest.raises(ValueError, match=match):
+    MoEConfig(**kw)
+
+
+def test_shape_errors_are_raised_before_compiling():
+  layer = make(MoEConfig(num_experts=4, d_ff=6, group_size=5))
+  with pytest.raises(ValueError, match=r"group_size=5 does not divide the 22 tokens"):
+    layer(inputs(B=2, L=11))
+  with pytest.raises(ValueError, match=r"rank 3"):
+    layer(jnp.ones((22, D)))
+  with pytest.raises(ValueError, match=r"d_model=7"):
+    layer(jnp.ones((2, 5, 8)))
+  with pytest.raises(ValueError, match=r"mask shape"):
+    layer(jnp.ones((2, 5, D)), jnp.ones((2, 4), bool))

@@ -1,0 +1,259 @@
+"""Routing math against hand-computed cases and the papers' formulas."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from moejax import routing
+
+
+def logits_from_probs(probs):
+  return jnp.log(jnp.asarray(probs, jnp.float32))
+
+
+def route1(probs_SE, valid_S=None, **kw):
+  probs_SE = np.asarray(probs_SE, np.float32)
+  valid_S = np.ones(probs_SE.shape[0], bool) if valid_S is None else np.asarray(valid_S)
+  return routing.route_group(logits_from_probs(probs_SE), jnp.asarray(valid_S), **kw)
+
+
+# ---------------------------------------------------------------------------- capacity formulas
+
+
+@pytest.mark.parametrize("convention, expected", [
+    ("switch", 20),  # ceil(2 * 1.25 * 64 / 8)
+    ("mesh_tf", 10),  # max(min(64, int(64 * 1.25 / 8)), 4)
+    ("flaxformer", 10),  # max(round(1.25 * 64 / 8), 4): no k factor
+    ("vmoe", 20),  # ceil(64 * 2 * 1.25 / 8) = 20, already a multiple of 4
+    ("praxis", 12),  # int(10.0) = 10, up to a multiple of 4
+    ("maxtext", 20),  # int(max(ceil(64 * 2 / 8) * 1.25, 1.25))
+])
+def test_capacity_conventions(convention, expected):
+  assert routing.expert_capacity(64, 8, 2, 1.25, convention=convention) == expected
+
+
+def test_capacity_floor_multiple_clip_and_no_drop():
+  assert routing.expert_capacity(10, 8, 1, 1.0) == 2  # ceil(10 / 8)
+  assert routing.expert_capacity(10, 8, 1, 1.0, min_capacity=4) == 4
+  assert routing.expert_capacity(10, 8, 1, 1.0, multiple=4) == 4
+  assert routing.expert_capacity(10, 2, 2, 3.0) == 10  # ceil(30) clipped to S
+  assert routing.expert_capacity(37, 8, 2, math.inf) == 37
+  assert routing.expert_capacity(6, 4, 1, 1.0, convention="mesh_tf") == 4  # the built-in floor
+  with pytest.raises(ValueError, match="capacity_convention='nope'"):
+    routing.expert_capacity(8, 2, 1, 1.0, convention="nope")
+
+
+# ---------------------------------------------------------------------------- hand-computed routes
+
+
+def test_switch_top1_position_priority_drops_later_tokens():
+  probs = [[0.7, 0.3], [0.6, 0.4], [0.2, 0.8]]
+  r = route1(probs, top_k=1, capacity=1)
+  np.testing.assert_array_equal(r.expert_SK[:, 0], [0, 0, 1])
+  np.testing.assert_array_equal(r.kept_SK[:, 0], [True, False, True])
+  np.testing.assert_array_equal(r.slot_SK[[0, 2], 0], [0, 0])
+  # Switch gate: the raw router probability; dropped choices weigh 0.
+  np.testing.assert_allclose(r.gate_SK[:, 0], [0.7, 0.0, 0.8], rtol=1e-6)
+
+
+def test_batch_prioritized_routing_lets_the_confident_token_win():
+  probs = [[0.55, 0.45], [0.9, 0.1], [0.6, 0.4]]
+  r = route1(probs, top_k=1, capacity=2, priority="probability")
+  # Expert 0 is wanted by all three; the two most confident (tokens 1, 2) get its two slots.
+  np.testing.assert_array_equal(r.kept_SK[:, 0], [False, True, True])
+  np.testing.assert_array_equal(r.slot_SK[[1, 2], 0], [0, 1])
+  r_pos = route1(probs, top_k=1, capacity=2, priority="position")
+  np.testing.assert_array_equal(r_pos.kept_SK[:, 0], [True, True, False])
+
+
+def test_top2_places_all_first_choices_before_any_second_choice():
+  # token 0 prefers (e0, e1); token 1 prefers (e1, e0). C = 1.
+  probs = [[0.6, 0.3, 0.1], [0.3, 0.6, 0.1]]
+  r = route1(probs, top_k=2, capacity=1, gate="gshard")
+  np.testing.assert_array_equal(r.expert_SK, [[0, 1], [1, 0]])
+  # Token-major order would have given token 0 both e0 and e1; choice-major gives each token
+  # its first choice and drops both second choices.
+  np.testing.assert_array_equal(r.kept_SK, [[True, False], [True, False]])
+  # GShard gates normalised over the top-2 before the drop: 0.6 / 0.9.
+  np.testing.assert_allclose(r.gate_SK, [[0.6 / 0.9, 0.0], [0.6 / 0.9, 0.0]], rtol=1e-6)
+  after = route1(probs, top_k=2, capacity=1, gate="gshard", renormalize="after_drop")
+  np.testing.assert_allclose(after.gate_SK, [[1.0, 0.0], [1.0, 0.0]], rtol=1e-6)
+  raw = route1(probs, top_k=2, capacity=1, gate="softmax")
+  np.testing.assert_allclose(raw.gate_SK, [[0.6, 0.0], [0.6, 0.0]], rtol=1e-6)
+
+
+def test_mixtral_gate_is_softmax_over_selected_logits():
+  logits_SE = jax.random.normal(jax.random.key(0), (11, 7))
+  r = routing.route_group(logits_SE, jnp.ones(11, bool), top_k=3, capacity=11, gate="mixtral")
+  selected_SK = jnp.take_along_axis(logits_SE, r.expert_SK, axis=-1)
+  np.testing.assert_allclose(r.gate_SK, jax.nn.softmax(selected_SK, axis=-1), rtol=1e-5)
+
+
+def test_second_expert_policies():
+  probs = [[0.5, 0.45, 0.05], [0.85, 0.1, 0.05]]
+  # Normalised second gates: 0.45 / 0.95 = 0.47 and 0.1 / 0.95 = 0.105.
+  thr = route1(probs, top_k=2, capacity=2, second_expert_policy="threshold",
+               second_expert_threshold=0.2)
+  np.testing.assert_array_equal(thr.wanted_SK, [[True, True], [True, False]])
+  np.testing.assert_array_equal(thr.kept_SK, [[True, True], [True, False]])
+  # random: keep iff 2 * g2 > u. 2 * 0.47 = 0.95 > 0.9; 2 * 0.105 = 0.21 < 0.3 but > 0.2.
+  u = jnp.array([[0.0, 0.9], [0.0, 0.3]])
+  rnd = route1(probs, top_k=2, capacity=2, second_expert_policy="random", uniform_SK=u)
+  np.testing.assert_array_equal(rnd.kept_SK[:, 1], [True, False])
+  rnd2 = route1(probs, top_k=2, capacity=2, second_expert_policy="random",
+                uniform_SK=jnp.array([[0.0, 0.99], [0.0, 0.2]]))
+  np.testing.assert_array_equal(rnd2.kept_SK[:, 1], [False, True])
+  # Without draws (eval) `random` keeps every choice.
+  det = route1(probs, top_k=2, capacity=2, second_expert_policy="random")
+  assert bool(jnp.all(det.kept_SK))
+
+
+def test_reroute_sends_overflow_to_next_best_expert_with_room():
+  # Both tokens want e0 (C = 1). Token 1's ranking: e0, e2, e1 -> rerouted to e2.
+  probs = [[0.7, 0.2, 0.1], [0.5, 0.15, 0.35]]
+  r = route1(probs, top_k=1, capacity=1, overflow="reroute")
+  np.testing.assert_array_equal(r.router_expert_SK[:, 0], [0, 0])
+  np.testing.assert_array_equal(r.expert_SK[:, 0], [0, 2])
+  np.testing.assert_array_equal(r.kept_SK[:, 0], [True, True])
+  np.testing.assert_allclose(r.gate_SK[:, 0], [0.7, 0.35], rtol=1e-6)
+  # Full next-best expert: token 2's second-best (e2) is taken by token 1, so it goes to e1.
+  probs3 = probs + [[0.45, 0.2, 0.35]]
+  r3 = route1(probs3, top_k=1, capacity=1, overflow="reroute")
+  np.testing.assert_array_equal(r3.expert_SK[:, 0], [0, 2, 1])
+  dropped = route1(probs3, top_k=1, capacity=1, overflow="drop")
+  np.testing.assert_array_equal(dropped.kept_SK[:, 0], [True, False, False])
+
+
+def test_padding_takes_no_capacity():
+  probs = [[0.9, 0.1], [0.8, 0.2]]
+  r = route1(probs, valid_S=[False, True], top_k=1, capacity=1)
+  np.testing.assert_array_equal(r.kept_SK[:, 0], [False, True])
+  assert int(r.slot_SK[1, 0]) == 0
+  assert float(r.gate_SK[0, 0]) == 0.0
+
+
+# ---------------------------------------------------------------------------- losses vs formulas
+
+
+def reference_losses(logits_GSE, valid_GS, top_k, choices):
+  """Straight from the papers, in numpy, one group at a time."""
+  logits_GSE = np.asarray(logits_GSE, np.float64)
+  G, S, E = logits_GSE.shape
+  bal, gsh, z, n = [], [], 0.0, 0
+  for g in range(G):
+    v = np.asarray(valid_GS[g], bool)
+    if not v.any():
+      continue
+    lg = logits_GSE[g][v]
+    p = np.exp(lg - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    order = np.argsort(-p, axis=-1, kind="stable")
+    f = np.zeros(E)
+    f_first = np.bincount(order[:, 0], minlength=E) / len(p)
+    if choices == "first":
+      f = f_first
+    else:
+      for j in range(top_k):
+        f += np.bincount(order[:, j], minlength=E) / (len(p) * top_k)
+    P = p.mean(0)
+    bal.append(E * np.sum(f * P))  # Switch eq. 4
+    gsh.append(np.mean(f_first * P))  # GShard: (1/E) sum_e (c_e / S) m_e
+    lse = np.log(np.sum(np.exp(lg - lg.max(-1, keepdims=True)), -1)) + lg.max(-1)
+    z += np.sum(lse**2)
+    n += len(p)
+  return np.mean(bal), np.mean(gsh), z / n
+
+
+@pytest.mark.parametrize("choices", ["first", "all"])
+def test_aux_losses_match_the_paper_formulas(choices):
+  G, S, E, K = 3, 13, 5, 2
+  logits = 2.0 * jax.random.normal(jax.random.key(1), (G, S, E))
+  valid = jax.random.bernoulli(jax.random.key(2), 0.7, (G, S)).at[2].set(False)
+  r = routing.route(logits, valid, top_k=K, capacity=3)
+  m = routing.finalize_sums(routing.routing_sums(r, valid, balance_loss_choices=choices))
+  bal, gsh, z = reference_losses(logits, valid, K, choices)
+  np.testing.assert_allclose(m["balance_loss"], bal, rtol=1e-5)
+  np.testing.assert_allclose(m["gshard_loss"], gsh, rtol=1e-5)
+  np.testing.assert_allclose(m["z_loss"], z, rtol=1e-5)
+  assert float(m["tokens"]) == float(jnp.sum(valid))
+
+
+def test_balance_loss_is_one_when_routing_is_uniform():
+  # 8 tokens, 4 experts, each expert the argmax of two tokens, probabilities evenly spread.
+  E, S = 4, 8
+  probs_SE = np.full((S, E), 0.1)
+  probs_SE[np.arange(S), np.arange(S) % E] = 0.7
+  probs_SE /= probs_SE.sum(-1, keepdims=True)
+  r = routing.route(logits_from_probs(probs_SE)[None], jnp.ones((1, S), bool), top_k=1,
+                    capacity=S)
+  m = routing.finalize_sums(routing.routing_sums(r, jnp.ones((1, S), bool)))
+  np.testing.assert_allclose(m["balance_loss"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(m["gshard_loss"], 1.0 / E**2, rtol=1e-6)
+  np.testing.assert_allclose(m["expert_load"], np.full(E, 0.25))
+  np.testing.assert_allclose([m["expert_load_max"], m["expert_load_min"]], [1.0, 1.0])
+
+
+def test_statistics_count_drops_per_choice():
+  probs = [[0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.6, 0.1, 0.3]]
+  valid = jnp.ones((1, 3), bool)
+  r = routing.route(logits_from_probs(probs)[None], valid, top_k=2, capacity=1)
+  m = routing.finalize_sums(routing.routing_sums(r, valid))
+  # First choices: t0->e0 kept, t1->e1 kept, t2->e0 dropped. Second: t0->e1 dropped,
+  # t1->e0 dropped, t2->e2 kept.
+  np.testing.assert_allclose(m["dropped_fraction"], [1 / 3, 2 / 3], rtol=1e-6)
+  np.testing.assert_allclose(m["unrouted_fraction"], 0.0)
+  np.testing.assert_allclose(m["expert_load"], [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+  np.testing.assert_allclose(m["router_load"], [2 / 3, 1 / 3, 0.0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=30, deadline=None)
+@given(S=st.sampled_from([1, 5, 12]), E=st.sampled_from([2, 3, 8]), K=st.integers(1, 3),
+       C=st.integers(1, 6), priority=st.sampled_from(routing.PRIORITIES),
+       overflow=st.sampled_from(routing.OVERFLOWS), seed=st.integers(0, 2**16))
+def test_route_invariants(S, E, K, C, priority, overflow, seed):
+  K = min(K, E)
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  logits = jax.random.normal(k1, (S, E))
+  valid = jax.random.bernoulli(k2, 0.8, (S,))
+  r = routing.route_group(logits, valid, top_k=K, capacity=C, priority=priority,
+                          overflow=overflow)
+  kept = np.asarray(r.kept_SK)
+  expert = np.asarray(r.expert_SK)
+  slot = np.asarray(r.slot_SK)
+  # Padding never holds a slot; no expert exceeds C; no two choices share a slot.
+  assert not kept[~np.asarray(valid)].any()
+  for e in range(E):
+    slots = slot[kept & (expert == e)]
+    assert len(slots) <= C
+    assert len(set(slots.tolist())) == len(slots)
+    assert np.all((slots >= 0) & (slots < C))
+  # A token never uses the same expert twice.
+  for s in range(S):
+    used = expert[s][kept[s]]
+    assert len(set(used.tolist())) == len(used)
+  if overflow == "drop":
+    np.testing.assert_array_equal(expert, r.router_expert_SK)
+    # Dropping only happens when the expert is full.
+    for e in range(E):
+      lost = r.wanted_SK & ~r.kept_SK & (expert == e)
+      if np.any(lost):
+        assert np.sum(kept & (expert == e)) == C
+  else:
+    # Rerouting only drops a choice when every expert it could still use is full.
+    for s in range(S):
+      for j in range(K):
+        if r.wanted_SK[s, j] and not kept[s, j]:
+          unused = set(range(E)) - set(expert[s][kept[s]].tolist())
+          for e in unused:
+            assert np.sum(kept & (expert == e)) == C
+  # No drop at all when every token fits.
+  full = routing.route_group(logits, valid, top_k=K, capacity=S, priority=priority,
+                             overflow=overflow)
+  np.testing.assert_array_equal(full.kept_SK, full.wanted_SK)
