@@ -57,7 +57,9 @@ def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def builtin_source(data_config, split: str) -> DocSource:
   cb = data_config.builtin
-  _check_choice("split (data.builtin)", split, builtin_lib.SPLITS)
+  if split not in builtin_lib.SPLITS:
+    raise ValueError(f"split={split!r} does not exist for data.source='builtin'; allowed splits "
+                     f"are {builtin_lib.SPLITS}.")
   num_docs = cb.num_docs if split == "train" else cb.num_eval_docs
   builtin_lib.check_builtin_config(cb.num_domains, num_docs, cb.min_lines, cb.max_lines)
   args = (cb.seed, split)
@@ -207,6 +209,9 @@ def _make_builder_class():
   class MoejaxTextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Local text documents -> 'train' / 'validation' array_record splits."""
     VERSION = tfds.core.Version(TEXT_FILES_VERSION)
+    # No checksums file to look up (nothing is downloaded). This also sidesteps TFDS 4.9.10's
+    # code_path lookup, which needs the optional `importlib_resources` for builders in packages.
+    code_path = None
 
     def __init__(self, *, docs: list[str], held: np.ndarray, **kwargs):
       self._docs, self._held = docs, held
