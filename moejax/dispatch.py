@@ -36,15 +36,8 @@ def dispatch(x_GSD: jax.Array, r: Routing, num_experts: int, capacity: int,
   if method == "onehot":
     dispatch_GSEC = _one_hot_slots(idx_GSK, E, C).sum(axis=2)
     return jnp.einsum("GSEC,GSD->GECD", dispatch_GSEC.astype(x_GSD.dtype), x_GSD)
-  K = idx_GSK.shape[-1]
-  # Which token sits in each slot (S = "none", pointing at an appended zero row).
-  token_of_slot_GX = jnp.full((G, E * C + 1), S, jnp.int32)
-  token_S = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[:, None], (S, K))
-  token_of_slot_GX = jax.vmap(lambda t, i: t.at[i.reshape(-1)].set(token_S.reshape(-1)))(
-      token_of_slot_GX, idx_GSK)[:, :E * C]
-  x_pad_GSD = jnp.concatenate([x_GSD, jnp.zeros((G, 1, D), x_GSD.dtype)], axis=1)
-  x_GXD = jnp.take_along_axis(x_pad_GSD, token_of_slot_GX[..., None], axis=1)
-  return x_GXD.reshape(G, E, C, D)
+  token_of_slot_GX, _ = _slot_owners(idx_GSK, E * C)
+  return _gather_dispatch(x_GSD, token_of_slot_GX, idx_GSK).reshape(G, E, C, D)
 
 
 def combine(y_GECD: jax.Array, r: Routing, method: str = "sort") -> jax.Array:
@@ -56,11 +49,86 @@ def combine(y_GECD: jax.Array, r: Routing, method: str = "sort") -> jax.Array:
     combine_GSEC = jnp.einsum("GSKEC,GSK->GSEC", _one_hot_slots(idx_GSK, E, C, y_GECD.dtype),
                               gate_GSK)
     return jnp.einsum("GECD,GSEC->GSD", y_GECD, combine_GSEC)
-  S, K = idx_GSK.shape[1:]
-  y_pad_GXD = jnp.concatenate([y_GECD.reshape(G, E * C, D), jnp.zeros((G, 1, D), y_GECD.dtype)],
-                              axis=1)
-  y_GNdD = jnp.take_along_axis(y_pad_GXD, idx_GSK.reshape(G, S * K, 1), axis=1)
-  return jnp.einsum("GSKD,GSK->GSD", y_GNdD.reshape(G, S, K, D), gate_GSK)
+  token_of_slot_GX, choice_of_slot_GX = _slot_owners(idx_GSK, E * C)
+  return _gather_combine(y_GECD.reshape(G, E * C, D), gate_GSK, idx_GSK, token_of_slot_GX,
+                         choice_of_slot_GX)
+
+
+# The sort path is written with gathers only, in both directions: the kept choices and the
+# filled slots are in one-to-one correspondence, so the transpose of "gather tokens into slots"
+# is "gather slots back into tokens" -- no scatter-add, which is slow on CPU and needs atomics on
+# GPU. Integer index arrays get no cotangent.
+
+
+def _slot_owners(idx_GSK: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
+  """For each slot: the token in it (S if empty) and which of its K choices put it there."""
+  G, S, K = idx_GSK.shape
+  token_SK = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[:, None], (S, K)).reshape(-1)
+  choice_SK = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32)[None, :], (S, K)).reshape(-1)
+
+  def owners(idx_SK):
+    token_X = jnp.full((num_slots + 1,), S, jnp.int32).at[idx_SK.reshape(-1)].set(token_SK)
+    choice_X = jnp.zeros((num_slots + 1,), jnp.int32).at[idx_SK.reshape(-1)].set(choice_SK)
+    return token_X[:num_slots], choice_X[:num_slots]
+
+  return jax.vmap(owners)(idx_GSK)
+
+
+def _take_rows(a_GND: jax.Array, idx_GM: jax.Array) -> jax.Array:
+  """`a[g, idx[g, m]]` with one appended zero row at index N (the "nowhere" index)."""
+  G, _, D = a_GND.shape
+  a_pad = jnp.concatenate([a_GND, jnp.zeros((G, 1, D), a_GND.dtype)], axis=1)
+  return jnp.take_along_axis(a_pad, idx_GM[..., None], axis=1)
+
+
+@jax.custom_vjp
+def _gather_dispatch(x_GSD, token_of_slot_GX, idx_GSK):
+  return _take_rows(x_GSD, token_of_slot_GX)
+
+
+def _gather_dispatch_fwd(x_GSD, token_of_slot_GX, idx_GSK):
+  return _gather_dispatch(x_GSD, token_of_slot_GX, idx_GSK), (token_of_slot_GX, idx_GSK)
+
+
+def _gather_dispatch_bwd(res, dbuf_GXD):
+  token_of_slot_GX, idx_GSK = res
+  G, S, K = idx_GSK.shape
+  dx_GSKD = _take_rows(dbuf_GXD, idx_GSK.reshape(G, S * K)).reshape(G, S, K, -1)
+  return jnp.sum(dx_GSKD, axis=2), None, None
+
+
+_gather_dispatch.defvjp(_gather_dispatch_fwd, _gather_dispatch_bwd)
+
+
+@jax.custom_vjp
+def _gather_combine(y_GXD, gate_GSK, idx_GSK, token_of_slot_GX, choice_of_slot_GX):
+  G, S, K = idx_GSK.shape
+  y_GSKD = _take_rows(y_GXD, idx_GSK.reshape(G, S * K)).reshape(G, S, K, -1)
+  return jnp.einsum("GSKD,GSK->GSD", y_GSKD, gate_GSK)
+
+
+def _gather_combine_fwd(y_GXD, gate_GSK, idx_GSK, token_of_slot_GX, choice_of_slot_GX):
+  out = _gather_combine(y_GXD, gate_GSK, idx_GSK, token_of_slot_GX, choice_of_slot_GX)
+  return out, (y_GXD, gate_GSK, idx_GSK, token_of_slot_GX, choice_of_slot_GX)
+
+
+def _gather_combine_bwd(res, dout_GSD):
+  y_GXD, gate_GSK, idx_GSK, token_of_slot_GX, choice_of_slot_GX = res
+  G, S, K = idx_GSK.shape
+  # d y[slot] = gate(owner, choice) * dout[owner]; empty slots point at the zero row.
+  dout_GXD = _take_rows(dout_GSD, token_of_slot_GX)
+  gate_pad_GSK = jnp.concatenate([gate_GSK, jnp.zeros((G, 1, K), gate_GSK.dtype)], axis=1)
+  gate_GX = jnp.take_along_axis(
+      jnp.take_along_axis(gate_pad_GSK, token_of_slot_GX[..., None], axis=1),
+      choice_of_slot_GX[..., None], axis=2)[..., 0]
+  dy_GXD = dout_GXD * gate_GX[..., None]
+  # d gate[s, k] = <dout[s], y[slot(s, k)]>.
+  y_GSKD = _take_rows(y_GXD, idx_GSK.reshape(G, S * K)).reshape(G, S, K, -1)
+  dgate_GSK = jnp.einsum("GSKD,GSD->GSK", y_GSKD, dout_GSD)
+  return dy_GXD, dgate_GSK, None, None, None
+
+
+_gather_combine.defvjp(_gather_combine_fwd, _gather_combine_bwd)
 
 
 def _one_hot_slots(idx_GSK: jax.Array, num_experts: int, capacity: int,

@@ -1,0 +1,100 @@
+"""Benchmark: forward+backward time of the MoE layer vs a dense FFN of the same active size.
+
+    python experiments/bench_moe.py                 # the issue's setting (T=8192, D=256, F=1024)
+    python experiments/bench_moe.py --tokens 2048 --experts 8,32 --repeats 3   # quicker
+
+For each E in --experts, k in --top_k and dispatch in {sort, onehot} it times one jitted
+`value_and_grad` step (loss = sum(y^2) + aux loss; gradients w.r.t. all params and the input) and
+prints the median over --repeats runs after a warm-up, next to a dense FFN whose hidden width is
+k*F (the same active parameters and FLOPs per token, without the capacity slack). Ratios:
+`vs dense` = MoE / dense-active; `vs E=min` = this E / the smallest E with the same k and
+dispatch. Note the floor: with capacity factor CF the experts do CF x the dense FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.moe import MoEConfig, MoELayer
+
+
+def dense_ffn_step(d_model: int, d_ff: int, tokens: int):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"wi": jax.random.normal(k1, (d_model, d_ff)) * d_model**-0.5,
+            "wo": jax.random.normal(k2, (d_ff, d_model)) * d_ff**-0.5}
+  x = jax.random.normal(k3, (tokens, d_model))
+
+  @jax.jit
+  def step(params, x):
+    def loss(params, x):
+      return jnp.sum(jnp.square(jax.nn.relu(x @ params["wi"]) @ params["wo"]))
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+  return lambda: step(params, x)
+
+
+def moe_step(d_model: int, d_ff: int, tokens: int, groups: int, experts: int, top_k: int,
+             capacity_factor: float, dispatch: str):
+  cfg = MoEConfig(num_experts=experts, top_k=top_k, d_ff=d_ff, capacity_factor=capacity_factor,
+                  num_groups=groups, dispatch=dispatch, gate="softmax" if top_k == 1 else "gshard")
+  layer = MoELayer(cfg, d_model, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (groups, tokens // groups, d_model))
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  @jax.jit
+  def step(params, x):
+    def loss(params, x):
+      y, aux = nnx.merge(graphdef, params, rest)(x)
+      return jnp.sum(jnp.square(y)) + aux.loss
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+  return lambda: step(params, x)
+
+
+def time_it(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # compile + warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--tokens", type=int, default=8192)
+  parser.add_argument("--d_model", type=int, default=256)
+  parser.add_argument("--d_ff", type=int, default=1024)
+  parser.add_argument("--groups", type=int, default=8)
+  parser.add_argument("--capacity_factor", type=float, default=1.25)
+  parser.add_argument("--experts", default="8,32,128")
+  parser.add_argument("--top_k", default="1,2")
+  parser.add_argument("--dispatch", default="sort,onehot")
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  experts = [int(e) for e in args.experts.split(",")]
+  print(f"# fwd+bwd, T={args.tokens} D={args.d_model} F={args.d_ff} G={args.groups} "
+        f"CF={args.capacity_factor}, median of {args.repeats}, {jax.devices()[0].platform}")
+  print(f"{'k':>2} {'dispatch':>8} {'E':>4} {'ms':>9} {'dense ms':>9} {'vs dense':>9} "
+        f"{'vs E=min':>9}")
+  for k in [int(k) for k in args.top_k.split(",")]:
+    dense = time_it(dense_ffn_step(args.d_model, k * args.d_ff, args.tokens), args.repeats)
+    for dispatch in args.dispatch.split(","):
+      base = None
+      for e in experts:
+        t = time_it(moe_step(args.d_model, args.d_ff, args.tokens, args.groups, e, k,
+                             args.capacity_factor, dispatch), args.repeats)
+        base = base or t
+        print(f"{k:>2} {dispatch:>8} {e:>4} {1e3 * t:>9.1f} {1e3 * dense:>9.1f} "
+              f"{t / dense:>9.2f} {t / base:>9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,77 @@
+"""Communication audit: every collective in a compiled XLA program, with its size.
+
+    report = audit.collectives(jax.jit(step).lower(*args).compile())
+    print(audit.format_table(report))
+
+The compiled (post-SPMD-partitioning) HLO holds per-device shapes, so `bytes` is what one device
+sends or receives per execution of the op. For capacity-based MoE the forward pass of a layer
+should show exactly two `all-to-all`s of `E * g*C * D * dtype_bytes` each (`g` = local groups;
+the capacity buffer there and back: the physical floor) plus one small `all-reduce` of routing
+statistics, and no all-gather / all-reduce of token activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute",
+               "ragged-all-to-all")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+                "f8e4m3fn": 1, "f8e5m2": 1}
+# `%name = <result shape> <op>(` where op may carry an async `-start` suffix.
+_OP_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\(.*?\)|[\w]+\[[^\]]*\](?:\{[^}]*\})?)"
+                    r"\s+(?P<op>[a-z\-]+?)(?:-start)?\(")
+_ARRAY_RE = re.compile(r"(?P<dtype>[a-z]+\d*(?:e\dm\d(?:fn)?)?)\[(?P<dims>[\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  kind: str  # e.g. "all-to-all"
+  bytes: int  # result bytes per device
+  shapes: tuple[str, ...]  # result array shapes, e.g. ("f32[2,4,24]", ...)
+
+
+def shape_bytes(shape: str) -> tuple[int, tuple[str, ...]]:
+  """Total bytes and the array shapes in an HLO result shape (array or tuple)."""
+  total, arrays = 0, []
+  for m in _ARRAY_RE.finditer(shape):
+    dtype, dims = m.group("dtype"), m.group("dims")
+    if dtype not in _DTYPE_BYTES:
+      continue
+    size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+    total += size * _DTYPE_BYTES[dtype]
+    arrays.append(f"{dtype}[{dims}]")
+  return total, tuple(arrays)
+
+
+def collectives(compiled_or_text: Any) -> list[Collective]:
+  """Every collective op in a compiled program (or its HLO text), in program order."""
+  text = compiled_or_text if isinstance(compiled_or_text, str) else compiled_or_text.as_text()
+  found = []
+  for line in text.splitlines():
+    m = _OP_RE.match(line)
+    if m and m.group("op") in COLLECTIVES:
+      size, arrays = shape_bytes(m.group("shape"))
+      found.append(Collective(m.group("op"), size, arrays))
+  return found
+
+
+def summarize(found: list[Collective]) -> dict[str, dict[str, int]]:
+  """`{kind: {"count": n, "bytes": total bytes per device}}`."""
+  out: dict[str, dict[str, int]] = {}
+  for c in found:
+    entry = out.setdefault(c.kind, {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += c.bytes
+  return out
+
+
+def format_table(found: list[Collective]) -> str:
+  lines = [f"{'collective':<20} {'count':>5} {'bytes/device':>14}"]
+  for kind, entry in sorted(summarize(found).items()):
+    lines.append(f"{kind:<20} {entry['count']:>5} {entry['bytes']:>14,}")
+  return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""Expert parallelism on 8 fake CPU devices: sharded == single-device, and the wire is minimal."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import audit, sharding
+from moejax.moe import MoEConfig, MoELayer
+
+B, L, D = 8, 12, 7
+MESHES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+CASES = {
+    # k, plus the routing features whose global semantics sharding must not change.
+    "top1": dict(top_k=1, capacity_factor=0.5, router_jitter=0.1),
+    "top2_bpr": dict(top_k=2, gate="gshard", capacity_factor=0.75, priority="probability",
+                     second_expert_policy="random", z_loss_weight=1e-3),
+}
+
+
+def data():
+  x = jax.random.normal(jax.random.key(1), (B, L, D))
+  mask = jnp.ones((B, L), bool).at[5, 7:].set(False).at[2, :3].set(False)
+  return x, mask
+
+
+def loss_fn(layer, x, mask):
+  y, aux = layer(x, mask)
+  return jnp.sum(jnp.sin(y)) + aux.loss, (y, aux.metrics)
+
+
+STEP = nnx.jit(nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
+
+
+@pytest.fixture(scope="module")
+def references():
+  out = {}
+  for name, kw in CASES.items():
+    layer = MoELayer(MoEConfig(num_experts=8, d_ff=6, **kw), D, rngs=nnx.Rngs(0))
+    out[name] = STEP(layer, *data())
+  return out
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=[f"data{d}xexpert{e}" for d, e in MESHES])
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_layer_equals_single_device(references, mesh_shape, case):
+  (ref_loss, (ref_y, ref_metrics)), (ref_g, ref_gx) = references[case]
+  assert float(jnp.sum(ref_metrics["dropped_fraction"])) > 0  # drops are happening
+  mesh = sharding.make_mesh({"data": mesh_shape[0], "expert": mesh_shape[1]})
+  with jax.set_mesh(mesh):
+    layer = MoELayer(MoEConfig(num_experts=8, d_ff=6, **CASES[case]), D, rngs=nnx.Rngs(0))
+    assert layer.wi[...].sharding.spec[0] == "expert"
+    x, mask = data()
+    x = jax.device_put(x, sharding.batch_sharding(mesh, 3))
+    (loss, (y, metrics)), (g, gx) = STEP(layer, x, mask)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               metrics, ref_metrics)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               nnx.to_pure_dict(nnx.state(g, nnx.Param)),
+               nnx.to_pure_dict(nnx.state(ref_g, nnx.Param)))
+  np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_moves_only_the_capacity_buffer():
+  E, C_expected = 8, 6  # C = ceil(2 * 1.0 * 24 / 8)
+  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  d_model = 16
+  with jax.set_mesh(mesh):
+    layer = MoELayer(MoEConfig(num_experts=E, top_k=2, d_ff=8, capacity_factor=1.0), d_model,
+                     rngs=nnx.Rngs(0))
+    x = jax.device_put(jnp.ones((8, 24, d_model)), sharding.batch_sharding(mesh, 3))
+    graphdef, state = nnx.split(layer)
+    compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile()
+  found = audit.collectives(compiled)
+  summary = audit.summarize(found)
+  # One group per device (8 sequences over 8 devices): the buffer is E * C * D floats.
+  buffer_bytes = E * C_expected * d_model * 4
+  assert summary["all-to-all"] == {"count": 2, "bytes": 2 * buffer_bytes}, summary
+  assert [c.bytes for c in found if c.kind == "all-to-all"] == [buffer_bytes, buffer_bytes]
+  assert "all-gather" not in summary
+  # The only all-reduce carries routing statistics: O(E + K) floats, never token activations.
+  assert summary.get("all-reduce", {"bytes": 0})["bytes"] <= 4 * (2 * E + 2 * 2 + 16)
+
+
+def test_audit_parses_hlo_shapes():
+  text = """
+  %all-to-all.3 = (f32[2,4,24]{2,1,0}, f32[2,4,24]{2,1,0}) all-to-all(%a, %b), channel_id=1
+  %ar = bf16[128]{0} all-reduce-start(%c), to_apply=%add
+  %ard = bf16[128]{0} all-reduce-done(%ar)
+  %fusion = f32[8]{0} fusion(%d), kind=kLoop
+  """
+  found = audit.collectives(text)
+  assert [(c.kind, c.bytes) for c in found] == [("all-to-all", 2 * 2 * 4 * 24 * 4),
+                                                ("all-reduce", 256)]
+
+
+def test_experts_not_divisible_by_expert_axis_is_a_clear_error():
+  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  layer = MoELayer(MoEConfig(num_experts=6, d_ff=6), D, rngs=nnx.Rngs(0))
+  with jax.set_mesh(mesh):
+    with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the mesh's expert "
+                                         r"axis size 4"):
+      layer(*data())
+
+
+def test_groups_not_divisible_by_devices_is_a_clear_error():
+  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  with jax.set_mesh(mesh):
+    layer = MoELayer(MoEConfig(num_experts=8, d_ff=6), D, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"G=4 routing groups, not divisible by the 8 devices"):
+      layer(jnp.ones((4, L, D)))
+
+
+@pytest.mark.parametrize("shape, match", [
+    ({"data": 3, "expert": 4}, r"multiply to 12, but 8 devices"),
+    ({"data": -1, "expert": 3}, r"does not divide the 8 available devices"),
+    ({"data": -1, "expert": -1}, r"at most one axis may be -1"),
+    ({"data": 8, "model": 1}, r"unknown axis name\(s\) \['model'\]"),
+    ({"data": 0, "expert": 8}, r"mesh.data=0"),
+])
+def test_mesh_errors(shape, match):
+  with pytest.raises(ValueError, match=match):
+    sharding.make_mesh(shape)
+
+
+def test_mesh_fills_in_the_rest():
+  mesh = sharding.make_mesh({"data": -1, "expert": 2})
+  assert dict(mesh.shape) == {"data": 4, "expert": 2}
+  with pytest.raises(ValueError, match=r"batch_size=12 must be divisible by data x expert = 8"):
+    sharding.check_batch_divisible(12, mesh)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_single_device(tmp_path):
+  worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / f"{i}.json")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("multi-process worker timed out")
+    assert p.returncode == 0, out[-3000:]
+  for i in range(2):
+    result = json.loads((tmp_path / f"{i}.json").read_text())
+    assert result["devices"] == 8 and result["process_index"] == i
+    assert result["dropped_fraction"] > 0
+    for key in ("loss", "y", "wi_grad", "router_grad", "metrics"):
+      assert result[key] < 1e-4, (key, result)
