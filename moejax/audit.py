@@ -25,6 +25,8 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
 # `%name = <result shape> <op>(` where op may carry an async `-start` suffix.
 _OP_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>\(.*?\)|[\w]+\[[^\]]*\](?:\{[^}]*\})?)"
                     r"\s+(?P<op>[a-z\-]+?)(?:-start)?\(")
+_GROUPS_LIST_RE = re.compile(r"replica_groups=\{(?P<groups>(?:\{[\d,]*\},?)*)\}")
+_GROUPS_IOTA_RE = re.compile(r"replica_groups=\[(?P<num>\d+),(?P<size>\d+)\]")
 _ARRAY_RE = re.compile(r"(?P<dtype>[a-z]+\d*(?:e\dm\d(?:fn)?)?)\[(?P<dims>[\d,]*)\]")
 
 
@@ -48,13 +50,29 @@ def shape_bytes(shape: str) -> tuple[int, tuple[str, ...]]:
   return total, tuple(arrays)
 
 
+def _is_trivial(line: str) -> bool:
+  """True when every replica group has one device: the op moves nothing (a size-1 mesh axis)."""
+  m = _GROUPS_IOTA_RE.search(line)
+  if m:
+    return int(m.group("size")) == 1
+  m = _GROUPS_LIST_RE.search(line)
+  if m:
+    groups = re.findall(r"\{([\d,]*)\}", m.group("groups"))
+    return bool(groups) and all(len([d for d in g.split(",") if d]) <= 1 for g in groups)
+  return False
+
+
 def collectives(compiled_or_text: Any) -> list[Collective]:
-  """Every collective op in a compiled program (or its HLO text), in program order."""
+  """Every collective op in a compiled program (or its HLO text), in program order.
+
+  Ops whose replica groups are all single devices (left behind by size-1 mesh axes) move no
+  data and are skipped.
+  """
   text = compiled_or_text if isinstance(compiled_or_text, str) else compiled_or_text.as_text()
   found = []
   for line in text.splitlines():
     m = _OP_RE.match(line)
-    if m and m.group("op") in COLLECTIVES:
+    if m and m.group("op") in COLLECTIVES and not _is_trivial(line):
       size, arrays = shape_bytes(m.group("shape"))
       found.append(Collective(m.group("op"), size, arrays))
   return found

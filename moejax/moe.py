@@ -375,3 +375,15 @@ def _sharded(run, mesh, *, G: int, num_experts: int, has_jitter: bool, has_unifo
                                                   uniform_GSK, dropout_key)
 
   return sharded_run
+
+
+def as_linen(cfg: MoEConfig, d_model: int, *, name: str | None = None, **kwargs):
+  """The MoE layer as a Flax Linen module (via `flax.nnx.bridge.to_linen`).
+
+      y_BLD, aux = moe.as_linen(cfg, d_model, name="moe")(x_BLD, mask_BL)   # inside @nn.compact
+
+  Initialise with `rngs={'params': ..., 'routing': ...}`; pass `rngs={'routing': ...,
+  'dropout': ...}` to `apply` in training, or `deterministic=True` at call time for eval.
+  """
+  from flax.nnx import bridge  # pylint: disable=import-outside-toplevel
+  return bridge.to_linen(MoELayer, cfg, d_model, name=name, **kwargs)

@@ -97,10 +97,13 @@ def test_audit_parses_hlo_shapes():
   %ar = bf16[128]{0} all-reduce-start(%c), to_apply=%add
   %ard = bf16[128]{0} all-reduce-done(%ar)
   %fusion = f32[8]{0} fusion(%d), kind=kLoop
+  %noop = f32[4,32]{1,0} all-reduce(%e), replica_groups={{0},{1},{2},{3}}, to_apply=%add
+  %noop2 = f32[4,32]{1,0} all-reduce(%e), replica_groups=[4,1]<=[4], to_apply=%add
+  %real = f32[4]{0} all-reduce(%e), replica_groups=[2,2]<=[4], to_apply=%add
   """
   found = audit.collectives(text)
   assert [(c.kind, c.bytes) for c in found] == [("all-to-all", 2 * 2 * 4 * 24 * 4),
-                                                ("all-reduce", 256)]
+                                                ("all-reduce", 256), ("all-reduce", 16)]
 
 
 def test_experts_not_divisible_by_expert_axis_is_a_clear_error():

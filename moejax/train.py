@@ -1,0 +1,330 @@
+"""`train_and_evaluate(config, workdir)`: train, evaluate and checkpoint a decoder-only MoE LM.
+
+One linear function in banner-commented sections (config → mesh → data → model & optimizer →
+checkpoint/resume → jitted steps → loop). Design decisions, each for a reason:
+
+- Functional core: `nnx.split` once, then pure `jax.jit` functions over the NNX `State`, with the
+  state's shardings as in/out shardings and the state donated — no graph traversal per step.
+- Loss = masked CE / (real target tokens in the *whole* batch) + the MoE aux losses. Normalising
+  by the whole batch makes gradient accumulation exact (micro-batches are summed in a scan).
+- Train/eval/no-drop differ only in static module attributes (`deterministic`,
+  `capacity_factor_override`), so each is its own graphdef over the same state.
+- The loop dispatches step n+1 before reading step n's loss (asynchronous dispatch keeps the
+  device busy); before a checkpoint the current step's loss is checked, so a non-finite state is
+  never saved. NaN/Inf stops the run naming the step and the last good checkpoint.
+- Determinism: everything random comes from `config.seed` (params, routing noise, data order);
+  the same seed on the same device count gives the same losses, and resuming from a checkpoint
+  (params, optimizer, step, RNG streams, data-iterator position) continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from moejax import checkpoint as ckpt_lib
+from moejax import metrics as metrics_lib
+from moejax import optim
+from moejax import sharding
+from moejax.model import Transformer, TransformerConfig, count_params
+
+BATCH_KEYS = ("inputs", "targets", "mask", "segment_ids", "positions")
+
+
+def validate_config(config, num_devices: int | None = None) -> TransformerConfig:
+  """Checks every field before anything is compiled; ValueError names field, value, allowed."""
+  def fail(field, allowed):
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    raise ValueError(f"config.{field}={value!r}: allowed values are {allowed}.")
+
+  model_cfg = TransformerConfig(**config.model.to_dict())
+  for field in ("seq_len", "batch_size", "grad_accum_steps", "num_train_steps", "log_every",
+                "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints"):
+    if not isinstance(config[field], int) or config[field] < 1:
+      fail(field, "positive integers")
+  if config.optim.name not in optim.OPTIMIZERS:
+    fail("optim.name", optim.OPTIMIZERS)
+  if config.optim.schedule not in optim.SCHEDULES:
+    fail("optim.schedule", optim.SCHEDULES)
+  if not config.optim.learning_rate > 0:
+    fail("optim.learning_rate", "numbers > 0")
+  if not 0 <= config.optim.warmup_steps:
+    fail("optim.warmup_steps", "integers >= 0")
+  if not 0 <= config.optim.end_lr_fraction <= 1:
+    fail("optim.end_lr_fraction", "numbers in [0, 1]")
+  if config.optim.grad_clip_norm < 0:
+    fail("optim.grad_clip_norm", "numbers >= 0 (0 = no clipping)")
+  if config.batch_size % config.grad_accum_steps:
+    fail("grad_accum_steps", f"divisors of batch_size={config.batch_size}")
+  mesh_shape = sharding.resolve_mesh_shape(dict(config.mesh),
+                                           num_devices or jax.device_count())
+  shards = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
+  micro_batch = config.batch_size // config.grad_accum_steps
+  if micro_batch % shards:
+    fail("batch_size", f"multiples of grad_accum_steps x data x expert = "
+         f"{config.grad_accum_steps} x {shards} (mesh {mesh_shape})")
+  if model_cfg.moe_layer_indices:
+    moe = model_cfg.moe_config()
+    if moe.num_experts % mesh_shape[sharding.EXPERT]:
+      fail("model.moe.num_experts", f"multiples of mesh.expert={mesh_shape[sharding.EXPERT]}")
+    groups = micro_batch * config.seq_len // moe.group_size_for(micro_batch, config.seq_len)
+    if groups % shards:
+      fail("model.moe.group_size", f"sizes giving a number of routing groups per micro-batch "
+           f"({groups} now) divisible by data x expert = {shards}")
+  return model_cfg
+
+
+def _moe_metrics(moe_aux: dict[int, Any]) -> dict[str, jax.Array]:
+  """Per-layer `moe/layer{i}/{stat}`, layer means `moe/{stat}`, and `moe/aux_loss` (their sum)."""
+  out = {"moe/aux_loss": sum((a.loss for a in moe_aux.values()), jnp.zeros(()))}
+  for i, aux in moe_aux.items():
+    for name, value in aux.metrics.items():
+      out[f"moe/layer{i}/{name}"] = value
+      if jnp.ndim(value) == 0:
+        out[f"moe/{name}"] = out.get(f"moe/{name}", 0.0) + value / len(moe_aux)
+  return out
+
+
+def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None = None
+                       ) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns final eval metrics.
+
+  `make_pipeline(data_config, *, seq_len, global_batch_size, split, seed)` defaults to
+  `moejax.data.make_pipeline`; tests pass a synthetic one.
+  """
+  # ----------------------------------------------------------------------------------------------
+  # Config, workdir and writers.
+  # ----------------------------------------------------------------------------------------------
+  model_cfg = validate_config(config)
+  is_main = jax.process_index() == 0
+  metrics_lib.quiet_library_logs()
+  os.makedirs(workdir, exist_ok=True)
+  writer = metrics_lib.MetricWriter(workdir)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  counts = count_params(model_cfg, config.seq_len)
+  logging.info("%s", counts.summary())
+  if is_main:
+    with open(os.path.join(workdir, "model_info.json"), "w") as f:
+      json.dump({**vars(counts), "moe_layers": list(model_cfg.moe_layer_indices)}, f, indent=2)
+
+  # ----------------------------------------------------------------------------------------------
+  # Mesh: batch over (data, expert), experts over expert.
+  # ----------------------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(dict(config.mesh))
+  batch_sharding = sharding.batch_sharding(mesh, 2)
+  logging.info("mesh %s on %d devices", dict(mesh.shape), jax.device_count())
+
+  # ----------------------------------------------------------------------------------------------
+  # Input pipeline. Each process reads its share of the global batch.
+  # ----------------------------------------------------------------------------------------------
+  if make_pipeline is None:
+    from moejax import data as data_lib  # Lazy: only here may TensorFlow get imported.
+    make_pipeline = data_lib.make_pipeline
+
+  def pipeline(split: str, seed: int):
+    return make_pipeline(config.data, seq_len=config.seq_len,
+                         global_batch_size=config.batch_size, split=split, seed=seed)
+
+  def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k]))
+            for k in BATCH_KEYS}
+
+  train_iter = pipeline(config.data.train_split, config.seed)
+
+  # ----------------------------------------------------------------------------------------------
+  # Model and optimizer, created inside jit so every array is born sharded on the mesh.
+  # ----------------------------------------------------------------------------------------------
+  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
+  with jax.set_mesh(mesh):
+    @nnx.jit
+    def create():
+      seed = config.seed
+      model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed, routing=seed + 1,
+                                                   dropout=seed + 2))
+      # Optimizer moments copy their param's metadata; factored (Adafactor) moments have another
+      # rank than the param, so re-applying the param's `out_sharding` to them would fail. The
+      # params are already sharded; the compiler propagates shardings to the moments.
+      for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable) and node.get_metadata().get("eager_sharding"):
+          node.set_metadata("eager_sharding", False)
+      return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    model, optimizer = create()
+  graphdef, state = nnx.split((model, optimizer))
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  model.set_capacity_factor_override(math.inf)
+  nodrop_graphdef = nnx.graphdef(model)
+  model.set_capacity_factor_override(None)
+  model.train()
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  del model, optimizer  # From here on, `state` is the single source of truth.
+
+  # ----------------------------------------------------------------------------------------------
+  # Checkpoint: resume from the latest complete checkpoint in workdir, if any.
+  # ----------------------------------------------------------------------------------------------
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       save_every=config.checkpoint_every,
+                                       keep=config.keep_checkpoints,
+                                       async_save=config.async_checkpoint)
+  step = 0
+  if checkpointer.latest_step() is not None:
+    state, data_state, meta = checkpointer.restore(state)
+    step = int(meta["step"])
+    if data_state:
+      train_iter.set_state(data_state)
+    logging.info("resumed from %s at step %d", checkpointer.directory, step)
+
+  # ----------------------------------------------------------------------------------------------
+  # Train and eval steps (pure functions of the state; jitted with the mesh's shardings).
+  # ----------------------------------------------------------------------------------------------
+  A = config.grad_accum_steps
+
+  def loss_fn(params, rest, model_graphdef, batch, num_targets):
+    # copy=True: fresh Variables in this trace (the routing RNG counters are mutated here).
+    model = nnx.merge(model_graphdef, params, rest, copy=True)
+    logits_BLV, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                batch["mask"])
+    mask_BL = batch["mask"].astype(jnp.float32)
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+    ce_sum = jnp.sum(ce_BL * mask_BL)
+    correct = jnp.sum((jnp.argmax(logits_BLV, -1) == batch["targets"]) * mask_BL)
+    stats = _moe_metrics(moe_aux)
+    loss = ce_sum / num_targets + stats["moe/aux_loss"] / A
+    return loss, (nnx.state(model, nnx.Not(nnx.Param)), ce_sum, correct, stats)
+
+  def train_step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    num_targets = jnp.maximum(jnp.sum(batch["mask"]), 1).astype(jnp.float32)
+    micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+
+    def accumulate(carry, micro_batch):
+      grads, rest, sums = carry
+      (_, (rest, ce_sum, correct, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, rest, model_graphdef, micro_batch, num_targets)
+      sums = jax.tree.map(jnp.add, sums, {"ce_sum": ce_sum, "correct": correct,
+                                          **jax.tree.map(lambda s: s / A, stats)})
+      return (jax.tree.map(jnp.add, grads, g), rest, sums), None
+
+    zero_sums = {"ce_sum": jnp.zeros(()), "correct": jnp.zeros(()), **jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(loss_fn, params, rest, model_graphdef,
+                                       jax.tree.map(lambda x: x[0], micro), num_targets)[1][3])}
+    (grads, rest, sums), _ = jax.lax.scan(
+        accumulate, (jax.tree.map(jnp.zeros_like, params), rest, zero_sums), micro)
+    nnx.update(model, rest)
+    old_params = params
+    optimizer.update(model, grads)
+    new_params = nnx.state(model, nnx.Param)
+    ce = sums.pop("ce_sum") / num_targets
+    metrics = {"loss": ce + sums["moe/aux_loss"], "ce": ce,
+               "accuracy": sums.pop("correct") / num_targets, **sums,
+               "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(new_params),
+               "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, new_params,
+                                                             old_params)),
+               "lr": schedule(optimizer.step[...] - 1)}
+    return nnx.state((model, optimizer)), metrics
+
+  def eval_step(state, batch, model_graphdef):
+    _, params, rest = nnx.split(nnx.merge(graphdef, state)[0], nnx.Param, ...)
+    num_targets = jnp.maximum(jnp.sum(batch["mask"]), 1).astype(jnp.float32)
+    _, (_, ce_sum, correct, stats) = loss_fn(params, rest, model_graphdef, batch, num_targets)
+    return {"ce_sum": ce_sum, "correct": correct, "num_targets": num_targets, **stats}
+
+  batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+  with jax.set_mesh(mesh):
+    train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_shardings),
+                         out_shardings=(state_sharding, None), donate_argnums=(0,))
+    eval_steps = {name: jax.jit(lambda s, b, gd=gd: eval_step(s, b, gd),
+                                in_shardings=(state_sharding, batch_shardings))
+                  for name, gd in (("eval", eval_graphdef), ("nodrop", nodrop_graphdef))
+                  if name == "eval" or (config.eval_no_drop and model_cfg.moe_layer_indices)}
+
+  def evaluate(state) -> dict[str, Any]:
+    out = {}
+    for name, fn in eval_steps.items():
+      # A fresh iterator each time: every evaluation sees the same batches.
+      it, totals, layer_sums = pipeline(config.data.eval_split, 0), None, None
+      for _ in range(config.eval_steps):
+        m = jax.device_get(fn(state, to_device(next(it))))
+        totals = m if totals is None else jax.tree.map(np.add, totals, m)
+      n = totals.pop("num_targets")
+      prefix = "" if name == "eval" else "nodrop/"
+      out[f"{prefix}ce"] = totals.pop("ce_sum") / n
+      out[f"{prefix}accuracy"] = totals.pop("correct") / n
+      out[f"{prefix}perplexity"] = float(np.exp(min(out[f"{prefix}ce"], 50.0)))
+      out.update({f"{prefix}{k}": v / config.eval_steps for k, v in totals.items()})
+    return out
+
+  # ----------------------------------------------------------------------------------------------
+  # Train loop.
+  # ----------------------------------------------------------------------------------------------
+  def check_finite(at_step: int, m: dict[str, Any]) -> None:
+    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      checkpointer.wait()
+      last = checkpointer.latest_step()
+      writer.close()
+      raise FloatingPointError(
+          f"non-finite training signal at step {at_step}: loss={loss}, grad_norm={grad_norm}. "
+          f"Stopping. Last good checkpoint: "
+          + (f"step {last} in {checkpointer.directory}" if last is not None else "none")
+          + " (it resumes from there; lower optim.learning_rate or raise z_loss_weight).")
+
+  tokens_per_step = config.batch_size * config.seq_len
+  pending = None  # (step, device metrics) of the last dispatched step, not yet checked.
+  last_log_time, last_log_step, final_eval = time.time(), step, {}
+  logging.info("training from step %d to %d", step, config.num_train_steps)
+  with jax.set_mesh(mesh):
+    while step < config.num_train_steps:
+      state, step_metrics = train_step(state, to_device(next(train_iter)))
+      step += 1
+      if pending is not None:  # Read step n-1 only now, with step n already queued.
+        check_finite(pending[0], jax.device_get({k: pending[1][k] for k in ("loss", "grad_norm")}))
+      pending = (step, step_metrics)
+      is_last = step == config.num_train_steps
+
+      if step % config.log_every == 0 or is_last:
+        host = jax.device_get(step_metrics)
+        check_finite(step, host)
+        now = time.time()
+        dt = (now - last_log_time) / max(step - last_log_step, 1)
+        host["tokens_per_sec"] = tokens_per_step / dt
+        host["step_time_s"] = dt
+        eta = (config.num_train_steps - step) * dt
+        writer.write(step, host, "train",
+                     f" | {host['tokens_per_sec']:,.0f} tok/s ETA {eta / 60:.1f} min")
+        last_log_time, last_log_step = time.time(), step
+
+      if step % config.eval_every == 0 or is_last:
+        check_finite(step, jax.device_get(step_metrics))
+        final_eval = evaluate(state)
+        writer.write(step, final_eval, "eval")
+        last_log_time = time.time()  # Do not count eval time in tokens/s.
+
+      if step % config.checkpoint_every == 0 or is_last:
+        check_finite(step, jax.device_get(step_metrics))  # Never save a non-finite state.
+        checkpointer.save(step, state, train_iter.get_state(), force=is_last)
+
+  # ----------------------------------------------------------------------------------------------
+  # Wrap up: wait for the async save, flush writers.
+  # ----------------------------------------------------------------------------------------------
+  checkpointer.close()
+  writer.close()
+  return {k: float(v) for k, v in final_eval.items() if np.ndim(v) == 0}
