@@ -334,9 +334,7 @@ class MoELayer(nnx.Module):
     run = functools.partial(moe_groups, cfg=cfg, capacity=C, second_expert_policy=policy)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and sharding.EXPERT in mesh.axis_names:
-      run = _sharded(run, mesh, G=G, num_experts=cfg.num_experts,
-                     has_jitter=jitter_GSD is not None, has_uniform=uniform_GSK is not None,
-                     has_dropout=dropout_key is not None)
+      run = _sharded(run, mesh, G=G, num_experts=cfg.num_experts)
     y_GSD, sums = run(x_GSD, valid_GS, self.weights(), jitter_GSD, uniform_GSK, dropout_key)
 
     metrics = routing.finalize_sums(sums)
@@ -346,8 +344,7 @@ class MoELayer(nnx.Module):
     return y_GSD.reshape(B, L, D).astype(self.dtype), MoEAux(loss=loss, metrics=metrics)
 
 
-def _sharded(run, mesh, *, G: int, num_experts: int, has_jitter: bool, has_uniform: bool,
-             has_dropout: bool):
+def _sharded(run, mesh, *, G: int, num_experts: int):
   """Wraps `moe_groups` in `jax.shard_map`: groups over (data, expert), experts over expert."""
   ep = mesh.shape[sharding.EXPERT]
   token_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
@@ -359,20 +356,18 @@ def _sharded(run, mesh, *, G: int, num_experts: int, has_jitter: bool, has_unifo
     raise ValueError(f"the MoE layer has G={G} routing groups, not divisible by the "
                      f"{shards} devices of mesh axes {token_axes}; allowed: batch and group "
                      "sizes such that the number of groups is a multiple of data x expert.")
-  groups = P(token_axes)
-  expert = P(sharding.EXPERT)
-  weight_specs = {"router": P(), "wi": expert, "wi_gate": expert, "wo": expert}
-  in_specs = (groups, groups, weight_specs, groups if has_jitter else None,
-              groups if has_uniform else None, P() if has_dropout else None)
+  groups = P(token_axes)  # leading G axis of x_GSD, valid_GS, jitter_GSD, uniform_GSK
   body = functools.partial(run, expert_axis=sharding.EXPERT, reduce_axes=token_axes)
 
   def sharded_run(x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key):
-    specs = dict(in_specs[2])
-    specs = {k: specs[k] for k in weights}
-    return jax.shard_map(body, mesh=mesh, in_specs=(in_specs[0], in_specs[1], specs,
-                                                    *in_specs[3:]),
-                         out_specs=(groups, P()))(x_GSD, valid_GS, weights, jitter_GSD,
-                                                  uniform_GSK, dropout_key)
+    weight_specs = {name: P() if name == "router" else P(sharding.EXPERT) for name in weights}
+    def optional(arg, spec):  # training-only inputs are None in eval and get no spec
+      return None if arg is None else spec
+
+    in_specs = (groups, groups, weight_specs, optional(jitter_GSD, groups),
+                optional(uniform_GSK, groups), optional(dropout_key, P()))
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(groups, P()))(
+        x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key)
 
   return sharded_run
 

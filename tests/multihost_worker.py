@@ -16,17 +16,16 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # pylint: disable=g-import-not-at-top
 
+from moejax import sharding  # pylint: disable=g-import-not-at-top
+
 port, process_id, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                           process_id=process_id, initialization_timeout=60)
+sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
 from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-from moejax import sharding  # pylint: disable=g-import-not-at-top
 from moejax.moe import MoEConfig, MoELayer  # pylint: disable=g-import-not-at-top
 
 B, L, D = 8, 12, 7

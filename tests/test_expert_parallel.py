@@ -169,3 +169,19 @@ def test_two_processes_match_single_device(tmp_path):
     assert result["dropped_fraction"] > 0
     for key in ("loss", "y", "wi_grad", "router_grad", "metrics"):
       assert result[key] < 1e-4, (key, result)
+
+
+def test_expert_dropout_runs_sharded_and_eval_matches_single_device():
+  cfg = MoEConfig(num_experts=8, top_k=2, d_ff=6, expert_dropout=0.5, router_jitter=0.1,
+                  second_expert_policy="random", gate="gshard")
+  x, mask = data()
+  ref_eval, _ = MoELayer(cfg, D, rngs=nnx.Rngs(0))(x, mask, deterministic=True)
+  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  with jax.set_mesh(mesh):
+    layer = MoELayer(cfg, D, rngs=nnx.Rngs(0))
+    forward = nnx.jit(lambda m, x, mask, det: m(x, mask, deterministic=det)[0],
+                      static_argnums=3)
+    train_y = forward(layer, x, mask, False)
+    eval_y = forward(layer, x, mask, True)
+  assert not np.allclose(train_y, eval_y)
+  np.testing.assert_allclose(eval_y, ref_eval, rtol=1e-5, atol=1e-6)
