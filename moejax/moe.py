@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -62,7 +63,8 @@ class MoEConfig:
   capacity_factor: float = 1.25
   # Eval capacity factor (ST-MoE Table 8: eval CF 2.0 beats eval at the train CF); math.inf = no drop.
   eval_capacity_factor: float = 2.0
-  # Explicit slots per expert per group, instead of a factor (train and eval). None: use factors.
+  # Explicit slots per expert per group, instead of a factor (train and eval; ignores min_capacity
+  # and capacity_multiple, clipped to S). None: use the factors.
   expert_capacity: int | None = None
   # Floor on the capacity (flaxformer / Mesh TF use 4).
   min_capacity: int = 0
@@ -78,11 +80,12 @@ class MoEConfig:
   gate: str = "softmax"
   # Normalise gshard/mixtral gates over the router's top-K (before_drop) or the kept ones (after_drop).
   renormalize: str = "before_drop"
-  # What happens to choices after the first (training): all, random (GShard), threshold.
+  # Choices after the first: all, random (GShard; training only, eval keeps all), threshold.
   second_expert_policy: str = "all"
   # Normalised-gate threshold of the `threshold` policy.
   second_expert_threshold: float = 0.2
-  # Who wins a full expert: position (earlier tokens; causal-safe) or probability (BPR; leaks future).
+  # Who wins a full expert: position (choice-major; Switch/GShard), token (token-major; causal for
+  # any k), probability (BPR; looks at future tokens). See routing's docstring on causality.
   priority: str = "position"
   # Overflowing choices: drop (residual only) or reroute (next-best expert with room).
   overflow: str = "drop"
@@ -115,22 +118,22 @@ class MoEConfig:
       if getattr(self, name) not in options:
         fail(name, " | ".join(repr(o) for o in options))
 
-    if not isinstance(self.num_experts, int) or self.num_experts < 1:
+    if not _is_int(self.num_experts) or self.num_experts < 1:
       fail("num_experts", "an integer >= 1")
-    if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+    if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
       fail("top_k", f"an integer in [1, num_experts={self.num_experts}]")
-    if not isinstance(self.d_ff, int) or self.d_ff < 1:
+    if not _is_int(self.d_ff) or self.d_ff < 1:
       fail("d_ff", "an integer >= 1")
     for name in ("capacity_factor", "eval_capacity_factor"):
       value = getattr(self, name)
-      if not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+      if not _is_real(value) or math.isnan(value) or value <= 0:
         fail(name, "a number > 0, or math.inf (moejax.moe.NO_DROP) for no drop")
-    if self.expert_capacity is not None and (not isinstance(self.expert_capacity, int)
+    if self.expert_capacity is not None and (not _is_int(self.expert_capacity)
                                              or self.expert_capacity < 1):
       fail("expert_capacity", "None or an integer >= 1")
-    if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+    if not _is_int(self.min_capacity) or self.min_capacity < 0:
       fail("min_capacity", "an integer >= 0")
-    if not isinstance(self.capacity_multiple, int) or self.capacity_multiple < 1:
+    if not _is_int(self.capacity_multiple) or self.capacity_multiple < 1:
       fail("capacity_multiple", "an integer >= 1")
     if self.group_size is not None and self.num_groups is not None:
       raise ValueError(
@@ -138,7 +141,7 @@ class MoEConfig:
           "set at most one (neither: one group per sequence).")
     for name in ("group_size", "num_groups"):
       value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value < 1):
+      if value is not None and (not _is_int(value) or value < 1):
         fail(name, "None or an integer >= 1")
     check_choice("activation", ACTIVATIONS)
     check_choice("capacity_convention", routing.CAPACITY_CONVENTIONS)
@@ -150,17 +153,25 @@ class MoEConfig:
     check_choice("balance_loss_choices", routing.BALANCE_LOSS_CHOICES)
     check_choice("dispatch", dispatch_lib.DISPATCHES)
     check_choice("router_dtype", ("float32", "bfloat16", "float16", None))
-    if not 0.0 <= self.second_expert_threshold <= 1.0:
-      fail("second_expert_threshold", "a number in [0, 1]")
-    for name in ("balance_loss_weight", "gshard_loss_weight", "z_loss_weight", "router_jitter",
+    if self.gate != "softmax" and self.top_k == 1:
+      raise ValueError(
+          f"MoEConfig.gate={self.gate!r} with top_k=1 normalises every gate to 1.0, so the task "
+          "loss gives the router no gradient; allowed with top_k=1: gate='softmax' (Switch).")
+    if self.gate == "softmax" and self.renormalize != "before_drop":
+      raise ValueError(
+          f"MoEConfig.renormalize={self.renormalize!r} has no effect with gate='softmax' (raw "
+          "probabilities are never normalised); allowed: gate='gshard' or 'mixtral', or leave "
+          "renormalize='before_drop'.")
+    for name, one_allowed in (("second_expert_threshold", True), ("router_jitter", False),
+                              ("expert_dropout", False)):
+      value = getattr(self, name)
+      if not _is_real(value) or not 0.0 <= value <= 1.0 or (value == 1.0 and not one_allowed):
+        fail(name, "a number in [0, 1]" if one_allowed else "a number in [0, 1)")
+    for name in ("balance_loss_weight", "gshard_loss_weight", "z_loss_weight",
                  "router_init_scale", "expert_init_scale"):
       value = getattr(self, name)
-      if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+      if not _is_real(value) or not math.isfinite(value) or value < 0:
         fail(name, "a finite number >= 0")
-    if not 0.0 <= self.router_jitter < 1.0:
-      fail("router_jitter", "a number in [0, 1)")
-    if not 0.0 <= self.expert_dropout < 1.0:
-      fail("expert_dropout", "a number in [0, 1)")
 
   def group_size_for(self, batch: int, length: int) -> int:
     """S for a `[batch, length]` token block; ValueError if the groups do not tile the tokens."""
@@ -190,6 +201,14 @@ class MoEConfig:
                                    convention=self.capacity_convention,
                                    min_capacity=self.min_capacity,
                                    multiple=self.capacity_multiple)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @struct.dataclass
@@ -315,8 +334,10 @@ class MoELayer(nnx.Module):
     C = cfg.capacity(S, deterministic=deterministic, capacity_factor=self.capacity_factor_override)
     K = cfg.top_k
 
-    x_GSD = x_BLD.astype(self.dtype).reshape(G, S, D)
     valid_GS = (jnp.ones((B, L), bool) if mask_BL is None else mask_BL.astype(bool)).reshape(G, S)
+    # Zero the padding rows: whatever they hold (even NaN from a fully masked attention row) must
+    # not reach the router's softmax, whose backward pass would turn 0 * NaN into NaN.
+    x_GSD = jnp.where(valid_GS[..., None], x_BLD.astype(self.dtype).reshape(G, S, D), 0)
     # Randomness is drawn here, for the global shapes, so a sharded run sees the same numbers.
     jitter_GSD = uniform_GSK = dropout_key = None
     policy = cfg.second_expert_policy

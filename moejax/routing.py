@@ -11,14 +11,23 @@ Pipeline for one group (`route_group`; `route` vmaps it over groups):
 
 1. `probs_SE = softmax(logits_SE)` in float32 (the logits come from `router_logits`).
 2. Top-K experts per token (`jax.lax.top_k`: ties go to the lower expert index).
-3. Second-expert policy (GShard), for every choice after the first, training only:
-   `all` keeps it; `random` keeps it if `2 * g_j > U(0, 1)` (GShard Algorithm 1, with `g_j` the gate
-   normalised over the top-K); `threshold` keeps it if `g_j > second_expert_threshold`.
+3. Second-expert policy (GShard), for every choice after the first: `all` keeps it; `random`
+   keeps it if `2 * g_j > U(0, 1)` (GShard Algorithm 1, with `g_j` the gate normalised over the
+   top-K; training only, eval keeps every choice); `threshold` keeps it if
+   `g_j > second_expert_threshold` (deterministic, so in training and eval alike).
 4. Capacity (`expert_capacity`): each expert takes at most C choices per group. Choices claim
-   slots in priority order: choice-major (every token's first choice before any second choice),
-   then within a choice rank by token `position` (Switch/GShard/Mesh TF; the only order that leaks
-   no future tokens in a causal LM) or by the token's top-1 router `probability`
-   (batch-prioritized routing, V-MoE / ST-MoE).
+   slots in priority order:
+   - `position`: choice-major (every token's first choice before any second choice), then by
+     token position (Switch / GShard / Mesh TF);
+   - `token`: token-major (token 0's K choices, then token 1's, ...; MaxText's order);
+   - `probability`: choice-major, tokens ranked by their top-1 router probability
+     (batch-prioritized routing, V-MoE / ST-MoE).
+   Causality in a decoder: whether token t keeps a choice may depend only on tokens <= t. That
+   holds for `token` with any K and for `position` with K = 1; with K >= 2, `position` lets the
+   first choices of later tokens take the slot an earlier token's second choice wanted, and
+   `probability` ranks by every token's score. `reroute` (below) places rerouted choices after
+   every token's first choices, so an earlier token's fallback depends on later tokens: it is
+   not causal-safe with any priority.
 5. Overflow: `drop` (the choice gets no slot; the token keeps its residual) or `reroute` (the
    token's earliest unplaced choice tries its next-best unused expert, one candidate per round,
    rounds in priority order, until it fits or the token has no experts left; Switch's
@@ -47,7 +56,7 @@ import jax.numpy as jnp
 GATES = ("softmax", "gshard", "mixtral")
 RENORMALIZE = ("before_drop", "after_drop")
 SECOND_EXPERT_POLICIES = ("all", "random", "threshold")
-PRIORITIES = ("position", "probability")
+PRIORITIES = ("position", "token", "probability")
 OVERFLOWS = ("drop", "reroute")
 BALANCE_LOSS_CHOICES = ("first", "all")
 CAPACITY_CONVENTIONS = ("switch", "mesh_tf", "flaxformer", "vmoe", "praxis", "maxtext")
@@ -68,9 +77,12 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_fact
   `flaxformer` `max(round(cf*S/E), 4)` (no k factor); `vmoe` `ceil(S*k*cf/E)` up to a multiple of
   4; `praxis` `int(S*cf/E)` up to a multiple of 4; `maxtext` `int(max(ceil(S*k/E)*cf, cf))`.
 
-  `capacity_factor=math.inf` means no drop: `C = S`, room for every token (each token sends at
-  most one choice to a given expert). Then `min_capacity` (floor) and `multiple` (round up for
-  hardware alignment) apply, and C is clipped to S, which never changes the result.
+  Then, for every convention: at least `max(min_capacity, 1)`, rounded up to a multiple of
+  `multiple` (hardware alignment), and finally clipped to S -- a token sends at most one choice
+  to a given expert, so C = S already holds every token and the clip never changes a result
+  (it can undo the alignment when S is not a multiple).
+
+  `capacity_factor=math.inf` means no drop: C = S directly.
   """
   S, E, k, cf = group_size, num_experts, top_k, capacity_factor
   if math.isinf(cf):
@@ -185,19 +197,23 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   wanted_SK = keep_SK & valid_S[:, None]
 
   # Priority: the order in which tokens claim slots within each choice rank.
-  if priority == "position":
-    token_order_S = jnp.arange(S)
-  else:  # "probability": batch-prioritized routing, highest top-1 probability first.
+  if priority == "probability":  # batch-prioritized routing: highest top-1 probability first
     token_order_S = jnp.argsort(-top_p_SK[:, 0], stable=True)
-  # Choice-major flattening: all first choices, then all second choices, ...
-  expert_KS = router_expert_SK[token_order_S].T
-  wanted_KS = wanted_SK[token_order_S].T
-  fill_E = jnp.zeros((E,), jnp.int32)
-  slot_N, kept_N, fill_E = _claim_slots(expert_KS.reshape(-1), wanted_KS.reshape(-1), fill_E,
-                                        capacity)
+  else:
+    token_order_S = jnp.arange(S)
   inverse_S = jnp.argsort(token_order_S)
-  slot_SK = slot_N.reshape(K, S).T[inverse_S]
-  kept_SK = kept_N.reshape(K, S).T[inverse_S]
+  fill_E = jnp.zeros((E,), jnp.int32)
+  if priority == "token":  # token-major: token 0's K choices, then token 1's, ...
+    slot_N, kept_N, fill_E = _claim_slots(router_expert_SK.reshape(-1), wanted_SK.reshape(-1),
+                                          fill_E, capacity)
+    slot_SK, kept_SK = slot_N.reshape(S, K), kept_N.reshape(S, K)
+  else:  # choice-major: all first choices, then all second choices, ...
+    expert_KS = router_expert_SK[token_order_S].T
+    wanted_KS = wanted_SK[token_order_S].T
+    slot_N, kept_N, fill_E = _claim_slots(expert_KS.reshape(-1), wanted_KS.reshape(-1), fill_E,
+                                          capacity)
+    slot_SK = slot_N.reshape(K, S).T[inverse_S]
+    kept_SK = kept_N.reshape(K, S).T[inverse_S]
   expert_SK = router_expert_SK
 
   if overflow == "reroute" and E > K:

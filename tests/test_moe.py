@@ -1,5 +1,6 @@
 """The NNX MoE layer: exactness properties, dispatch equivalence, gradients, errors."""
 
+import dataclasses
 import math
 
 import jax
@@ -83,7 +84,7 @@ CONFIGS = [
 def test_sort_and_onehot_dispatch_agree_on_outputs_and_grads(kw):
   cfg = MoEConfig(num_experts=5, d_ff=6, capacity_factor=0.8, group_size=11, **kw)
   sort_layer = make(cfg)
-  onehot_layer = make(MoEConfig(**{**cfg.__dict__, "dispatch": "onehot"}))
+  onehot_layer = make(dataclasses.replace(cfg, dispatch="onehot"))
   x = inputs(B=2, L=11)
   mask = jnp.ones((2, 11), bool).at[1, 7:].set(False)
 
@@ -109,26 +110,53 @@ def test_gradients_reach_router_and_every_used_expert():
   assert float(jnp.linalg.norm(grads.router[...])) > 0
   per_expert = jnp.sqrt(jnp.sum(grads.wi[...] ** 2, axis=(1, 2)))
   assert bool(jnp.all(per_expert > 0)), per_expert
-  # The balance and z losses alone also train the router.
-  aux_layer = make(MoEConfig(num_experts=4, top_k=2, d_ff=6, z_loss_weight=1e-3))
-  g_aux = nnx.grad(lambda m: m(x)[1].loss)(aux_layer)
-  assert float(jnp.linalg.norm(g_aux.router[...])) > 0
+  # The balance loss alone and the z-loss alone each train the router.
+  for weights in (dict(balance_loss_weight=1e-2), dict(balance_loss_weight=0.0, z_loss_weight=1e-3)):
+    aux_layer = make(MoEConfig(num_experts=4, top_k=2, d_ff=6, gate="gshard", **weights))
+    g_aux = nnx.grad(lambda m: m(x)[1].loss)(aux_layer)
+    assert float(jnp.linalg.norm(g_aux.router[...])) > 0, weights
+    assert float(jnp.linalg.norm(g_aux.wi[...])) == 0.0  # aux losses never touch the experts
 
 
-def test_padding_changes_nothing_for_other_tokens():
-  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, capacity_factor=0.75, gate="gshard")
+@pytest.mark.parametrize("dispatch", ["sort", "onehot"])
+def test_padding_changes_nothing_for_other_tokens(dispatch):
+  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, capacity_factor=0.75, gate="gshard",
+                  z_loss_weight=1e-3, dispatch=dispatch)
   layer = make(cfg)
   x = inputs(B=2, L=11)
   mask = jnp.ones((2, 11), bool).at[0, 3].set(False).at[1, 8:].set(False)
-  y1, aux1 = layer(x, mask)
-  # Different content at the padded positions: the real tokens' outputs, losses and statistics
-  # must not move.
-  x2 = jnp.where(mask[..., None], x, 100.0 * jax.random.normal(jax.random.key(9), x.shape))
-  y2, aux2 = layer(x2, mask)
-  np.testing.assert_allclose(y1[mask], y2[mask], rtol=1e-6)
-  jax.tree.map(np.testing.assert_array_equal, aux1.metrics, aux2.metrics)
+
+  def run(layer, x):
+    y, aux = layer(x, mask)
+    return jnp.sum(jnp.where(mask[..., None], jnp.sin(y), 0.0)) + aux.loss, (y, aux.metrics)
+
+  grad = nnx.value_and_grad(run, argnums=(0, 1), has_aux=True)
+  (l1, (y1, m1)), (g1, gx1) = grad(layer, x)
+  # Different content at the padded positions -- even NaN, as a fully masked attention row can
+  # produce: the real tokens' outputs, losses, statistics and all gradients must not move.
+  for junk in (100.0 * jax.random.normal(jax.random.key(9), x.shape), jnp.full(x.shape, jnp.nan)):
+    x2 = jnp.where(mask[..., None], x, junk)
+    (l2, (y2, m2)), (g2, gx2) = grad(layer, x2)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    np.testing.assert_allclose(y1[mask], y2[mask], rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, m1, m2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 nnx.to_pure_dict(nnx.state(g1, nnx.Param)),
+                 nnx.to_pure_dict(nnx.state(g2, nnx.Param)))
+    np.testing.assert_allclose(gx1, gx2, rtol=1e-6)
   assert np.all(np.asarray(y1[~mask]) == 0.0)
-  assert float(aux1.metrics["tokens"]) == float(jnp.sum(mask))
+  assert float(m1["tokens"]) == float(jnp.sum(mask))
+
+
+def test_fully_padded_batch_gives_zero_output_and_finite_losses():
+  layer = make(MoEConfig(num_experts=4, top_k=2, d_ff=6, gate="gshard", z_loss_weight=1e-3))
+  x = inputs(B=2, L=5)
+  mask = jnp.zeros((2, 5), bool)
+  y, aux = layer(x, mask)
+  assert np.all(np.asarray(y) == 0.0)
+  assert float(aux.loss) == 0.0 and float(aux.metrics["tokens"]) == 0.0
+  grads = nnx.grad(lambda m: m(x, mask)[1].loss + jnp.sum(m(x, mask)[0]))(layer)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
 
 
 def test_eval_is_deterministic_and_training_randomness_is_used():
@@ -144,6 +172,12 @@ def test_eval_is_deterministic_and_training_randomness_is_used():
   assert not np.allclose(t1, t2)
   layer.deterministic = True
   np.testing.assert_array_equal(layer(x)[0], e1)
+  # The NNX train/eval switch reaches the layer inside a bigger model.
+  model = nnx.List([make(cfg)])
+  model.eval()
+  assert model[0].deterministic
+  model.train()
+  assert not model[0].deterministic
 
 
 def test_jit_matches_eager():
@@ -230,6 +264,10 @@ def test_switch_init_scale():
     (dict(renormalize="never"), r"renormalize='never'"),
     (dict(capacity_convention="t5"), r"capacity_convention='t5'"),
     (dict(expert_dropout=1.0), r"expert_dropout=1.0"),
+    (dict(top_k=1, gate="gshard"), r"gate='gshard' with top_k=1.*gate='softmax'"),
+    (dict(top_k=2, renormalize="after_drop"), r"renormalize='after_drop' has no effect"),
+    (dict(num_experts=True), r"num_experts=True"),
+    (dict(router_jitter="0.1"), r"router_jitter='0.1'.*\[0, 1\)"),
 ])
 def test_config_errors_name_field_value_and_allowed(kw, match):
   with pytest.raises(ValueError, match=match):

@@ -25,15 +25,21 @@ def route1(probs_SE, valid_S=None, **kw):
 
 
 @pytest.mark.parametrize("convention, expected", [
-    ("switch", 20),  # ceil(2 * 1.25 * 64 / 8)
-    ("mesh_tf", 10),  # max(min(64, int(64 * 1.25 / 8)), 4)
-    ("flaxformer", 10),  # max(round(1.25 * 64 / 8), 4): no k factor
-    ("vmoe", 20),  # ceil(64 * 2 * 1.25 / 8) = 20, already a multiple of 4
-    ("praxis", 12),  # int(10.0) = 10, up to a multiple of 4
-    ("maxtext", 20),  # int(max(ceil(64 * 2 / 8) * 1.25, 1.25))
+    ("switch", 19),  # ceil(2 * 1.25 * 60 / 8) = ceil(18.75)
+    ("mesh_tf", 9),  # max(min(60, int(60 * 1.25 / 8)), 4) = int(9.375)
+    ("flaxformer", 9),  # max(round(1.25 * 60 / 8), 4) = round(9.375): no k factor
+    ("vmoe", 20),  # ceil(60 * 2 * 1.25 / 8) = 19, up to a multiple of 4
+    ("praxis", 12),  # int(9.375) = 9, up to a multiple of 4
+    ("maxtext", 18),  # int(max(ceil(60 * 2 / 8) * 1.25, 1.25)) = int(18.75)
 ])
 def test_capacity_conventions(convention, expected):
-  assert routing.expert_capacity(64, 8, 2, 1.25, convention=convention) == expected
+  assert routing.expert_capacity(60, 8, 2, 1.25, convention=convention) == expected
+
+
+def test_capacity_round_versus_floor():
+  # flaxformer rounds (9.6 -> 10) where mesh_tf truncates (9.6 -> 9).
+  assert routing.expert_capacity(64, 8, 1, 1.2, convention="flaxformer") == 10
+  assert routing.expert_capacity(64, 8, 1, 1.2, convention="mesh_tf") == 9
 
 
 def test_capacity_floor_multiple_clip_and_no_drop():
@@ -110,6 +116,38 @@ def test_second_expert_policies():
   # Without draws (eval) `random` keeps every choice.
   det = route1(probs, top_k=2, capacity=2, second_expert_policy="random")
   assert bool(jnp.all(det.kept_SK))
+
+
+def test_token_major_priority_places_each_tokens_choices_together():
+  # Same inputs as the choice-major test above: token 0 now keeps both its experts first.
+  probs = [[0.6, 0.3, 0.1], [0.3, 0.6, 0.1]]
+  r = route1(probs, top_k=2, capacity=1, gate="gshard", priority="token")
+  np.testing.assert_array_equal(r.kept_SK, [[True, True], [False, False]])
+
+
+def test_token_major_priority_is_causal_for_top2():
+  # Token 0's routing must not depend on token 1, whatever token 1 wants.
+  first = [0.6, 0.3, 0.1]
+  for later in ([0.3, 0.6, 0.1], [0.1, 0.3, 0.6], [0.6, 0.3, 0.1]):
+    r = route1([first, later], top_k=2, capacity=1, gate="gshard", priority="token")
+    np.testing.assert_array_equal(r.kept_SK[0], [True, True])
+    np.testing.assert_allclose(r.gate_SK[0], [0.6 / 0.9, 0.3 / 0.9], rtol=1e-6)
+  # Choice-major is not: token 1's first choice takes the slot token 0's second choice wanted.
+  a = route1([first, [0.1, 0.3, 0.6]], top_k=2, capacity=1, priority="position")
+  b = route1([first, [0.3, 0.6, 0.1]], top_k=2, capacity=1, priority="position")
+  assert bool(a.kept_SK[0, 1]) and not bool(b.kept_SK[0, 1])
+
+
+def test_reroute_with_top2_only_uses_unused_experts():
+  # C = 1, E = 4. Both tokens rank e0 > e1 > e2 > e3. First choices: t0 -> e0, t1 loses e0.
+  # Second choices: t0 -> e1, t1 loses e1. Round 0 offers rank-2 (e2) to t1's first unplaced
+  # choice (its first), round 1 offers e3 to its second.
+  probs = [[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]]
+  r = route1(probs, top_k=2, capacity=1, gate="gshard", overflow="reroute")
+  np.testing.assert_array_equal(r.expert_SK, [[0, 1], [2, 3]])
+  assert bool(jnp.all(r.kept_SK))
+  # Gates before_drop: the new experts' probabilities over the router's original top-2 sum.
+  np.testing.assert_allclose(r.gate_SK[1], [0.2 / 0.7, 0.1 / 0.7], rtol=1e-6)
 
 
 def test_reroute_sends_overflow_to_next_best_expert_with_room():
@@ -208,6 +246,22 @@ def test_statistics_count_drops_per_choice():
   np.testing.assert_allclose(m["unrouted_fraction"], 0.0)
   np.testing.assert_allclose(m["expert_load"], [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
   np.testing.assert_allclose(m["router_load"], [2 / 3, 1 / 3, 0.0], rtol=1e-6)
+  p = np.asarray(probs)
+  np.testing.assert_allclose(m["router_entropy"], np.mean(-np.sum(p * np.log(p), -1)), rtol=1e-5)
+
+
+def test_statistics_count_policy_skips_and_unrouted_tokens():
+  # Token 2 is padding. Threshold 0.3 skips token 1's second choice (0.1/0.9); capacity 1 drops
+  # token 1's first choice (e0, taken by token 0), so token 1 has no expert at all.
+  probs = [[0.6, 0.3, 0.1], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]
+  valid = jnp.array([[True, True, False]])
+  r = routing.route(logits_from_probs(probs)[None], valid, top_k=2, capacity=1,
+                    second_expert_policy="threshold", second_expert_threshold=0.3)
+  m = routing.finalize_sums(routing.routing_sums(r, valid))
+  np.testing.assert_allclose(m["skipped_fraction"], [0.0, 0.5])
+  np.testing.assert_allclose(m["dropped_fraction"], [0.5, 0.0])
+  np.testing.assert_allclose(m["unrouted_fraction"], 0.5)
+  assert float(m["tokens"]) == 2.0
 
 
 # ---------------------------------------------------------------------------- properties
@@ -216,14 +270,18 @@ def test_statistics_count_drops_per_choice():
 @settings(max_examples=30, deadline=None)
 @given(S=st.sampled_from([1, 5, 12]), E=st.sampled_from([2, 3, 8]), K=st.integers(1, 3),
        C=st.integers(1, 6), priority=st.sampled_from(routing.PRIORITIES),
-       overflow=st.sampled_from(routing.OVERFLOWS), seed=st.integers(0, 2**16))
-def test_route_invariants(S, E, K, C, priority, overflow, seed):
+       overflow=st.sampled_from(routing.OVERFLOWS),
+       policy=st.sampled_from(routing.SECOND_EXPERT_POLICIES),
+       renormalize=st.sampled_from(routing.RENORMALIZE), seed=st.integers(0, 2**16))
+def test_route_invariants(S, E, K, C, priority, overflow, policy, renormalize, seed):
   K = min(K, E)
-  k1, k2 = jax.random.split(jax.random.key(seed))
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   logits = jax.random.normal(k1, (S, E))
   valid = jax.random.bernoulli(k2, 0.8, (S,))
+  uniform = jax.random.uniform(k3, (S, K)) if policy == "random" else None
   r = routing.route_group(logits, valid, top_k=K, capacity=C, priority=priority,
-                          overflow=overflow)
+                          overflow=overflow, second_expert_policy=policy, uniform_SK=uniform,
+                          gate="gshard", renormalize=renormalize)
   kept = np.asarray(r.kept_SK)
   expert = np.asarray(r.expert_SK)
   slot = np.asarray(r.slot_SK)
@@ -253,7 +311,17 @@ def test_route_invariants(S, E, K, C, priority, overflow, seed):
           unused = set(range(E)) - set(expert[s][kept[s]].tolist())
           for e in unused:
             assert np.sum(kept & (expert == e)) == C
-  # No drop at all when every token fits.
-  full = routing.route_group(logits, valid, top_k=K, capacity=S, priority=priority,
-                             overflow=overflow)
-  np.testing.assert_array_equal(full.kept_SK, full.wanted_SK)
+  # Gates: zero exactly where not kept, positive where kept; per token they sum to 1 after the
+  # drop (after_drop) or to the kept share of the router's top-K mass (before_drop).
+  gate = np.asarray(r.gate_SK)
+  assert np.all(gate[~kept] == 0) and np.all(gate[kept] > 0)
+  sums = gate.sum(-1)
+  if renormalize == "after_drop":
+    np.testing.assert_allclose(sums[kept.any(-1)], 1.0, rtol=1e-5)
+  else:
+    assert np.all(sums <= 1.0 + 1e-5)
+  # Policy: only later choices are ever skipped, and only valid tokens want slots.
+  wanted = np.asarray(r.wanted_SK)
+  np.testing.assert_array_equal(wanted[:, 0], np.asarray(valid))
+  if policy == "all":
+    np.testing.assert_array_equal(wanted, np.asarray(valid)[:, None] & np.ones(K, bool))
