@@ -89,7 +89,9 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
 
 def _moe_metrics(moe_aux: dict[int, Any]) -> dict[str, jax.Array]:
   """Per-layer `moe/layer{i}/{stat}`, layer means `moe/{stat}`, and `moe/aux_loss` (their sum)."""
-  out = {"moe/aux_loss": sum((a.loss for a in moe_aux.values()), jnp.zeros(()))}
+  if not moe_aux:  # A dense model logs no MoE keys.
+    return {}
+  out = {"moe/aux_loss": sum(a.loss for a in moe_aux.values())}
   for i, aux in moe_aux.items():
     for name, value in aux.metrics.items():
       out[f"moe/layer{i}/{name}"] = value
@@ -205,7 +207,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     ce_sum = jnp.sum(ce_BL * mask_BL)
     correct = jnp.sum((jnp.argmax(logits_BLV, -1) == batch["targets"]) * mask_BL)
     stats = _moe_metrics(moe_aux)
-    loss = ce_sum / num_targets + stats["moe/aux_loss"] / A
+    loss = ce_sum / num_targets + stats.get("moe/aux_loss", 0.0) / A
     return loss, (nnx.state(model, nnx.Not(nnx.Param)), ce_sum, correct, stats)
 
   def train_step(state, batch):
@@ -232,7 +234,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     optimizer.update(model, grads)
     new_params = nnx.state(model, nnx.Param)
     ce = sums.pop("ce_sum") / num_targets
-    metrics = {"loss": ce + sums["moe/aux_loss"], "ce": ce,
+    metrics = {"loss": ce + sums.get("moe/aux_loss", 0.0), "ce": ce,
                "accuracy": sums.pop("correct") / num_targets, **sums,
                "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(new_params),

@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections); `common` holds the shared defaults and `parse_arg`."""

@@ -1,0 +1,104 @@
+"""Model: shapes, causality, document masking, GQA, MoE placement, parameter counting."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import sharding
+from moejax.model import Transformer, TransformerConfig, count_params
+
+# Prime / odd sizes so a transposed axis cannot hide.
+SMALL = dict(vocab_size=37, d_model=29, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=6,
+             d_ff=41, tie_embeddings=False)
+MOE = dict(num_experts=8, top_k=2, d_ff=13, activation="swiglu", gate="gshard")
+
+
+def _tokens(B=2, L=11, V=37):
+  return (jnp.arange(B * L).reshape(B, L) * 7) % V
+
+
+def test_dense_forward_shapes_and_causality():
+  model = Transformer(TransformerConfig(**SMALL), rngs=nnx.Rngs(0))
+  tokens = _tokens()
+  logits, aux = model(tokens)
+  assert logits.shape == (2, 11, 37) and logits.dtype == jnp.float32 and aux == {}
+  changed, _ = model(tokens.at[:, 6:].set(5))
+  np.testing.assert_array_equal(changed[:, :6], logits[:, :6])  # The future cannot leak back.
+  assert not np.allclose(changed[:, 6:], logits[:, 6:])
+
+
+def test_document_causal_mask_matches_separate_documents():
+  model = Transformer(TransformerConfig(**SMALL), rngs=nnx.Rngs(1))
+  tokens = _tokens()
+  segment_ids = jnp.array([[1] * 5 + [2] * 6] * 2)
+  positions = jnp.array([list(range(5)) + list(range(6))] * 2)
+  packed, _ = model(tokens, positions, segment_ids)
+  alone, _ = model(tokens[:, 5:])
+  np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-5)
+
+
+def test_bfloat16_activations_keep_float32_params_and_logits():
+  cfg = TransformerConfig(**{**SMALL, "dtype": "bfloat16", "tie_embeddings": True})
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  logits, _ = model(_tokens())
+  assert logits.dtype == jnp.float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(moe_every=2), (1,)), (dict(moe_every=1), (0, 1, 2)), (dict(moe_layers=(0, 2)), (0, 2)),
+    (dict(moe_every=0), ())])
+def test_moe_placement(kwargs, expected):
+  assert TransformerConfig(**SMALL, moe=MOE, **kwargs).moe_layer_indices == expected
+
+
+def test_moe_model_on_expert_mesh():
+  """Forward on the (data=2, expert=4) mesh: expert weights sharded, aux per MoE layer."""
+  cfg = TransformerConfig(**SMALL, moe_every=2, moe=MOE)
+  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  with jax.set_mesh(mesh):
+    model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0, routing=1, dropout=2)))()
+    assert model.blocks[1].ffn.wi[...].sharding.spec[0] == "expert"
+    tokens = jax.device_put(_tokens(B=8, L=7), sharding.batch_sharding(mesh))
+    logits, aux = nnx.jit(lambda m, t: m(t))(model, tokens)
+  assert logits.shape == (8, 7, 37)
+  assert list(aux) == [1] and aux[1].metrics["expert_load"].shape == (8,)
+  assert np.isfinite(float(aux[1].loss))
+
+
+def test_count_matches_allocated_params():
+  cfg = TransformerConfig(**SMALL, moe_every=2, moe=MOE)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  allocated = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  counts = count_params(cfg)
+  expert = 3 * 8 * 29 * 13  # wi, wi_gate, wo of one MoE layer.
+  assert counts.total == allocated
+  assert counts.expert == expert
+  assert counts.active == allocated - expert + expert * 2 // 8
+
+
+def test_mixtral_8x7b_param_count():
+  """Mixtral 8x7B: ~46.7B total, ~12.9B active (REFERENCE.md), counted without allocating."""
+  cfg = TransformerConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
+                          num_kv_heads=8, d_ff=14336, activation="swiglu", tie_embeddings=False,
+                          moe_every=1, moe=dict(num_experts=8, top_k=2, d_ff=14336,
+                                                activation="swiglu", gate="mixtral"))
+  counts = count_params(cfg, seq_len=4096)
+  assert counts.total == pytest.approx(46.7e9, rel=0.005), counts
+  assert counts.active == pytest.approx(12.9e9, rel=0.005), counts
+  # Training FLOPs/token ~ 6 x active matmul params + attention.
+  assert counts.flops_per_token == pytest.approx(6 * (counts.active - 32000 * 4096)
+                                                 + 12 * 32 * 4096 * 4096, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(num_kv_heads=4), "num_kv_heads"), (dict(activation="swish"), "activation"),
+    (dict(head_dim=5), "head_dim"), (dict(moe_layers=(3,)), "moe_layers"),
+    (dict(dtype="float16"), "dtype")])
+def test_config_errors_name_the_field(bad, field):
+  with pytest.raises(ValueError, match=f"config.model.{field}="):
+    TransformerConfig(**{**SMALL, **bad})
