@@ -8,7 +8,10 @@ For each E in --experts, k in --top_k and dispatch in {sort, onehot} it times on
 prints the median over --repeats runs after a warm-up, next to a dense FFN whose hidden width is
 k*F (the same active parameters and FLOPs per token, without the capacity slack). Ratios:
 `vs dense` = MoE / dense-active; `vs E=min` = this E / the smallest E with the same k and
-dispatch. Note the floor: with capacity factor CF the experts do CF x the dense FLOPs.
+dispatch. Two floors to read the ratios against: with capacity factor CF the experts do CF x the
+dense FLOPs (empty slots are computed too), and every step reads all E experts' weights twice and
+writes their gradients once (`param MB` = the expert weights), which makes large E memory-bound
+on a CPU whatever the dispatch costs.
 """
 
 from __future__ import annotations
@@ -82,8 +85,8 @@ def main():
   experts = [int(e) for e in args.experts.split(",")]
   print(f"# fwd+bwd, T={args.tokens} D={args.d_model} F={args.d_ff} G={args.groups} "
         f"CF={args.capacity_factor}, median of {args.repeats}, {jax.devices()[0].platform}")
-  print(f"{'k':>2} {'dispatch':>8} {'E':>4} {'ms':>9} {'dense ms':>9} {'vs dense':>9} "
-        f"{'vs E=min':>9}")
+  print(f"{'k':>2} {'dispatch':>8} {'E':>4} {'param MB':>9} {'ms':>9} {'dense ms':>9} "
+        f"{'vs dense':>9} {'vs E=min':>9}")
   for k in [int(k) for k in args.top_k.split(",")]:
     dense = time_it(dense_ffn_step(args.d_model, k * args.d_ff, args.tokens), args.repeats)
     for dispatch in args.dispatch.split(","):
@@ -92,7 +95,8 @@ def main():
         t = time_it(moe_step(args.d_model, args.d_ff, args.tokens, args.groups, e, k,
                              args.capacity_factor, dispatch), args.repeats)
         base = base or t
-        print(f"{k:>2} {dispatch:>8} {e:>4} {1e3 * t:>9.1f} {1e3 * dense:>9.1f} "
+        param_mb = e * 2 * args.d_model * args.d_ff * 4 / 2**20
+        print(f"{k:>2} {dispatch:>8} {e:>4} {param_mb:>9.0f} {1e3 * t:>9.1f} {1e3 * dense:>9.1f} "
               f"{t / dense:>9.2f} {t / base:>9.2f}", flush=True)
 
 
