@@ -313,6 +313,9 @@ class MoELayer(nnx.Module):
     self.rngs = rngs
     self.deterministic = False
     self.capacity_factor_override: float | None = None
+    # When True, each call sows the router's top-k experts (before capacity, without jitter)
+    # as nnx.Intermediate "router_topk" [B, L, K], for routing analyses (moejax.analysis).
+    self.record_routing = False
 
   def weights(self) -> dict[str, jax.Array]:
     names = ("router", "wi", "wi_gate", "wo") if self.cfg.activation == "swiglu" else (
@@ -351,6 +354,10 @@ class MoELayer(nnx.Module):
         uniform_GSK = jax.random.uniform(self.rngs.routing(), (G, S, K), jnp.float32)
     if not deterministic and cfg.expert_dropout > 0:
       dropout_key = self.rngs.dropout()
+
+    if self.record_routing:
+      logits_GSE = routing.router_logits(x_GSD, self.router[...], dtype=jnp.float32)
+      self.sow(nnx.Intermediate, "router_topk", jax.lax.top_k(logits_GSE, K)[1].reshape(B, L, K))
 
     run = functools.partial(moe_groups, cfg=cfg, capacity=C, second_expert_policy=policy)
     mesh = jax.sharding.get_abstract_mesh()

@@ -100,6 +100,26 @@ def _moe_metrics(moe_aux: dict[int, Any]) -> dict[str, jax.Array]:
   return out
 
 
+def create_model_and_optimizer(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
+                               mesh: jax.sharding.Mesh, seed: int
+                               ) -> tuple[Transformer, nnx.Optimizer]:
+  """Model and optimizer, created inside jit so every array is born sharded on `mesh`."""
+  with jax.set_mesh(mesh):
+    @nnx.jit
+    def create():
+      model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed, routing=seed + 1,
+                                                   dropout=seed + 2))
+      # Optimizer moments copy their param's metadata; factored (Adafactor) moments have another
+      # rank than the param, so re-applying the param's `out_sharding` to them would fail. The
+      # params are already sharded; the compiler propagates shardings to the moments.
+      for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable) and node.get_metadata().get("eager_sharding"):
+          node.set_metadata("eager_sharding", False)
+      return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    return create()
+
+
 def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None = None
                        ) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns final eval metrics.
@@ -152,21 +172,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   # Model and optimizer, created inside jit so every array is born sharded on the mesh.
   # ----------------------------------------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
-  with jax.set_mesh(mesh):
-    @nnx.jit
-    def create():
-      seed = config.seed
-      model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed, routing=seed + 1,
-                                                   dropout=seed + 2))
-      # Optimizer moments copy their param's metadata; factored (Adafactor) moments have another
-      # rank than the param, so re-applying the param's `out_sharding` to them would fail. The
-      # params are already sharded; the compiler propagates shardings to the moments.
-      for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable) and node.get_metadata().get("eager_sharding"):
-          node.set_metadata("eager_sharding", False)
-      return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    model, optimizer = create()
+  model, optimizer = create_model_and_optimizer(model_cfg, tx, mesh, config.seed)
   graphdef, state = nnx.split((model, optimizer))
   model.eval()
   eval_graphdef = nnx.graphdef(model)
