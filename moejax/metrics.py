@@ -72,6 +72,18 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
 
+  def drop_after(self, step: int) -> None:
+    """Forgets JSONL records past `step` (a resumed run rewrites them: no duplicate steps)."""
+    if not self.active:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+      f.writelines(kept)
+    self._jsonl = open(path, "a", buffering=1)
+
   def write(self, step: int, metrics: dict[str, Any], split: str = "train",
             console_extra: str = "") -> None:
     if not self.active:

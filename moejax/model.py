@@ -280,7 +280,7 @@ class Transformer(nnx.Module):
 class ParamCount:
   total: int            # Every parameter.
   active: int           # Used per token: non-expert + top_k / E of each MoE layer's experts.
-  expert: int           # Expert parameters (leaves of MoE layers whose first dim is E).
+  expert: int           # Expert parameters (the wi / wi_gate / wo stacks of MoE layers).
   embedding: int        # Input embedding table (a lookup: no FLOPs).
   flops_per_token: int  # Training (fwd + bwd) FLOPs per token at `seq_len`, PaLM's formula.
 
@@ -303,8 +303,9 @@ def count_params(cfg: TransformerConfig, seq_len: int = 0) -> ParamCount:
   expert = active_expert = 0
   for layer in model.moe_layers():
     moe = layer.cfg if hasattr(layer, "cfg") else cfg.moe_config()
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(layer, nnx.Param))
-            if x.shape and x.shape[0] == moe.num_experts)
+    # Expert weights by name, not by shape: the router [D, E] must not count when D == E.
+    n = sum(math.prod(getattr(layer, name).shape) for name in ("wi", "wi_gate", "wo")
+            if hasattr(layer, name))
     expert += n
     active_expert += n * moe.top_k // moe.num_experts
   active = total - expert + active_expert

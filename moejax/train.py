@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 from absl import logging
 from flax import nnx
 
@@ -67,6 +68,20 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
     fail("optim.end_lr_fraction", "numbers in [0, 1]")
   if config.optim.grad_clip_norm < 0:
     fail("optim.grad_clip_norm", "numbers >= 0 (0 = no clipping)")
+  if config.optim.weight_decay < 0:
+    fail("optim.weight_decay", "numbers >= 0")
+  for beta in ("b1", "b2"):
+    if not 0 <= config.optim[beta] < 1:
+      fail(f"optim.{beta}", "numbers in [0, 1)")
+  # Token ids at or above the embedding size would read NaN rows (jnp.take fills out of range).
+  from moejax import data as data_lib  # Lazy: TensorFlow-free, but only the trainer needs it.
+  if config.data.tokenizer == "sentencepiece" and not config.data.sentencepiece.model_path:
+    tokenizer_vocab = config.data.sentencepiece.vocab_size  # trained later, to this size
+  else:
+    tokenizer_vocab = data_lib.get_tokenizer(config.data).vocab_size
+  if model_cfg.vocab_size < tokenizer_vocab:
+    fail("model.vocab_size", f"at least the tokenizer's vocabulary, {tokenizer_vocab} "
+         f"(data.tokenizer={config.data.tokenizer!r})")
   if config.batch_size % config.grad_accum_steps:
     fail("grad_accum_steps", f"divisors of batch_size={config.batch_size}")
   mesh_shape = sharding.resolve_mesh_shape(dict(config.mesh),
@@ -110,12 +125,28 @@ def create_model_and_optimizer(model_cfg: TransformerConfig, tx: optax.GradientT
       model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed, routing=seed + 1,
                                                    dropout=seed + 2))
       # Optimizer moments copy their param's metadata; factored (Adafactor) moments have another
-      # rank than the param, so re-applying the param's `out_sharding` to them would fail. The
-      # params are already sharded; the compiler propagates shardings to the moments.
-      for _, node in nnx.iter_graph(model):
+      # rank than the param, so re-applying the param's `out_sharding` to them would fail: turn
+      # eager sharding off (the params are already sharded) and constrain the moments below.
+      param_specs = {}
+      for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Variable) and node.get_metadata().get("eager_sharding"):
           node.set_metadata("eager_sharding", False)
-      return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+        if isinstance(node, nnx.Param):
+          param_specs[tuple(path)] = (node.get_value().shape,
+                                      node.get_metadata().get("out_sharding"))
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      # Moments shaped like their param (AdamW mu/nu, Adafactor's unfactored v) are laid out like
+      # it, so expert moments stay sharded over `expert` instead of replicated on every device.
+      for path, node in nnx.iter_graph(optimizer.opt_state):
+        if not isinstance(node, nnx.Variable):
+          continue
+        value = node.get_value()
+        for start in range(len(path)):
+          shape, spec = param_specs.get(tuple(path[start:]), (None, None))
+          if spec is not None and shape == getattr(value, "shape", None):
+            node.set_value(jax.lax.with_sharding_constraint(value, P(*spec)))
+            break
+      return model, optimizer
 
     return create()
 
@@ -194,6 +225,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   if checkpointer.latest_step() is not None:
     state, data_state, meta = checkpointer.restore(state)
     step = int(meta["step"])
+    writer.drop_after(step)  # Steps logged after this checkpoint are about to be redone.
     if data_state:
       train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", checkpointer.directory, step)
@@ -236,7 +268,8 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     (grads, rest, sums), _ = jax.lax.scan(
         accumulate, (jax.tree.map(jnp.zeros_like, params), rest, zero_sums), micro)
     nnx.update(model, rest)
-    old_params = params
+    # A copy of the values: `optimizer.update` mutates the Variables behind `params` in place.
+    old_params = jax.tree.map(jnp.copy, nnx.to_pure_dict(params))
     optimizer.update(model, grads)
     new_params = nnx.state(model, nnx.Param)
     ce = sums.pop("ce_sum") / num_targets
@@ -244,8 +277,8 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
                "accuracy": sums.pop("correct") / num_targets, **sums,
                "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(new_params),
-               "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, new_params,
-                                                             old_params)),
+               "update_norm": optax.tree.norm(jax.tree.map(
+                   jnp.subtract, nnx.to_pure_dict(new_params), old_params)),
                "lr": schedule(optimizer.step[...] - 1)}
     return nnx.state((model, optimizer)), metrics
 
@@ -284,13 +317,16 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   # Train loop.
   # ----------------------------------------------------------------------------------------------
   def check_finite(at_step: int, m: dict[str, Any]) -> None:
-    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    # loss and grad_norm come from the params before step `at_step`'s update, param_norm from
+    # the params after it: all three finite means the state about to be saved is finite.
+    loss, grad_norm, param_norm = (float(m[k]) for k in ("loss", "grad_norm", "param_norm"))
+    if not all(map(math.isfinite, (loss, grad_norm, param_norm))):
       checkpointer.wait()
       last = checkpointer.latest_step()
       writer.close()
       raise FloatingPointError(
-          f"non-finite training signal at step {at_step}: loss={loss}, grad_norm={grad_norm}. "
+          f"non-finite training signal at step {at_step}: loss={loss}, grad_norm={grad_norm}, "
+          f"param_norm={param_norm}. "
           f"Stopping. Last good checkpoint: "
           + (f"step {last} in {checkpointer.directory}" if last is not None else "none")
           + " (it resumes from there; lower optim.learning_rate or raise z_loss_weight).")
@@ -304,7 +340,8 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
       state, step_metrics = train_step(state, to_device(next(train_iter)))
       step += 1
       if pending is not None:  # Read step n-1 only now, with step n already queued.
-        check_finite(pending[0], jax.device_get({k: pending[1][k] for k in ("loss", "grad_norm")}))
+        check_finite(pending[0], jax.device_get(
+            {k: pending[1][k] for k in ("loss", "grad_norm", "param_norm")}))
       pending = (step, step_metrics)
       is_last = step == config.num_train_steps
 

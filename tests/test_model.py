@@ -81,6 +81,13 @@ def test_count_matches_allocated_params():
   assert counts.active == allocated - expert + expert * 2 // 8
 
 
+def test_count_does_not_mistake_the_router_for_an_expert():
+  # With d_model == num_experts the router [D, E] has E as its first dim too.
+  cfg = TransformerConfig(**{**SMALL, "d_model": 8, "num_heads": 2, "num_kv_heads": 1},
+                          moe_every=2, moe={**MOE, "activation": "relu"})
+  assert count_params(cfg).expert == 2 * 8 * 8 * 13  # wi and wo only
+
+
 def test_mixtral_8x7b_param_count():
   """Mixtral 8x7B: ~46.7B total, ~12.9B active (REFERENCE.md), counted without allocating."""
   cfg = TransformerConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,

@@ -7,13 +7,17 @@ import os
 import shutil
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+import re
+from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import tiny  # noqa: E402
-from moejax import train  # noqa: E402
+from moejax import checkpoint, optim, sharding, train  # noqa: E402
 
 
 def _config(**overrides):
@@ -70,6 +74,7 @@ def test_end_to_end_learns_and_writes_everything(straight_run):
   for key in ("moe/balance_loss", "moe/z_loss", "moe/layer1/router_entropy", "grad_norm",
               "tokens_per_sec"):
     assert key in last, key
+  assert last["update_norm"] > 0  # the step really moved the params
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["moe"]["top_k"] == 2
 
 
@@ -88,8 +93,16 @@ def _resume_from_step4(straight_workdir, workdir, **overrides):
 
 def test_exact_resume(straight_run, tmp_path):
   losses = _train_losses(straight_run[0])[0]
+  # The killed run had logged steps 1-6 before dying; steps 5-6 are redone after the resume from
+  # step 4 and must not appear twice in metrics.jsonl.
+  with open(os.path.join(straight_run[0], "metrics.jsonl")) as f:
+    early = [line for line in f if json.loads(line)["step"] <= 6]
+  with open(os.path.join(tmp_path, "metrics.jsonl"), "w") as f:
+    f.writelines(early)
   resumed = _resume_from_step4(straight_run[0], str(tmp_path))
-  assert sorted(resumed) == [5, 6, 7, 8]  # Resumed at 4, not at the half-written 8.
+  steps = [(r["split"], r["step"]) for r in _train_losses(str(tmp_path))[1]]
+  assert len(steps) == len(set(steps)), steps
+  assert sorted(resumed) == list(range(1, 9))  # Resumed at 4, not at the half-written 8.
   assert [resumed[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]  # Bit-exact.
 
 
@@ -109,12 +122,47 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
   train.train_and_evaluate(_config(**common), str(tmp_path / "full"))
   train.train_and_evaluate(_config(grad_accum_steps=2, **common), str(tmp_path / "accum"))
   full, accum = _train_losses(str(tmp_path / "full"))[0], _train_losses(str(tmp_path / "accum"))[0]
+  full_records = {r["step"]: r for r in _train_losses(str(tmp_path / "full"))[1]
+                  if r["split"] == "train"}
+  accum_records = {r["step"]: r for r in _train_losses(str(tmp_path / "accum"))[1]
+                   if r["split"] == "train"}
   for s in (1, 2, 3):
     assert accum[s] == pytest.approx(full[s], rel=1e-4), (s, accum[s], full[s])
+    # The gradient itself (before clipping) and the aux losses, not just the loss.
+    for key in ("grad_norm", "moe/aux_loss", "moe/balance_loss"):
+      assert accum_records[s][key] == pytest.approx(full_records[s][key], rel=1e-4), (s, key)
 
 
 def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path):
-  config = _config(**{"optim.learning_rate": math.inf, "optim.warmup_steps": 0,
+  # A finite but absurd learning rate: step 1's params are huge yet finite, later ones overflow.
+  config = _config(**{"optim.learning_rate": 1e10, "optim.warmup_steps": 0,
                       "checkpoint_every": 1, "num_train_steps": 5})
-  with pytest.raises(FloatingPointError, match=r"at step 2: .*Last good checkpoint: step 1"):
+  with pytest.raises(FloatingPointError, match=r"at step (\d+): .*Last good checkpoint: step (\d+)") as err:
     train.train_and_evaluate(config, str(tmp_path))
+  # The checkpoint the message names really is good: every array in it is finite.
+  last_good = int(re.search(r"Last good checkpoint: step (\d+)", str(err.value)).group(1))
+  model_cfg = train.validate_config(config)
+  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  target = nnx.state(train.create_model_and_optimizer(model_cfg, tx, mesh, config.seed))
+  restored, _, _ = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints"), save_every=1,
+                                           keep=1).restore(target, step=last_good)
+  for leaf in jax.tree.leaves(restored):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_optimizer_moments_are_sharded_like_their_params():
+  config = _config()
+  model_cfg = train.validate_config(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  for name in ("adamw", "adafactor"):
+    config.optim.name = name
+    tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+    _, optimizer = train.create_model_and_optimizer(model_cfg, tx, mesh, 0)
+    specs = {"/".join(map(str, p)): v.get_value().sharding.spec
+             for p, v in nnx.to_flat_state(nnx.state(optimizer))}
+    moments = [k for k in specs if k.endswith("ffn/wi") and ("/mu/" in k or "/v/" in k)]
+    assert moments, sorted(specs)
+    for k in moments:
+      assert specs[k][0] == "expert", (name, k, specs[k])
