@@ -301,7 +301,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     out = {}
     for name, fn in eval_steps.items():
       # A fresh iterator each time: every evaluation sees the same batches.
-      it, totals, layer_sums = pipeline(config.data.eval_split, 0), None, None
+      it, totals = pipeline(config.data.eval_split, 0), None
       for _ in range(config.eval_steps):
         m = jax.device_get(fn(state, to_device(next(it))))
         totals = m if totals is None else jax.tree.map(np.add, totals, m)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import processes
 from moejax import audit, sharding
 from moejax.moe import MoEConfig, MoELayer
 
@@ -142,27 +142,14 @@ def test_mesh_fills_in_the_rest():
     sharding.check_batch_divisible(12, mesh)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_single_device(tmp_path):
   worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
-  port = _free_port()
+  port = processes.free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / f"{i}.json")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("multi-process worker timed out")
-    assert p.returncode == 0, out[-3000:]
+  processes.wait_all(
+      [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / f"{i}.json")],
+                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+       for i in range(2)], timeout=240)
   for i in range(2):
     result = json.loads((tmp_path / f"{i}.json").read_text())
     assert result["devices"] == 8 and result["process_index"] == i

@@ -1,6 +1,5 @@
 """Model: shapes, causality, document masking, GQA, MoE placement, parameter counting."""
 
-import math
 
 import jax
 import jax.numpy as jnp

@@ -2,20 +2,15 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
+
+import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/tiny.py:runlocal", "--config.mesh.data=2", "--config.mesh.expert=4",
         "--config.num_train_steps=6", "--config.log_every=2", "--config.eval_every=6",
         "--config.checkpoint_every=3"]
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _launch(workdir, devices, extra=()):
@@ -26,33 +21,19 @@ def _launch(workdir, devices, extra=()):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(procs):
-  outs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    assert p.returncode == 0, out[-4000:]
-    outs.append(out)
-  return outs
-
-
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
 
 
 def test_two_processes_train_like_one(tmp_path):
-  port = _free_port()
+  port = processes.free_port()
   multi = tmp_path / "multi"
   procs = [_launch(multi, 4, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                               f"--process_id={i}"]) for i in range(2)]
   single = tmp_path / "single"
-  _finish(procs)
-  _finish([_launch(single, 8)])
+  processes.wait_all(procs)
+  processes.wait_all([_launch(single, 8)])
 
   multi_records, single_records = _records(multi), _records(single)
   # Only process 0 writes: every (split, step) appears once.

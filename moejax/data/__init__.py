@@ -23,7 +23,7 @@ from moejax.data.sources import DocSource, get_source
 from moejax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
 
 __all__ = [
-    "BATCH_KEYS", "ByteTokenizer", "DocSource", "PackedIterator", "SentencePieceTokenizer",
+    "BATCH_KEYS", "ByteTokenizer", "DocSource", "PackedIterator", "SOURCES", "SentencePieceTokenizer",
     "default_data_config", "get_source", "get_tokenizer", "make_global_batch", "make_pipeline",
 ]
 

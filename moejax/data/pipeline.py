@@ -29,7 +29,6 @@ from collections.abc import Iterator
 import numpy as np
 
 from moejax.data import sources as sources_lib
-from moejax.data import tokenizers as tok_lib
 
 BATCH_KEYS = ("inputs", "targets", "mask", "segment_ids", "positions", "domain")
 STATE_FORMAT = "moejax.data.packed/1"
