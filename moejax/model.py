@@ -88,7 +88,10 @@ class TransformerConfig:
     if self.moe_layer_indices and not self.moe:
       fail("moe", self.moe, "a dict of MoEConfig fields when any layer is MoE")
     if self.moe_layer_indices:
-      self.moe_config()  # MoEConfig validates its own fields (ValueError).
+      try:
+        self.moe_config()  # MoEConfig validates its own fields (ValueError).
+      except ValueError as e:  # Name the field as the user writes it on the command line.
+        raise ValueError(str(e).replace("MoEConfig.", "config.model.moe.", 1)) from None
 
   @property
   def kv_heads(self) -> int:
