@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -73,7 +74,7 @@ class TransformerConfig:
       fail("head_dim", self.head_dim,
            f"an even number (RoPE rotates pairs); d_model / num_heads = {self.dh} is odd")
     if self.activation not in ACTIVATIONS:
-      fail("activation", self.activation, ACTIVATIONS)
+      fail("activation", self.activation, tuple(ACTIVATIONS))
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in DTYPES:
         fail(field, getattr(self, field), DTYPES)
@@ -110,7 +111,6 @@ class TransformerConfig:
     return ()
 
   def moe_config(self, **overrides):
-    from moejax.moe import MoEConfig  # Imported lazily: a dense model does not need moe.py.
     return MoEConfig(**{**dict(self.moe or {}), **overrides})
 
 
@@ -185,9 +185,7 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     D, F, pd = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
-    self.gated = cfg.activation in ("swiglu", "geglu")
-    self.act = jax.nn.silu if cfg.activation == "swiglu" else (
-        jax.nn.relu if cfg.activation == "relu" else jax.nn.gelu)
+    self.act, self.gated = ACTIVATIONS[cfg.activation]
     self.w_up_DF = nnx.Param(_dense_init((0,))(rngs.params(), (D, F), pd))
     if self.gated:
       self.w_gate_DF = nnx.Param(_dense_init((0,))(rngs.params(), (D, F), pd))
@@ -214,7 +212,6 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt, pd)
     self.is_moe = is_moe
     if is_moe:  # The seam to the MoE layer (contract: y_BLD, aux = layer(x_BLD, mask_BL)).
-      from moejax.moe import MoELayer
       self.ffn = MoELayer(cfg.moe_config(), cfg.d_model, dtype=dt, param_dtype=pd, rngs=rngs)
     else:
       self.ffn = MLP(cfg, rngs=rngs)

@@ -44,7 +44,10 @@ from moejax import dispatch as dispatch_lib
 from moejax import routing
 from moejax import sharding
 
-ACTIVATIONS = ("relu", "gelu", "swiglu")
+# name -> (nonlinearity, gated). Gated FFNs compute act(x @ wi_gate) * (x @ wi); the dense MLP of
+# moejax.model uses the same table.
+ACTIVATIONS = {"relu": (jax.nn.relu, False), "gelu": (jax.nn.gelu, False),
+               "swiglu": (jax.nn.silu, True), "geglu": (jax.nn.gelu, True)}
 NO_DROP = math.inf  # capacity_factor value that gives every token a slot.
 
 
@@ -57,7 +60,7 @@ class MoEConfig:
   top_k: int = 1
   # Hidden width F of each expert.
   d_ff: int = 1024
-  # Expert activation: relu (T5/Switch), gelu, swiglu (gated; adds a second [E, D, F] matrix).
+  # Expert activation: relu (T5/Switch), gelu, swiglu / geglu (gated: a second [E, D, F] matrix).
   activation: str = "relu"
   # Training capacity factor CF in C = ceil(K * CF * S / E); math.inf = no drop.
   capacity_factor: float = 1.25
@@ -143,7 +146,7 @@ class MoEConfig:
       value = getattr(self, name)
       if value is not None and (not _is_int(value) or value < 1):
         fail(name, "None or an integer >= 1")
-    check_choice("activation", ACTIVATIONS)
+    check_choice("activation", tuple(ACTIVATIONS))
     check_choice("capacity_convention", routing.CAPACITY_CONVENTIONS)
     check_choice("gate", routing.GATES)
     check_choice("renormalize", routing.RENORMALIZE)
@@ -218,19 +221,16 @@ class MoEAux:
   metrics: dict[str, jax.Array]
 
 
-def _activate(h_EXF: jax.Array, activation: str) -> jax.Array:
-  return jax.nn.relu(h_EXF) if activation == "relu" else jax.nn.gelu(h_EXF)
-
-
 def expert_ffn(x_EXD: jax.Array, weights: dict[str, jax.Array], *, activation: str,
                dropout_rate: float = 0.0, dropout_key: jax.Array | None = None) -> jax.Array:
   """Each expert's FFN on its own rows: `[E, X, D] -> [E, X, D]` with weights `[E, D, F]`."""
   dtype = x_EXD.dtype
+  act, gated = ACTIVATIONS[activation]
   h_EXF = jnp.einsum("EXD,EDF->EXF", x_EXD, weights["wi"].astype(dtype))
-  if activation == "swiglu":
-    h_EXF = jax.nn.silu(jnp.einsum("EXD,EDF->EXF", x_EXD, weights["wi_gate"].astype(dtype))) * h_EXF
+  if gated:
+    h_EXF = act(jnp.einsum("EXD,EDF->EXF", x_EXD, weights["wi_gate"].astype(dtype))) * h_EXF
   else:
-    h_EXF = _activate(h_EXF, activation)
+    h_EXF = act(h_EXF)
   if dropout_key is not None and dropout_rate > 0:
     keep_EXF = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h_EXF.shape)
     h_EXF = jnp.where(keep_EXF, h_EXF / (1.0 - dropout_rate), 0.0).astype(dtype)
@@ -305,7 +305,7 @@ class MoELayer(nnx.Module):
     self.router = _param(router_init(rngs.params(), (D, E), param_dtype), (None, None))
     self.wi = _param(expert_init(rngs.params(), (E, D, F), param_dtype),
                      (sharding.EXPERT, None, None))
-    if cfg.activation == "swiglu":
+    if ACTIVATIONS[cfg.activation][1]:  # gated
       self.wi_gate = _param(expert_init(rngs.params(), (E, D, F), param_dtype),
                             (sharding.EXPERT, None, None))
     self.wo = _param(expert_init(rngs.params(), (E, F, D), param_dtype),
@@ -318,9 +318,8 @@ class MoELayer(nnx.Module):
     self.record_routing = False
 
   def weights(self) -> dict[str, jax.Array]:
-    names = ("router", "wi", "wi_gate", "wo") if self.cfg.activation == "swiglu" else (
-        "router", "wi", "wo")
-    return {name: getattr(self, name)[...] for name in names}
+    names = ("router", "wi", "wi_gate", "wo")
+    return {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
 
   def __call__(self, x_BLD: jax.Array, mask_BL: jax.Array | None = None, *,
                deterministic: bool | None = None) -> tuple[jax.Array, MoEAux]:
