@@ -61,7 +61,8 @@ def record_routing(config, workdir: str, num_batches: int):
   with jax.set_mesh(mesh):
     for _ in range(num_batches):
       batch = next(it)
-      sown = route(model, {k: jax.numpy.asarray(batch[k]) for k in train.BATCH_KEYS})
+      sown = route(model, data_lib.make_global_batch({k: batch[k] for k in train.BATCH_KEYS},
+                                                      mesh, config.batch_size))
       for path, var in nnx.to_flat_state(sown):
         layer = next(int(p) for p in path if isinstance(p, int) or str(p).isdigit())
         topk_BLK = np.asarray(var.get_value()[0])

@@ -35,6 +35,7 @@ from absl import logging
 from flax import nnx
 
 from moejax import checkpoint as ckpt_lib
+from moejax import data as data_lib
 from moejax import metrics as metrics_lib
 from moejax import optim
 from moejax import sharding
@@ -74,7 +75,6 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
     if not 0 <= config.optim[beta] < 1:
       fail(f"optim.{beta}", "numbers in [0, 1)")
   # Token ids at or above the embedding size would read NaN rows (jnp.take fills out of range).
-  from moejax import data as data_lib  # Lazy: TensorFlow-free, but only the trainer needs it.
   if config.data.tokenizer == "sentencepiece" and not config.data.sentencepiece.model_path:
     tokenizer_vocab = config.data.sentencepiece.vocab_size  # trained later, to this size
   else:
@@ -185,17 +185,15 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   # ----------------------------------------------------------------------------------------------
   # Input pipeline. Each process reads its share of the global batch.
   # ----------------------------------------------------------------------------------------------
-  if make_pipeline is None:
-    from moejax import data as data_lib  # Lazy: only here may TensorFlow get imported.
-    make_pipeline = data_lib.make_pipeline
+  make_pipeline = make_pipeline or data_lib.make_pipeline  # TFDS is imported only on its paths.
 
   def pipeline(split: str, seed: int):
     return make_pipeline(config.data, seq_len=config.seq_len,
                          global_batch_size=config.batch_size, split=split, seed=seed)
 
   def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k]))
-            for k in BATCH_KEYS}
+    return data_lib.make_global_batch({k: np.asarray(batch[k]) for k in BATCH_KEYS}, mesh,
+                                      config.batch_size)
 
   train_iter = pipeline(config.data.train_split, config.seed)
 
@@ -302,9 +300,10 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     for name, fn in eval_steps.items():
       # A fresh iterator each time: every evaluation sees the same batches.
       it, totals = pipeline(config.data.eval_split, 0), None
-      for _ in range(config.eval_steps):
-        m = jax.device_get(fn(state, to_device(next(it))))
-        totals = m if totals is None else jax.tree.map(np.add, totals, m)
+      for _ in range(config.eval_steps):  # Sums stay on device; one host transfer at the end.
+        m = fn(state, to_device(next(it)))
+        totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+      totals = jax.device_get(totals)
       n = totals.pop("num_targets")
       prefix = "" if name == "eval" else "nodrop/"
       out[f"{prefix}ce"] = totals.pop("ce_sum") / n
