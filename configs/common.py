@@ -142,6 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_steps = 8
   # Also evaluate with capacity factor = inf (no token dropped): the number to compare runs by.
   c.eval_no_drop = True
+  # At the last step, also evaluate at each of these capacity factors, logged as `cf{x}/ce` etc.
+  # (the eval-capacity curve of ST-MoE Table 8), e.g. (0.5, 1.0, 2.0, float("inf")).
+  c.eval_capacity_factors = ()
   # Save a checkpoint every this many steps (and at the end).
   c.checkpoint_every = 200
   # Keep the last N checkpoints.

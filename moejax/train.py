@@ -19,6 +19,7 @@ checkpoint/resume → jitted steps → loop). Design decisions, each for a reaso
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -57,6 +58,9 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
                 "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints"):
     if not isinstance(config[field], int) or config[field] < 1:
       fail(field, "positive integers")
+  for cf in config.eval_capacity_factors:
+    if not (isinstance(cf, (int, float)) and cf > 0):
+      fail("eval_capacity_factors", "tuples of numbers > 0 (inf = no drop)")
   if config.optim.name not in optim.OPTIMIZERS:
     fail("optim.name", optim.OPTIMIZERS)
   if config.optim.schedule not in optim.SCHEDULES:
@@ -207,6 +211,11 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   eval_graphdef = nnx.graphdef(model)
   model.set_capacity_factor_override(math.inf)
   nodrop_graphdef = nnx.graphdef(model)
+  # Extra evaluations at fixed capacity factors (ST-MoE Table 8 curve), logged as `cf{x}/...`.
+  extra_graphdefs = []
+  for cf in config.eval_capacity_factors:
+    model.set_capacity_factor_override(float(cf))
+    extra_graphdefs.append((f"cf{float(cf):g}", nnx.graphdef(model)))
   model.set_capacity_factor_override(None)
   model.train()
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
@@ -290,26 +299,38 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   with jax.set_mesh(mesh):
     train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_shardings),
                          out_shardings=(state_sharding, None), donate_argnums=(0,))
+    variants = [("eval", eval_graphdef)]
+    if model_cfg.moe_layer_indices:
+      variants += [("nodrop", nodrop_graphdef)] if config.eval_no_drop else []
+      variants += extra_graphdefs  # Evaluated at the last step only (see `evaluate`).
     eval_steps = {name: jax.jit(lambda s, b, gd=gd: eval_step(s, b, gd),
                                 in_shardings=(state_sharding, batch_shardings))
-                  for name, gd in (("eval", eval_graphdef), ("nodrop", nodrop_graphdef))
-                  if name == "eval" or (config.eval_no_drop and model_cfg.moe_layer_indices)}
+                  for name, gd in variants}
 
-  def evaluate(state) -> dict[str, Any]:
+  # Every evaluation sees the same batches: read them once (a few MB of token ids), not a fresh
+  # pipeline per evaluation (for text files that re-read and re-hashed the corpus each time).
+  eval_batches = []
+
+  def evaluate(state, final: bool) -> dict[str, Any]:
+    if not eval_batches:
+      it = pipeline(config.data.eval_split, 0)
+      eval_batches.extend({k: np.asarray(b[k]) for k in BATCH_KEYS}
+                          for b in itertools.islice(it, config.eval_steps))
     out = {}
     for name, fn in eval_steps.items():
-      # A fresh iterator each time: every evaluation sees the same batches.
-      it, totals = pipeline(config.data.eval_split, 0), None
-      for _ in range(config.eval_steps):  # Sums stay on device; one host transfer at the end.
-        m = fn(state, to_device(next(it)))
+      if name.startswith("cf") and not final:
+        continue
+      totals = None
+      for batch in eval_batches:  # Sums stay on device; one host transfer at the end.
+        m = fn(state, to_device(batch))
         totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
       totals = jax.device_get(totals)
       n = totals.pop("num_targets")
-      prefix = "" if name == "eval" else "nodrop/"
+      prefix = "" if name == "eval" else f"{name}/"
       out[f"{prefix}ce"] = totals.pop("ce_sum") / n
       out[f"{prefix}accuracy"] = totals.pop("correct") / n
       out[f"{prefix}perplexity"] = float(np.exp(min(out[f"{prefix}ce"], 50.0)))
-      out.update({f"{prefix}{k}": v / config.eval_steps for k, v in totals.items()})
+      out.update({f"{prefix}{k}": v / len(eval_batches) for k, v in totals.items()})
     return out
 
   # ----------------------------------------------------------------------------------------------
@@ -358,7 +379,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
 
       if step % config.eval_every == 0 or is_last:
         check_finite(step, jax.device_get(step_metrics))
-        final_eval = evaluate(state)
+        final_eval = evaluate(state, final=is_last)
         writer.write(step, final_eval, "eval")
         last_log_time = time.time()  # Do not count eval time in tokens/s.
 

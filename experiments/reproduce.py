@@ -1,0 +1,85 @@
+"""Run a reproduction study end to end: train its arms x seeds, write results, table, plots, verdict.
+
+    python experiments/reproduce.py --study=moe_vs_dense --workdir=experiments/results \
+        --data=../shared/data/linux_kernel_docs.txt,../shared/data/python_docs.txt
+    python experiments/reproduce.py --study=moe_vs_dense --scale=tpu --dry_run   # sizes only
+    python experiments/reproduce.py --study=moe_vs_dense --workdir=... --report_only
+
+Studies live in `experiments/studies/<name>.py` (`STUDY`); `--study` also takes a path to such a
+file. Rerunning the command resumes: finished runs (in `results.jsonl`) are skipped, an interrupted
+run continues from its checkpoint. `--data` is `builtin`, a TFDS name, or comma-separated text
+files. See `moejax/study.py` for the outputs and the verdict rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from moejax import study as study_lib  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def load_study(name: str) -> study_lib.Study:
+  path = name if name.endswith(".py") else os.path.join(HERE, "studies", f"{name}.py")
+  if not os.path.exists(path):
+    known = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, "studies"))
+                   if f.endswith(".py") and not f.startswith("_") and f != "scales.py")
+    raise SystemExit(f"--study={name!r}: no such study; known studies are {known}")
+  spec = importlib.util.spec_from_file_location(f"study_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.STUDY
+
+
+def dry_run(study: study_lib.Study, scale: str, data: str, tokenizer: str) -> None:
+  """Builds and validates every arm's config at `scale` and prints its size (nothing trained)."""
+  from moejax import model, train  # pylint: disable=import-outside-toplevel
+  from studies import scales  # pylint: disable=import-outside-toplevel
+  devices = scales.TPU_DEVICES if scale == "tpu" else 1
+  overrides = study_lib.data_overrides(data, tokenizer) if scale != "tpu" else {}
+  print(f"{study.name} at scale {scale} ({devices} devices):")
+  for arm in study.arms:
+    config = study_lib.arm_config(study, arm, 0, scale, overrides)
+    model_cfg = train.validate_config(config, num_devices=devices)
+    counts = model.count_params(model_cfg, config.seq_len)
+    tokens = config.num_train_steps * config.batch_size * config.seq_len
+    print(f"  {arm.name:30s} {counts.summary()}; {tokens / 1e6:,.1f}M train tokens")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--study", required=True)
+  parser.add_argument("--workdir", default="experiments/results")
+  parser.add_argument("--data", default="builtin",
+                      help="'builtin', a TFDS name, or comma-separated text files")
+  parser.add_argument("--tokenizer", default="byte", choices=("byte", "sentencepiece"))
+  parser.add_argument("--scale", default="cpu")
+  parser.add_argument("--seeds", default=None, help="comma-separated (default: the study's)")
+  parser.add_argument("--dry_run", action="store_true", help="validate and size, train nothing")
+  parser.add_argument("--report_only", action="store_true", help="table and plots from results")
+  args = parser.parse_args()
+
+  study = load_study(args.study)
+  if args.dry_run:
+    dry_run(study, args.scale, args.data, args.tokenizer)
+    return
+  command = "python experiments/reproduce.py " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:] if a != "--report_only")
+  if not (args.report_only or study.reuse):
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    study_lib.run_study(study, args.workdir, scale=args.scale, data=args.data,
+                        tokenizer=args.tokenizer, seeds=seeds)
+  table, plots = study_lib.report(study, args.workdir, command)
+  print(table)
+  print("plots:", *plots)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,251 @@
+"""moejax.study: verdict rule on synthetic results, the study runner end to end (micro study:
+resume after an interruption, table, plots), and every committed study's configs at every scale."""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+from moejax import data as data_lib  # noqa: E402
+from moejax import model, study, train  # noqa: E402
+from studies import scales  # noqa: E402
+
+import reproduce  # noqa: E402  pylint: disable=wrong-import-order
+
+STUDY_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "studies"))
+                     if f.endswith(".py") and f not in ("__init__.py", "scales.py"))
+
+
+def _load_micro():
+  spec = importlib.util.spec_from_file_location(
+      "micro_study", os.path.join(os.path.dirname(__file__), "micro_study.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.STUDY
+
+
+# --- verdicts ------------------------------------------------------------------------------------
+
+
+def _final(table):
+  """{arm: [value per seed]} -> study.final_records layout."""
+  return {(arm, seed): {"nodrop/ce": v} for arm, values in table.items()
+          for seed, v in enumerate(values)}
+
+
+def test_t_quantile_matches_tables():
+  assert study.t_quantile_975(2) == pytest.approx(4.303, abs=1e-3)
+  assert study.t_quantile_975(4) == pytest.approx(2.776, abs=1e-3)
+
+
+@pytest.mark.parametrize("moe, status", [
+    ([1.50, 1.52, 1.51], study.AGREES),         # 0.03 better on every seed.
+    ([1.56, 1.57, 1.565], study.DISAGREES),     # worse on every seed.
+    ([1.50, 1.60, 1.52], study.INCONCLUSIVE),   # mean better, but one seed worse.
+])
+def test_better_verdict(moe, status):
+  final = _final({"dense": [1.53, 1.55, 1.54], "moe": moe})
+  v = study.verdict(study.Better("moe beats dense", "moe", "dense"), final)
+  assert v.status == status and v.n == 3
+  diffs = [d - m for d, m in zip([1.53, 1.55, 1.54], moe)]
+  assert v.effect == pytest.approx(sum(diffs) / 3)
+  assert status in v.line() and "3 seeds" in v.line()
+
+
+def test_better_is_paired_over_seeds():
+  # Seed spread (0.1) dwarfs the effect (0.01), but the effect is the same on every seed: paired,
+  # it is significant.
+  final = _final({"dense": [1.4, 1.5, 1.6], "moe": [1.39, 1.49, 1.591]})
+  assert study.verdict(study.Better("b", "moe", "dense"), final).status == study.AGREES
+
+
+def test_verdict_with_one_seed_or_none_is_not_a_verdict():
+  one = study.verdict(study.Better("b", "moe", "dense"), _final({"dense": [1.5], "moe": [1.0]}))
+  assert one.status.startswith(study.INCONCLUSIVE) and math.isinf(one.half_width)
+  none = study.verdict(study.Better("b", "moe", "dense"), _final({"dense": [1.5]}))
+  assert none.n == 0 and none.status == "no finished runs"
+
+
+def test_better_across_metrics_of_one_arm():
+  final = {("a", s): {"cf2/ce": 1.0 + s / 10, "cf1/ce": 1.02 + s / 10 + s / 1000}
+           for s in range(3)}
+  v = study.verdict(study.Better("eval CF 2 beats 1", "a", "a", metric="cf2/ce",
+                                 metric_b="cf1/ce"), final)
+  assert v.status == study.AGREES and v.effect == pytest.approx(0.021)
+
+
+def test_trend_is_minus_the_slope_on_log2_x():
+  s = study.Study(name="t", paper="", claim="", arms=(
+      study.Arm("E=2", "c.py", x=2), study.Arm("E=8", "c.py", x=8)),
+      claims=(study.Trend("falls", ("E=2", "E=8")),), scales={"cpu": {}})
+  # Loss falls by 0.04 over log2(8) - log2(2) = 2: slope -0.02 per doubling, on every seed.
+  final = _final({"E=2": [1.50, 1.60, 1.55], "E=8": [1.46, 1.56, 1.51]})
+  v = study.verdict(s.claims[0], final)
+  assert v.effect == pytest.approx(0.02) and v.status == study.AGREES
+  rising = _final({"E=2": [1.50, 1.60, 1.55], "E=8": [1.56, 1.66, 1.62]})
+  assert study.verdict(s.claims[0], rising).status == study.DISAGREES
+
+
+def test_contrast():
+  c = study.Contrast("diminishing", ((1, "a", "m"), (-1, "b", "m")))
+  final = {("a", 0): {"m": 3.0}, ("b", 0): {"m": 1.0}, ("a", 1): {"m": 2.0}}
+  assert c.per_seed(final) == {0: 2.0}  # Seed 1 lacks arm b.
+
+
+def test_study_rejects_unknown_arms_and_duplicates():
+  arm = study.Arm("a", "configs/dense.py")
+  with pytest.raises(ValueError, match=r"unknown arms \['b'\]"):
+    study.Study(name="s", paper="", claim="", arms=(arm,), claims=(study.Better("x", "a", "b"),),
+                scales={"cpu": {}})
+  with pytest.raises(ValueError, match="unique"):
+    study.Study(name="s", paper="", claim="", arms=(arm, arm), claims=(), scales={"cpu": {}})
+
+
+def test_read_results_ignores_a_truncated_line_and_duplicates(tmp_path):
+  path = tmp_path / "results.jsonl"
+  rec = {"arm": "a", "seed": 0, "step": 3, "metrics": {"ce": 1.0}}
+  path.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "metrics": {"ce": 2.0}}) + "\n"
+                  + '{"arm": "a", "se')
+  records = study.read_results(str(path))
+  assert records == [{**rec, "metrics": {"ce": 2.0}}]
+
+
+def test_data_overrides(tmp_path):
+  assert study.data_overrides("builtin")["data.source"] == "builtin"
+  assert study.data_overrides("lm1b")["data.tfds.name"] == "lm1b"
+  f = tmp_path / "a.txt"
+  f.write_text("hello")
+  out = study.data_overrides(str(f), "sentencepiece")
+  assert out["data.source"] == "text_files" and out["data.tokenizer"] == "sentencepiece"
+  with pytest.raises(FileNotFoundError, match="missing.txt"):
+    study.data_overrides(str(tmp_path / "missing.txt"))
+
+
+def test_unknown_scale_and_override_are_errors():
+  s = _load_micro()
+  with pytest.raises(ValueError, match="scales"):
+    study.arm_config(s, s.arms[0], 0, "huge")
+  cfg = study.arm_config(s, s.arms[0], 0, "cpu")
+  with pytest.raises(KeyError, match="no field 'lr'"):
+    study.apply_overrides(cfg, {"optim.lr": 1.0})
+
+
+# --- the runner, end to end ----------------------------------------------------------------------
+
+
+class Killed(Exception):
+  """Stands in for a kill mid-run."""
+
+
+def test_micro_study_resumes_after_interruption_and_reports(tmp_path):
+  s = _load_micro()
+  workdir = str(tmp_path)
+  calls = []
+
+  def interrupted_pipeline(*args, **kwargs):
+    it = data_lib.make_pipeline(*args, **kwargs)
+    if kwargs["split"] != "train":
+      return it
+
+    class Stop:  # The 5th training batch raises: checkpoint 3 is on disk, step 6 never comes.
+      n = 0
+      def __next__(self):
+        Stop.n += 1
+        if Stop.n == 5:
+          raise Killed
+        return next(it)
+      get_state, set_state = it.get_state, it.set_state
+    return Stop()
+
+  killed_once = []
+
+  def train_fn(config, run_dir):
+    calls.append(run_dir)
+    if len(calls) == 2 and not killed_once:  # The 2nd run (switch E=4, seed 0) is killed.
+      killed_once.append(run_dir)
+      return train.train_and_evaluate(config, run_dir, make_pipeline=interrupted_pipeline)
+    return train.train_and_evaluate(config, run_dir)
+
+  with pytest.raises(Killed):
+    study.run_study(s, workdir, train_fn=train_fn, log=lambda _: None)
+  results = os.path.join(workdir, "micro", "results.jsonl")
+  assert set(study.final_records(study.read_results(results))) == {("dense", 0)}
+  killed = calls[1]
+  assert os.listdir(os.path.join(killed, "checkpoints")) == ["3"]
+
+  calls.clear()
+  records = study.run_study(s, workdir, train_fn=train_fn, log=lambda _: None)
+  # The finished run is skipped; the killed one resumes from its checkpoint at step 3.
+  assert calls[0] == killed and len(calls) == 3
+  with open(os.path.join(killed, "metrics.jsonl")) as f:
+    evals = [r["step"] for r in map(json.loads, f) if r["split"] == "eval"]
+  assert evals == [3, 6]
+  final = study.final_records(records)
+  assert sorted(final) == [("dense", 0), ("dense", 1), ("switch E=4", 0), ("switch E=4", 1)]
+  moe = final[("switch E=4", 0)]
+  # The extra eval capacity factors are evaluated at the end; CF inf is the no-drop eval.
+  assert moe["cfinf/ce"] == pytest.approx(moe["nodrop/ce"], abs=1e-6)
+  assert moe["cf0.5/drop"] > 0.2 and moe["cfinf/drop"] == 0
+  assert final[("dense", 0)]["nodrop/ce"] == final[("dense", 0)]["ce"]
+  # One record per eval step (3 and 6) per run; only the last is final.
+  assert len(records) == 8 and sum(bool(r.get("final")) for r in records) == 4
+
+  table, plots = study.report(s, workdir, "python experiments/reproduce.py --study=micro")
+  assert "| switch E=4 | 2 |" in table and "| dense | 2 |" in table and "-1.731" in table
+  assert table.count("(95% CI, paired over 2 seeds) -> **") == 2
+  assert "python experiments/reproduce.py --study=micro" in table
+  for path in plots:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert sorted(os.path.basename(p) for p in plots) == ["curves.png", "loss_vs_experts.png"]
+
+  # A workdir never mixes settings.
+  with pytest.raises(ValueError, match="other settings"):
+    study.run_study(s, workdir, data="lm1b", train_fn=train_fn, log=lambda _: None)
+
+
+# --- the committed studies -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", STUDY_NAMES)
+def test_study_configs_validate_at_every_scale(name):
+  s = reproduce.load_study(name)
+  assert s.scales.keys() >= {"cpu", "tpu"} and len(s.seeds) >= 3
+  for scale in s.scales:
+    devices = scales.TPU_DEVICES if scale == "tpu" else 1
+    data = study.data_overrides("builtin") if scale == "cpu" else {}
+    for arm in s.arms:
+      config = study.arm_config(s, arm, 0, scale, data)
+      train.validate_config(config, num_devices=devices)
+
+
+def test_moe_vs_dense_arms_are_flop_matched_and_param_matched():
+  s = reproduce.load_study("moe_vs_dense")
+  for scale in ("cpu", "tpu"):
+    counts = {}
+    for arm in s.arms:
+      config = study.arm_config(s, arm, 0, scale)
+      counts[arm.name] = model.count_params(train.validate_config(config, 64), config.seq_len)
+    dense = counts["dense"]
+    for e in (2, 4, 8, 16, 32):
+      moe = counts[f"switch E={e}"]
+      assert moe.train_flops_per_token == pytest.approx(dense.train_flops_per_token, rel=0.01)
+      assert moe.total > dense.total
+    big = counts["dense, total params of E=8"]
+    assert big.total == pytest.approx(counts["switch E=8"].total, rel=1e-3)
+
+
+def test_capacity_arms_differ_only_in_k_and_cf():
+  s = reproduce.load_study("capacity")
+  configs = {a.name: study.arm_config(s, a, 0, "cpu").to_dict() for a in s.arms}
+  base = configs["top-1 CF 1.25"]
+  for name, c in configs.items():
+    diff = {k for k in c["model"]["moe"] if c["model"]["moe"][k] != base["model"]["moe"][k]}
+    assert diff <= {"capacity_factor", "top_k", "gate", "d_ff"}, name
+    assert {k for k in c if c[k] != base[k]} <= {"model"}, name
