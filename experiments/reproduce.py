@@ -19,6 +19,8 @@ import os
 import shlex
 import sys
 
+from absl import logging as absl_logging
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
@@ -67,6 +69,9 @@ def main() -> None:
   args = parser.parse_args()
 
   study = load_study(args.study)
+  # The trainer's per-step progress lines (loss, tok/s, ETA) go through absl logging.
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.INFO)
   if args.dry_run:
     dry_run(study, args.scale, args.data, args.tokenizer)
     return

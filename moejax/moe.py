@@ -222,8 +222,12 @@ class MoEAux:
 
 
 def expert_ffn(x_EXD: jax.Array, weights: dict[str, jax.Array], *, activation: str,
-               dropout_rate: float = 0.0, dropout_key: jax.Array | None = None) -> jax.Array:
-  """Each expert's FFN on its own rows: `[E, X, D] -> [E, X, D]` with weights `[E, D, F]`."""
+               dropout_rate: float = 0.0, keep_EXF: jax.Array | None = None) -> jax.Array:
+  """Each expert's FFN on its own rows: `[E, X, D] -> [E, X, D]` with weights `[E, D, F]`.
+
+  `keep_EXF` (bool, from `expert_dropout_mask`) drops hidden units at `dropout_rate` (inverted
+  dropout: kept units are scaled by 1 / (1 - rate)).
+  """
   dtype = x_EXD.dtype
   act, gated = ACTIVATIONS[activation]
   h_EXF = jnp.einsum("EXD,EDF->EXF", x_EXD, weights["wi"].astype(dtype))
@@ -231,10 +235,24 @@ def expert_ffn(x_EXD: jax.Array, weights: dict[str, jax.Array], *, activation: s
     h_EXF = act(jnp.einsum("EXD,EDF->EXF", x_EXD, weights["wi_gate"].astype(dtype))) * h_EXF
   else:
     h_EXF = act(h_EXF)
-  if dropout_key is not None and dropout_rate > 0:
-    keep_EXF = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h_EXF.shape)
+  if keep_EXF is not None and dropout_rate > 0:
     h_EXF = jnp.where(keep_EXF, h_EXF / (1.0 - dropout_rate), 0.0).astype(dtype)
   return jnp.einsum("EXF,EFD->EXD", h_EXF, weights["wo"].astype(dtype))
+
+
+def expert_dropout_mask(key: jax.Array, rate: float, expert_ids_E: jax.Array,
+                        group_ids_G: jax.Array, C: int, F: int) -> jax.Array:
+  """Keep-mask `[E, G*C, F]` of the expert hidden units for the slots of (expert, group).
+
+  The bits of slot (e, g) come from `fold_in(fold_in(key, g), e)` with *global* group and expert
+  ids, so a slot gets the same mask whichever device computes it: a sharded run drops exactly the
+  units a single-device run drops.
+  """
+  def slot_bits(e, g):
+    return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, g), e), 1.0 - rate,
+                                (C, F))
+  keep_EGCF = jax.vmap(lambda e: jax.vmap(lambda g: slot_bits(e, g))(group_ids_G))(expert_ids_E)
+  return keep_EGCF.reshape(len(expert_ids_E), len(group_ids_G) * C, F)
 
 
 def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Array],
@@ -260,13 +278,26 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                     overflow=cfg.overflow)
   x_GECD = dispatch_lib.dispatch(x_GSD, r, E, C, cfg.dispatch)
   x_EXD = x_GECD.transpose(1, 0, 2, 3).reshape(E, G * C, D)
+  expert_ids_E, group_ids_G = jnp.arange(E), jnp.arange(G)
   if expert_axis is not None:
     # Send each expert's slots to the device holding it: [E, gC, D] -> [E/ep, ep*gC, D].
     x_EXD = jax.lax.all_to_all(x_EXD, expert_axis, split_axis=0, concat_axis=1, tiled=True)
-    if dropout_key is not None:
-      dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(reduce_axes))
+    # Global ids of what this device now holds: its E/ep experts, and the groups of the ep
+    # devices along `expert_axis` (same other coordinates), in all_to_all's concat order.
+    ep = jax.lax.axis_size(expert_axis)
+    me = jax.lax.axis_index(expert_axis)
+    expert_ids_E = me * (E // ep) + jnp.arange(E // ep)
+    stride = math.prod(jax.lax.axis_size(a)
+                       for a in reduce_axes[reduce_axes.index(expert_axis) + 1:])
+    first_block = jax.lax.axis_index(reduce_axes) - me * stride  # the block at expert index 0
+    blocks_ep = first_block + jnp.arange(ep) * stride
+    group_ids_G = (blocks_ep[:, None] * G + jnp.arange(G)).reshape(-1)
+  keep_EXF = None
+  if dropout_key is not None and cfg.expert_dropout > 0:
+    keep_EXF = expert_dropout_mask(dropout_key, cfg.expert_dropout, expert_ids_E, group_ids_G,
+                                   C, weights["wi"].shape[-1])
   y_EXD = expert_ffn(x_EXD, weights, activation=cfg.activation, dropout_rate=cfg.expert_dropout,
-                     dropout_key=dropout_key)
+                     keep_EXF=keep_EXF)
   if expert_axis is not None:
     # ... and the results back to the devices holding the tokens: [E/ep, ep*gC, D] -> [E, gC, D].
     y_EXD = jax.lax.all_to_all(y_EXD, expert_axis, split_axis=1, concat_axis=0, tiled=True)

@@ -9,7 +9,9 @@ per axis:
 
 Pipeline for one group (`route_group`; `route` vmaps it over groups):
 
-1. `probs_SE = softmax(logits_SE)` in float32 (the logits come from `router_logits`).
+1. `probs_SE = softmax(logits_SE)` in the logits' dtype (float32 unless `router_logits` was asked
+   for another: the whole router, matmul, softmax, top-k and gates, runs in one dtype, so a
+   bfloat16 router is Switch Table 2's bfloat16 router, not a float32 softmax of bf16 logits).
 2. Top-K experts per token (`jax.lax.top_k`: ties go to the lower expert index).
 3. Second-expert policy (GShard), for every choice after the first: `all` keeps it; `random`
    keeps it if `2 * g_j > U(0, 1)` (GShard Algorithm 1, with `g_j` the gate normalised over the
@@ -136,8 +138,8 @@ class Routing(NamedTuple):
   slot_SK: jax.Array  # int32: the choice's slot in that expert's buffer, valid where kept
   kept_SK: jax.Array  # bool: the choice has a slot (it is computed and combined)
   wanted_SK: jax.Array  # bool: the choice asked for a slot (valid token, kept by the policy)
-  gate_SK: jax.Array  # float32: combine weight, 0 where not kept
-  probs_SE: jax.Array  # float32 router probabilities
+  gate_SK: jax.Array  # combine weight (router dtype), 0 where not kept
+  probs_SE: jax.Array  # router probabilities (router dtype)
   logits_SE: jax.Array  # router logits (for the z-loss)
 
 
@@ -176,8 +178,7 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   """
   S, E = logits_SE.shape
   K = top_k
-  logits_SE = logits_SE.astype(jnp.float32)
-  probs_SE = jax.nn.softmax(logits_SE, axis=-1)
+  probs_SE = jax.nn.softmax(logits_SE, axis=-1)  # In the router dtype (module docstring, 1.)
   valid_S = valid_S.astype(bool)
 
   # Router's choices. With reroute the full ranking is needed; top_k(E) breaks ties as top_k(K).
@@ -280,7 +281,8 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *,
   has_tokens_G = n_G > 0
   safe_n_G = jnp.maximum(n_G, 1.0)
 
-  probs_GSE = jnp.where(valid_GS[..., None], r.probs_SE, 0.0)
+  probs_f32_GSE = r.probs_SE.astype(jnp.float32)  # Loss sums in float32 whatever the router dtype.
+  probs_GSE = jnp.where(valid_GS[..., None], probs_f32_GSE, 0.0)
   P_GE = jnp.sum(probs_GSE, axis=1) / safe_n_G[:, None]
   first_GSE = jax.nn.one_hot(r.router_expert_SK[..., 0], E) * validf_GS[..., None]
   f_first_GE = jnp.sum(first_GSE, axis=1) / safe_n_G[:, None]
@@ -296,7 +298,7 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *,
   gshard_G = jnp.mean(f_first_GE * P_GE, axis=-1)
 
   logz_GS = jax.nn.logsumexp(r.logits_SE.astype(jnp.float32), axis=-1)
-  entropy_GS = -jnp.sum(r.probs_SE * jnp.log(jnp.maximum(r.probs_SE, 1e-30)), axis=-1)
+  entropy_GS = -jnp.sum(probs_f32_GSE * jnp.log(jnp.maximum(probs_f32_GSE, 1e-30)), axis=-1)
   lost_GSK = (r.wanted_SK & ~r.kept_SK) & valid_GS[..., None]
   skipped_GSK = ~r.wanted_SK & valid_GS[..., None]
   unrouted_GS = ~jnp.any(r.kept_SK, axis=-1) & valid_GS

@@ -14,6 +14,9 @@ Design:
 - Resumable at two levels: a run with a final record in `results.jsonl` is skipped (so committing
   `results.jsonl` is enough to resume across machines); an interrupted run resumes from its own
   checkpoint in `runs/` (the trainer's exact resume).
+- Identical runs are trained once: every record carries `config_key` (a hash of the resolved
+  config: model, data, seed, steps); a run whose key already finished in another study of the same
+  workdir (e.g. a dense baseline two studies share) copies those records, marked `reused_from`.
 - Order: seed-major (every arm of seed 0, then seed 1, ...), so a partial study already holds
   complete paired comparisons.
 - Verdicts are paired over seeds: each claim defines one number per seed (a difference between
@@ -28,6 +31,7 @@ Design:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -329,11 +333,13 @@ def _check_meta(study_dir: str, meta: dict) -> None:
 
 def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "builtin",
               tokenizer: str = "byte", seeds: Sequence[int] | None = None,
-              train_fn: Callable | None = None, log: Callable[[str], None] = print) -> list[dict]:
+              train_fn: Callable | None = None, log: Callable[[str], None] | None = None
+              ) -> list[dict]:
   """Trains every (seed, arm) not yet finished, appending to `results.jsonl`; returns all records.
 
   `train_fn(config, run_dir)` defaults to `moejax.train.train_and_evaluate`.
   """
+  log = log or functools.partial(print, flush=True)
   if study.reuse:
     raise ValueError(f"study {study.name} reuses the runs of {study.reuse}: run that study")
   if train_fn is None:
@@ -361,16 +367,41 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
     eta = statistics.mean(durations) * (len(todo) - i) if durations else None
     log(f"[{study.name}] run {len(plan) - len(todo) + i + 1}/{len(plan)}: {arm.name} seed {seed}"
         + (f" (ETA {eta / 60:.0f} min)" if eta else ""))
-    run_dir = os.path.join(study_dir, "runs", _slug(arm.name), f"seed{seed}")
-    start = time.time()
-    train_fn(arm_config(study, arm, seed, scale, overrides), run_dir)
-    wall = time.time() - start
-    durations.append(wall)
-    lines = "".join(json.dumps(r) + "\n"
-                    for r in run_records(run_dir, study.name, arm.name, seed, wall))
+    config = arm_config(study, arm, seed, scale, overrides)
+    key = config_key(config)
+    same = _finished_elsewhere(workdir, key)
+    if same:  # The same config (and data, seed) finished in another study: reuse its records.
+      log(f"[{study.name}]   identical to {same[0]['study']}/{same[0]['arm']} seed {seed}: reused")
+      records = [{**r, "study": study.name, "arm": arm.name, "reused_from": r["study"]}
+                 for r in same]
+    else:
+      run_dir = os.path.join(study_dir, "runs", _slug(arm.name), f"seed{seed}")
+      start = time.time()
+      train_fn(config, run_dir)
+      wall = time.time() - start
+      durations.append(wall)
+      records = [{**r, "config_key": key}
+                 for r in run_records(run_dir, study.name, arm.name, seed, wall)]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
     with open(results_path, "a") as f:  # One write: a run's records land together.
       f.write(lines)
   return read_results(results_path)
+
+
+def config_key(config) -> str:
+  """A hash of everything that determines a run (the resolved config, seed and data included)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _finished_elsewhere(workdir: str, key: str) -> list[dict]:
+  """The records of a finished run with config `key` in any study under `workdir`."""
+  for name in sorted(os.listdir(workdir)):
+    records = [r for r in read_results(os.path.join(workdir, name, "results.jsonl"))
+               if r.get("config_key") == key and "reused_from" not in r]
+    if any(r.get("final") for r in records):
+      return sorted(records, key=lambda r: r["step"])
+  return []
 
 
 def _slug(name: str) -> str:

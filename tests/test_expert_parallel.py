@@ -158,17 +158,38 @@ def test_two_processes_match_single_device(tmp_path):
       assert result[key] < 1e-4, (key, result)
 
 
-def test_expert_dropout_runs_sharded_and_eval_matches_single_device():
-  cfg = MoEConfig(num_experts=8, top_k=2, d_ff=6, expert_dropout=0.5, router_jitter=0.1,
-                  second_expert_policy="random", gate="gshard")
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
+def test_expert_dropout_alone_is_identical_on_every_mesh(mesh_shape):
+  """Expert dropout (the only random mechanism here) drops the same units sharded as on one
+  device: training outputs and gradients match, and differ from the eval (no-dropout) output."""
+  cfg = MoEConfig(num_experts=8, top_k=2, d_ff=6, expert_dropout=0.5, gate="gshard",
+                  capacity_factor=2.0)
   x, mask = data()
-  ref_eval, _ = MoELayer(cfg, D, rngs=nnx.Rngs(0))(x, mask, deterministic=True)
-  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  train_fwd = lambda m, x, mask: m(x, mask, deterministic=False)[0]  # noqa: E731
+  ref_layer = MoELayer(cfg, D, rngs=nnx.Rngs(0))
+  ref_train = nnx.jit(train_fwd)(ref_layer, x, mask)
+  ref_eval, _ = ref_layer(x, mask, deterministic=True)
+  (_, (ref_y, _)), (ref_g, _) = STEP(MoELayer(cfg, D, rngs=nnx.Rngs(0)), x, mask)
+  mesh = sharding.make_mesh({"data": mesh_shape[0], "expert": mesh_shape[1]})
   with jax.set_mesh(mesh):
-    layer = MoELayer(cfg, D, rngs=nnx.Rngs(0))
-    forward = nnx.jit(lambda m, x, mask, det: m(x, mask, deterministic=det)[0],
-                      static_argnums=3)
-    train_y = forward(layer, x, mask, False)
-    eval_y = forward(layer, x, mask, True)
-  assert not np.allclose(train_y, eval_y)
-  np.testing.assert_allclose(eval_y, ref_eval, rtol=1e-5, atol=1e-6)
+    xs = jax.device_put(x, sharding.batch_sharding(mesh, 3))
+    train_y = nnx.jit(train_fwd)(MoELayer(cfg, D, rngs=nnx.Rngs(0)), xs, mask)
+    (_, (y, _)), (g, _) = STEP(MoELayer(cfg, D, rngs=nnx.Rngs(0)), xs, mask)
+  assert not np.allclose(ref_train, ref_eval)  # dropout is on
+  np.testing.assert_allclose(train_y, ref_train, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               nnx.to_pure_dict(nnx.state(g, nnx.Param)),
+               nnx.to_pure_dict(nnx.state(ref_g, nnx.Param)))
+
+
+def test_expert_dropout_drops_its_rate_of_units():
+  from moejax.moe import expert_dropout_mask  # pylint: disable=import-outside-toplevel
+  keep = expert_dropout_mask(jax.random.key(0), 0.3, jnp.arange(8), jnp.arange(16), 5, 32)
+  assert keep.shape == (8, 16 * 5, 32)
+  # 20,480 Bernoulli(0.7) draws: std of the mean is 0.0032; 5 sigma.
+  assert abs(float(keep.mean()) - 0.7) < 0.016
+  # Slot (e, g) bits depend only on (e, g): a sub-range of ids reproduces its rows.
+  part = expert_dropout_mask(jax.random.key(0), 0.3, jnp.arange(2, 4), jnp.arange(3, 5), 5, 32)
+  np.testing.assert_array_equal(part.reshape(2, 2, 5, 32),
+                                keep.reshape(8, 16, 5, 32)[2:4, 3:5])

@@ -238,6 +238,25 @@ def test_bfloat16_activations_keep_a_float32_router():
     moe.routing.router_logits = orig
 
 
+def test_bfloat16_router_computes_softmax_and_gates_in_bfloat16():
+  logits_SE = jax.random.normal(jax.random.key(0), (64, 8)) * 3
+  valid_S = jnp.ones(64, bool)
+  kw = dict(top_k=2, capacity=64, gate="gshard")
+  r32 = moe.routing.route_group(logits_SE, valid_S, **kw)
+  r16 = moe.routing.route_group(logits_SE.astype(jnp.bfloat16), valid_S, **kw)
+  assert r32.probs_SE.dtype == r32.gate_SK.dtype == jnp.float32
+  assert r16.probs_SE.dtype == r16.gate_SK.dtype == jnp.bfloat16
+  # The bfloat16 softmax is the float32 one rounded at bfloat16 precision (8 bits of mantissa),
+  # not float32 arithmetic on bfloat16 logits.
+  p32_of_bf16 = jax.nn.softmax(logits_SE.astype(jnp.bfloat16).astype(jnp.float32), axis=-1)
+  np.testing.assert_allclose(r16.probs_SE.astype(jnp.float32), p32_of_bf16, rtol=2e-2, atol=1e-3)
+  assert not np.array_equal(np.asarray(r16.probs_SE.astype(jnp.float32)),
+                            np.asarray(p32_of_bf16))
+  # Losses and statistics are still float32 sums.
+  sums = moe.routing.routing_sums(jax.tree.map(lambda a: a[None], r16), valid_S[None])
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(sums))
+
+
 def test_switch_init_scale():
   layer = make(MoEConfig(num_experts=4, d_ff=512, router_init_scale=0.1, expert_init_scale=0.1),
                d_model=256)
