@@ -1,8 +1,11 @@
 """Optimizers and learning-rate schedules (optax), built from `config.optim`.
 
-- `adafactor` (T5 / Switch / ST-MoE default): factored second moments, no momentum, update
-  clipping 1.0, relative step sizes off (the schedule below sets the step size).
-- `adamw`: decoupled weight decay applied to matrices only (not norms' scales).
+- `adafactor` (T5 / Switch / ST-MoE default): factored second moments (for dims >= 128), no
+  momentum, update clipping 1.0, relative step sizes off (the schedule below sets the step size).
+- `adamw`: Adam with decoupled weight decay.
+`weight_decay` means the same for both: `param -= lr(t) * weight_decay * param` each step, on
+matrices only (not norms' scales). (optax.adafactor's own `weight_decay_rate` is not multiplied by
+the learning rate and decays every parameter, so it is not used.)
 Both are preceded by global-norm gradient clipping (`grad_clip_norm`, 0 disables it).
 
 Schedules: linear warmup over `warmup_steps`, then
@@ -41,6 +44,21 @@ def make_schedule(optim, num_train_steps: int) -> optax.Schedule:
   return schedule
 
 
+# Adafactor factors the second moment of a parameter whose second-largest dim is at least this.
+FACTOR_MIN_DIM = 128
+
+
+def factored_moment_axis(shape: tuple[int, ...], moment: str) -> int | None:
+  """The param axis that Adafactor's `v_row` / `v_col` drops (optax's rule), or None when the
+  parameter is not factored: v_row drops the largest dim, v_col the second largest."""
+  if len(shape) < 2:
+    return None
+  order = sorted(range(len(shape)), key=lambda i: (shape[i], i))  # == np.argsort (stable)
+  if shape[order[-2]] < FACTOR_MIN_DIM:
+    return None
+  return order[-1] if moment == "v_row" else order[-2]
+
+
 def _is_matrix(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
@@ -50,9 +68,11 @@ def make_optimizer(optim, num_train_steps: int) -> tuple[optax.GradientTransform
   """Returns `(tx, schedule)` for `config.optim`."""
   schedule = make_schedule(optim, num_train_steps)
   if optim.name == "adafactor":
-    tx = optax.adafactor(learning_rate=schedule, multiply_by_parameter_scale=False,
-                         clipping_threshold=1.0, decay_rate=0.8,
-                         weight_decay_rate=float(optim.weight_decay) or None)
+    tx = optax.chain(
+        optax.scale_by_factored_rms(decay_rate=0.8, min_dim_size_to_factor=FACTOR_MIN_DIM),
+        optax.clip_by_block_rms(1.0),
+        optax.add_decayed_weights(float(optim.weight_decay), mask=_is_matrix),
+        optax.scale_by_learning_rate(schedule))
   elif optim.name == "adamw":
     tx = optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=1e-8,
                      weight_decay=float(optim.weight_decay), mask=_is_matrix)

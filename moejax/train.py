@@ -141,13 +141,22 @@ def create_model_and_optimizer(model_cfg: TransformerConfig, tx: optax.GradientT
       optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
       # Moments shaped like their param (AdamW mu/nu, Adafactor's unfactored v) are laid out like
       # it, so expert moments stay sharded over `expert` instead of replicated on every device.
+      # Adafactor's factored moments (`v_row`, `v_col`) drop one axis of their param: they keep
+      # the param's sharding on the axes that remain (so expert moments stay over `expert`).
       for path, node in nnx.iter_graph(optimizer.opt_state):
         if not isinstance(node, nnx.Variable):
           continue
         value = node.get_value()
         for start in range(len(path)):
           shape, spec = param_specs.get(tuple(path[start:]), (None, None))
-          if spec is not None and shape == getattr(value, "shape", None):
+          if spec is None:
+            continue
+          moment = next((p for p in path[:start] if p in ("v_row", "v_col")), None)
+          dropped = optim.factored_moment_axis(shape, moment) if moment else None
+          if dropped is not None:
+            shape = shape[:dropped] + shape[dropped + 1:]
+            spec = tuple(spec[:dropped]) + tuple(spec[dropped + 1:])
+          if shape == getattr(value, "shape", None):
             node.set_value(jax.lax.with_sharding_constraint(value, P(*spec)))
             break
       return model, optimizer

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import re
 from flax import nnx
@@ -166,3 +167,37 @@ def test_optimizer_moments_are_sharded_like_their_params():
     assert moments, sorted(specs)
     for k in moments:
       assert specs[k][0] == "expert", (name, k, specs[k])
+
+
+def test_adafactor_factored_moments_of_experts_are_sharded_over_expert():
+  # Sizes that factor (D, F >= 128): expert moments are v_row [E, D] and v_col [E, F].
+  config = _config(**{"model.d_model": 128, "model.moe.d_ff": 160, "model.num_heads": 2,
+                      "model.head_dim": 8})
+  config.optim.name = "adafactor"
+  model_cfg = train.validate_config(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+  _, optimizer = train.create_model_and_optimizer(model_cfg, tx, mesh, 0)
+  flat = {"/".join(map(str, p)): v.get_value()
+          for p, v in nnx.to_flat_state(nnx.state(optimizer))}
+  factored = {k: v for k, v in flat.items() if k.endswith("ffn/wi") and "/v_" in k}
+  shapes = sorted((k.split("/v_")[1][:3], v.shape) for k, v in factored.items())
+  # optax's rule: v_row drops the largest dim (F=160), v_col the second largest (D=128).
+  assert shapes == [("col", (8, 160)), ("row", (8, 128))], shapes
+  for k, v in factored.items():
+    assert v.sharding.spec[0] == "expert", (k, v.sharding.spec)
+
+
+def test_weight_decay_is_lr_times_decay_on_matrices_for_both_optimizers():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  params = {"w": jnp.ones((4, 3)), "scale": jnp.ones((3,))}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for name in ("adamw", "adafactor"):
+    c = ml_collections.ConfigDict(dict(name=name, learning_rate=0.1, warmup_steps=0,
+                                       schedule="constant", end_lr_fraction=0.0, b1=0.9,
+                                       b2=0.95, weight_decay=0.5, grad_clip_norm=0.0))
+    tx, _ = optim.make_optimizer(c, 10)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    # Zero gradient: the update is the decay alone, -lr * wd * w, and norms' scales are not decayed.
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((4, 3)), rtol=1e-6)
+    np.testing.assert_allclose(updates["scale"], 0.0)
