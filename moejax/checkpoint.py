@@ -97,10 +97,34 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(_abstract, flatten_state(target))
+    self._check_compatible(step, abstract)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     return unflatten_into(target, restored["state"]), restored["data"], restored["meta"]
+
+  def _check_compatible(self, step: int, abstract: dict[str, jax.ShapeDtypeStruct]) -> None:
+    """A clear error when the checkpoint holds another model (orbax's would be a KeyError)."""
+    try:
+      metadata = ocp.StandardCheckpointer().metadata(
+          os.path.join(self.directory, str(step), "state"))
+      stored = dict(getattr(metadata, "item_metadata", metadata))
+    except Exception:  # pylint: disable=broad-except  # Metadata unreadable: let restore try.
+      return
+    missing = sorted(set(abstract) - set(stored))
+    extra = sorted(set(stored) - set(abstract))
+    for name in sorted(set(abstract) & set(stored)):
+      shape = tuple(getattr(stored[name], "shape", ()) or ())
+      if shape != tuple(abstract[name].shape):
+        raise ValueError(f"checkpoint {self.directory}/{step} does not fit this model: "
+                         f"parameter {name!r} has shape {shape} in the checkpoint and "
+                         f"{tuple(abstract[name].shape)} in the model (another config wrote "
+                         "this checkpoint; use another workdir).")
+    if missing or extra:
+      raise ValueError(f"checkpoint {self.directory}/{step} does not fit this model: "
+                       f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                       f"{extra[:3]}{'...' if len(extra) > 3 else ''} (another config wrote this "
+                       "checkpoint; use another workdir).")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

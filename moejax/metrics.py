@@ -78,8 +78,14 @@ class MetricWriter:
       return
     path = self._jsonl.name
     self._jsonl.close()
+    kept = []
     with open(path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+      for line in f:
+        try:
+          if json.loads(line)["step"] <= step:
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+          continue  # A line cut short by a kill mid-write: its step is redone anyway.
     with open(path, "w") as f:
       f.writelines(kept)
     self._jsonl = open(path, "a", buffering=1)

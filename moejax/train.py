@@ -390,11 +390,16 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
         check_finite(step, jax.device_get(step_metrics))
         final_eval = evaluate(state, final=is_last)
         writer.write(step, final_eval, "eval")
-        last_log_time = time.time()  # Do not count eval time in tokens/s.
+        # Restart the throughput clock: neither eval time nor the steps before it count.
+        last_log_time, last_log_step = time.time(), step
 
       if step % config.checkpoint_every == 0 or is_last:
         check_finite(step, jax.device_get(step_metrics))  # Never save a non-finite state.
         checkpointer.save(step, state, train_iter.get_state(), force=is_last)
+
+  if not final_eval:  # Resumed a finished run: nothing trained, so evaluate what was restored.
+    with jax.set_mesh(mesh):
+      final_eval = evaluate(state, final=True)
 
   # ----------------------------------------------------------------------------------------------
   # Wrap up: wait for the async save, flush writers.

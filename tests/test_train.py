@@ -107,6 +107,34 @@ def test_exact_resume(straight_run, tmp_path):
   assert [resumed[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]  # Bit-exact.
 
 
+def test_exact_resume_with_a_truncated_metrics_line(straight_run, tmp_path):
+  # A kill mid-write leaves half a JSON line at the end of metrics.jsonl: resuming still works.
+  with open(os.path.join(straight_run[0], "metrics.jsonl")) as f:
+    early = [line for line in f if json.loads(line)["step"] <= 5]
+  with open(os.path.join(tmp_path, "metrics.jsonl"), "w") as f:
+    f.writelines(early + ['{"step": 6, "split": "tr'])
+  resumed = _resume_from_step4(straight_run[0], str(tmp_path))
+  assert sorted(resumed) == list(range(1, 9))
+
+
+def test_resuming_a_finished_run_returns_its_final_metrics(straight_run, tmp_path):
+  workdir, final = straight_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  again = train.train_and_evaluate(_config(), copy)
+  assert again.keys() == final.keys()
+  for key in final:
+    assert again[key] == pytest.approx(final[key], rel=1e-5), key
+
+
+def test_restoring_another_model_names_the_parameter_and_shapes(straight_run, tmp_path):
+  copy = str(tmp_path / "copy")
+  shutil.copytree(straight_run[0], copy)
+  with pytest.raises(ValueError, match=r"parameter '.*ffn/wi' has shape \(8, 29, 19\) in the "
+                                       r"checkpoint and \(8, 29, 23\) in the model"):
+    train.train_and_evaluate(_config(**{"model.moe.d_ff": 23}), copy)
+
+
 @pytest.mark.parametrize("data, expert", [(4, 2), (8, 1)])
 def test_restore_onto_another_mesh(straight_run, tmp_path, data, expert):
   losses = _train_losses(straight_run[0])[0]
