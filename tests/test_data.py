@@ -332,6 +332,34 @@ def test_text_files_build_then_read_in_fresh_processes(tmp_path):
   assert sorted(docs["train"] + docs["validation"]) == sorted(paras)
 
 
+def test_text_files_concurrent_builds_are_atomic(tmp_path):
+  """Two processes building the same dataset at once (two hosts of one run) both succeed, read
+  the same documents, and leave no half-built directory behind."""
+  paras = write_corpus(tmp_path / "a.txt", 200)
+  cache = tmp_path / "cache"
+  code = textwrap.dedent(f"""
+      import json, moejax.data as md
+      c = md.default_data_config()
+      c.source, c.cache_dir = 'text_files', {str(cache)!r}
+      c.text_files.paths = {str(tmp_path / 'a.txt')!r}
+      path = md.sources.build_text_files_dataset(c)
+      src = md.sources.get_source(c, 'train')
+      docs = [src.get(i)[0] for i in range(src.num_docs)]
+      print(json.dumps([path, sorted(d.decode() if isinstance(d, bytes) else d for d in docs)]))
+  """)
+  procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(json.loads(out.strip().splitlines()[-1]))
+  assert outs[0] == outs[1] and len(outs[0][1]) == 190  # 5% of 200 held out.
+  assert set(outs[0][1]) <= set(paras)
+  leftovers = [d for d in os.listdir(cache / "text_files") if ".tmp-" in d]
+  assert leftovers == []
+
+
 def test_text_files_errors_and_undecodable_bytes(tmp_path):
   c = md.default_data_config()
   c.source, c.cache_dir = "text_files", str(tmp_path / "cache")

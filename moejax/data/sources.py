@@ -22,6 +22,8 @@ import glob
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -251,12 +253,24 @@ def build_text_files_dataset(data_config) -> str:
   docs = [doc for path in files for doc in read_documents(path, cfg.doc_split, cfg.decode_errors)]
   held = held_out_split(len(docs), float(cfg.held_out_fraction))
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  builder = _make_builder_class()(docs=docs, held=held, data_dir=root,
-                                  file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  with open(os.path.join(root, "sources.txt"), "w") as f:  # human-readable provenance
-    f.write("\n".join(files) + "\n")
+  # Build in a private directory and rename it into place: several processes (hosts of one run,
+  # or runs sharing the cache) may build at once; the first rename wins, the others discard
+  # theirs, and no reader ever sees a half-written dataset.
+  os.makedirs(os.path.dirname(root), exist_ok=True)
+  tmp_root = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=os.path.dirname(root))
+  try:
+    builder = _make_builder_class()(docs=docs, held=held, data_dir=tmp_root,
+                                    file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    with open(os.path.join(tmp_root, "sources.txt"), "w") as f:  # human-readable provenance
+      f.write("\n".join(files) + "\n")
+    os.rename(tmp_root, root)
+  except OSError:
+    if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+      raise  # Not a lost race: a real error.
+  finally:
+    shutil.rmtree(tmp_root, ignore_errors=True)
   return dataset_dir
 
 
