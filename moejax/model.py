@@ -294,8 +294,9 @@ def count_params(cfg: TransformerConfig, seq_len: int = 0) -> ParamCount:
   """Counts parameters of `Transformer(cfg)` from shapes only (works for 47B-param configs).
 
   FLOPs/token (training, PaLM appendix B): `6 * N + 12 * layers * H * d * seq_len`, where N is
-  the active matmul parameters (active minus the embedding lookup; a tied head counts once as a
-  matmul). Capacity padding and the router's softmax are not counted.
+  the active matmul parameters (active minus the embedding lookup and the norm scales; a tied
+  head counts once as a matmul). Capacity padding and the router's softmax are not counted.
+  `tests/test_model.py` checks it against the dot products of the traced forward pass.
   """
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
@@ -310,6 +311,8 @@ def count_params(cfg: TransformerConfig, seq_len: int = 0) -> ParamCount:
     active_expert += n * moe.top_k // moe.num_experts
   active = total - expert + active_expert
   embedding = cfg.vocab_size * cfg.d_model
-  matmul = active - embedding + (embedding if cfg.tie_embeddings else 0)
+  vectors = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+                if len(x.shape) < 2)  # Norm scales: parameters, but no matmul.
+  matmul = active - embedding + (embedding if cfg.tie_embeddings else 0) - vectors
   flops = 6 * matmul + 12 * cfg.num_layers * cfg.num_heads * cfg.dh * seq_len
   return ParamCount(total, active, expert, embedding, flops)
