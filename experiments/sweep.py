@@ -5,7 +5,8 @@
 
 Each entry of the config file's `sweep()` (a dict of dotted overrides, e.g.
 `{"model.moe.capacity_factor": 1.0}`) is trained once per seed with `moejax.train` in
-`WORKDIR/<overrides>/seed<k>` (a finished run is resumed, i.e. skipped). The table shows, per
+`WORKDIR/<overrides>/seed<k>` (a finished run is resumed: it only re-evaluates). For studies with
+claims, tables, plots and verdicts, see `experiments/reproduce.py`. The table shows, per
 entry, the final eval cross-entropy at the eval capacity factor and with no drop, the fraction of
 choices dropped at the eval capacity factor, as mean ± sample std over seeds (REFERENCE: seed noise at
 tiny scale is 0.001-0.0025 nats, so effects below ~0.005 need several seeds). `results.json` in
@@ -20,6 +21,8 @@ import json
 import os
 import statistics
 import sys
+
+from absl import logging as absl_logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,20 +41,28 @@ def run_name(overrides: dict) -> str:
   return ",".join(f"{k}={v}" for k, v in overrides.items()) or "base"
 
 
-def run_sweep(config_spec: str, workdir: str, seeds: list[int]) -> list[dict]:
-  """Trains every (sweep entry, seed); returns one record per run with its final eval metrics."""
-  from moejax import train  # pylint: disable=import-outside-toplevel
+def run_sweep(config_spec: str, workdir: str, seeds: list[int], train_fn=None) -> list[dict]:
+  """Trains every (sweep entry, seed); returns one record per run with its final eval metrics.
+
+  `train_fn(config, run_dir)` defaults to `moejax.train.train_and_evaluate` (which resumes, so a
+  finished run only re-evaluates).
+  """
+  if train_fn is None:
+    from moejax import train  # pylint: disable=import-outside-toplevel
+    train_fn = train.train_and_evaluate
   path, _, arg = config_spec.partition(":")
   module = load_config_module(path)
   entries = module.sweep() if hasattr(module, "sweep") else [{}]
   records = []
-  for overrides in entries:
-    for seed in seeds:
-      config = module.get_config(arg or None)
-      config.update_from_flattened_dict({**overrides, "seed": seed})
-      run_dir = os.path.join(workdir, run_name(overrides), f"seed{seed}")
-      train.train_and_evaluate(config, run_dir)
-      records.append({"overrides": overrides, "seed": seed, **last_eval(run_dir)})
+  runs = [(overrides, seed) for overrides in entries for seed in seeds]
+  for i, (overrides, seed) in enumerate(runs):
+    config = module.get_config(arg or None)
+    config.update_from_flattened_dict({**overrides, "seed": seed})
+    run_dir = os.path.join(workdir, run_name(overrides), f"seed{seed}")
+    print(f"[sweep] run {i + 1}/{len(runs)}: {run_name(overrides)} seed {seed} -> {run_dir}",
+          flush=True)
+    train_fn(config, run_dir)
+    records.append({"overrides": overrides, "seed": seed, **last_eval(run_dir)})
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(records, f, indent=2)
   return records
@@ -103,6 +114,9 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--seeds", default="0")
   args = parser.parse_args()
+  # The trainer's per-step progress lines (loss, tok/s, ETA) go through absl logging.
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.INFO)
   os.makedirs(args.workdir, exist_ok=True)
   records = run_sweep(args.config, args.workdir, [int(s) for s in args.seeds.split(",")])
   print(format_table(records))

@@ -20,6 +20,12 @@ def test_sweep_runs_every_entry_and_seed(tmp_path):
   table = sweep.format_table(records)
   assert table.count("\n") == 3 and "model.moe.capacity_factor=0.5 | 2 |" in table
   assert "±" in table
-  # A finished run is not trained again: same records from the metrics files.
+  # A finished run is not trained again: the trainer resumes at the last step and only
+  # re-evaluates, so no train record is added to its metrics.jsonl.
+  def train_lines():
+    return sum(line.count('"split": "train"') for path in tmp_path.glob("*/seed*/metrics.jsonl")
+               for line in path.read_text().splitlines())
+  before = train_lines()
   again = sweep.run_sweep(f"{CONFIG}:runlocal", str(tmp_path), seeds=[0, 1])
+  assert train_lines() == before > 0
   assert [r["ce"] for r in again] == [r["ce"] for r in records]
