@@ -16,7 +16,7 @@ loads onto 2 or 1 (orbax reads the slices each device needs).
 
 Crash safety: orbax writes each step into `<step>.orbax-checkpoint-tmp-<ts>/` and renames it to
 `<step>/` only when every item (and, multi-host, every process) has finished; a run killed mid-save
-leaves only a tmp dir, which `all_steps()` ignores and `cleanup_tmp_directories` deletes on the
+leaves only a tmp dir, which orbax ignores and `cleanup_tmp_directories` deletes on the
 next start. So the last *completed* checkpoint is always the one resumed from.
 """
 
@@ -78,9 +78,6 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
 
   def save(self, step: int, state: nnx.State, data_state: Any = None,
            meta: dict[str, Any] | None = None, force: bool = False) -> bool:

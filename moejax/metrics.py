@@ -113,15 +113,6 @@ class MetricWriter:
              and not isinstance(metrics[k], np.ndarray)]
     logging.info("[%s] step %d: %s%s", split, step, " ".join(shown), console_extra)
 
-  def write_text(self, tag: str, text: str, step: int = 0) -> None:
-    if self.active:
-      self._tb.add_text(tag, text, step)
-
-  def flush(self) -> None:
-    if self.active:
-      self._tb.flush()
-      self._jsonl.flush()
-
   def close(self) -> None:
     if self.active:
       self._tb.close()

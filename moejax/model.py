@@ -4,7 +4,7 @@
     Block(x) = x + Attn(RMSNorm(x));  x + FFN(RMSNorm(x))        (pre-norm, no biases)
 
 - Attention: causal, RoPE on q/k, multi-head or grouped-query (`num_kv_heads < num_heads`; query
-  heads are grouped as `[K, G]` with `H = K * G`). With packed data the mask is *document-causal*:
+  heads are grouped as `[N, R]` with `H = N * R`). With packed data the mask is *document-causal*:
   a token attends to earlier tokens of the same `segment_ids` document only, and RoPE uses the
   per-document `positions`.
 - FFN: a dense MLP or a `moejax.moe.MoELayer`. Which layers are MoE is `moe_layers` (an explicit
@@ -12,11 +12,11 @@
   GShard, which replace every second FFN of the dense model).
 - Precision: params in `param_dtype` (float32), activations in `dtype` (e.g. bfloat16); norms,
   softmax, RoPE and logits are computed in float32. The MoE router's float32 is the MoE layer's job.
-- Sharding: only expert weights carry `out_sharding` metadata (set by the MoE layer); everything in
-  this file is replicated, so `moejax.sharding` stays the one place that decides layouts.
+- Sharding: the MoE layer's parameters carry `out_sharding` metadata (experts over `expert`, the
+  router replicated); everything created in this file is replicated.
 
-Shape letters: B batch, L (and S, the key axis) sequence, D model, F MLP width, V vocab, H query
-heads, K kv heads, G = H / K queries per kv head, d head dim.
+Shape letters: see `moejax/__init__.py` (attention: N kv heads, R = H / N query heads per kv
+head, M key positions).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class TransformerConfig:
         fail(field, getattr(self, field), "integers >= 0")
     if self.num_heads % self.kv_heads:
       fail("num_kv_heads", self.num_kv_heads,
-           f"divisors of num_heads={self.num_heads} (each kv head serves G query heads)")
+           f"divisors of num_heads={self.num_heads} (each kv head serves H / num_kv_heads query heads)")
     if not self.head_dim and self.d_model % self.num_heads:
       fail("head_dim", self.head_dim,
            f"a positive integer, or 0 only if num_heads={self.num_heads} divides "
@@ -148,35 +148,35 @@ class Attention(nnx.Module):
   """Causal (document-causal) self-attention with RoPE; grouped-query when K < H."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    D, H, K, d = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dh
+    D, H, N, d = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dh
     pd = jnp.dtype(cfg.param_dtype)
     self.wq_DHd = nnx.Param(_dense_init((0,))(rngs.params(), (D, H, d), pd))
-    self.wk_DKd = nnx.Param(_dense_init((0,))(rngs.params(), (D, K, d), pd))
-    self.wv_DKd = nnx.Param(_dense_init((0,))(rngs.params(), (D, K, d), pd))
+    self.wk_DNd = nnx.Param(_dense_init((0,))(rngs.params(), (D, N, d), pd))
+    self.wv_DNd = nnx.Param(_dense_init((0,))(rngs.params(), (D, N, d), pd))
     self.wo_HdD = nnx.Param(_dense_init((0, 1))(rngs.params(), (H, d, D), pd))
     self.cfg = cfg
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, L, _ = x_BLD.shape
-    K, G, d = cfg.kv_heads, cfg.num_heads // cfg.kv_heads, cfg.dh
+    N, R, d = cfg.kv_heads, cfg.num_heads // cfg.kv_heads, cfg.dh
     q_BLHd = jnp.einsum("BLD,DHd->BLHd", x_BLD, self.wq_DHd[...].astype(dt))
-    k_BLKd = jnp.einsum("BLD,DKd->BLKd", x_BLD, self.wk_DKd[...].astype(dt))
-    v_BLKd = jnp.einsum("BLD,DKd->BLKd", x_BLD, self.wv_DKd[...].astype(dt))
+    k_BLNd = jnp.einsum("BLD,DNd->BLNd", x_BLD, self.wk_DNd[...].astype(dt))
+    v_BLNd = jnp.einsum("BLD,DNd->BLNd", x_BLD, self.wv_DNd[...].astype(dt))
     q_BLHd = rope(q_BLHd, positions_BL, cfg.rope_theta)
-    k_BLKd = rope(k_BLKd, positions_BL, cfg.rope_theta)
-    q_BLKGd = q_BLHd.reshape(B, L, K, G, d)
-    logits_BKGLS = jnp.einsum("BLKGd,BSKd->BKGLS", q_BLKGd, k_BLKd,
+    k_BLNd = rope(k_BLNd, positions_BL, cfg.rope_theta)
+    q_BLNRd = q_BLHd.reshape(B, L, N, R, d)
+    logits_BNRLM = jnp.einsum("BLNRd,BMNd->BNRLM", q_BLNRd, k_BLNd,
                               preferred_element_type=jnp.float32) / math.sqrt(d)
-    # Document-causal: key s is visible from query l iff s <= l and both are in the same document.
+    # Document-causal: key m is visible from query l iff m <= l and both are in the same document.
     # (Causal order within a packed row is only right if `positions` restart per document, which
     # is what RoPE gets; the mask itself uses only the row index and `segment_ids`.)
-    visible_LS = jnp.tril(jnp.ones((L, L), bool))
-    visible_BLS = visible_LS[None] & (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
-    logits_BKGLS = jnp.where(visible_BLS[:, None, None], logits_BKGLS, -1e30)
-    probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(dt)
-    out_BLKGd = jnp.einsum("BKGLS,BSKd->BLKGd", probs_BKGLS, v_BLKd)
-    return jnp.einsum("BLHd,HdD->BLD", out_BLKGd.reshape(B, L, K * G, d),
+    visible_LM = jnp.tril(jnp.ones((L, L), bool))
+    visible_BLM = visible_LM[None] & (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
+    logits_BNRLM = jnp.where(visible_BLM[:, None, None], logits_BNRLM, -1e30)
+    probs_BNRLM = jax.nn.softmax(logits_BNRLM, axis=-1).astype(dt)
+    out_BLNRd = jnp.einsum("BNRLM,BMNd->BLNRd", probs_BNRLM, v_BLNd)
+    return jnp.einsum("BLHd,HdD->BLD", out_BLNRd.reshape(B, L, N * R, d),
                       self.wo_HdD[...].astype(dt))
 
 
@@ -303,7 +303,7 @@ def count_params(cfg: TransformerConfig, seq_len: int = 0) -> ParamCount:
   total = size(nnx.state(model, nnx.Param))
   expert = active_expert = 0
   for layer in model.moe_layers():
-    moe = layer.cfg if hasattr(layer, "cfg") else cfg.moe_config()
+    moe = layer.cfg
     # Expert weights by name, not by shape: the router [D, E] must not count when D == E.
     n = sum(math.prod(getattr(layer, name).shape) for name in ("wi", "wi_gate", "wo")
             if hasattr(layer, name))

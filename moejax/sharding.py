@@ -7,10 +7,9 @@ moejax uses a 2-D mesh with named axes (`data`, `expert`), the GShard / t5x MoE 
 - expert weights `[E, ...]` are sharded over `expert`; everything else (attention, dense MLPs,
   embeddings, the router) is replicated.
 
-A tensor/`model` axis is not implemented yet; `MESH_AXES` is the single place to add one.
-
-The rules below are data (t5x style): `LOGICAL_AXIS_RULES` maps the logical names that layers put
-in their `out_sharding` metadata to mesh axes.
+A tensor/`model` axis is not implemented yet. Layers name mesh axes directly in their parameters'
+`out_sharding` metadata (the MoE layer: experts over `expert`, the router replicated); logical axis
+names with a rules table (t5x style) are not built yet.
 """
 
 from __future__ import annotations

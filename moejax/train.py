@@ -42,7 +42,8 @@ from moejax import optim
 from moejax import sharding
 from moejax.model import Transformer, TransformerConfig, count_params
 
-BATCH_KEYS = ("inputs", "targets", "mask", "segment_ids", "positions")
+# What the model reads of a pipeline batch (everything but the analysis-only `domain`).
+BATCH_KEYS = tuple(k for k in data_lib.BATCH_KEYS if k != "domain")
 
 
 def validate_config(config, num_devices: int | None = None) -> TransformerConfig:
@@ -278,9 +279,10 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
                                           **jax.tree.map(lambda s: s / A, stats)})
       return (jax.tree.map(jnp.add, grads, g), rest, sums), None
 
-    zero_sums = {"ce_sum": jnp.zeros(()), "correct": jnp.zeros(()), **jax.tree.map(
-        jnp.zeros_like, jax.eval_shape(loss_fn, params, rest, model_graphdef,
-                                       jax.tree.map(lambda x: x[0], micro), num_targets)[1][3])}
+    _, (_, _, _, moe_stats_shapes) = jax.eval_shape(
+        loss_fn, params, rest, model_graphdef, jax.tree.map(lambda x: x[0], micro), num_targets)
+    zero_sums = {"ce_sum": jnp.zeros(()), "correct": jnp.zeros(()),
+                 **jax.tree.map(jnp.zeros_like, moe_stats_shapes)}
     (grads, rest, sums), _ = jax.lax.scan(
         accumulate, (jax.tree.map(jnp.zeros_like, params), rest, zero_sums), micro)
     nnx.update(model, rest)
@@ -312,7 +314,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     if model_cfg.moe_layer_indices:
       variants += [("nodrop", nodrop_graphdef)] if config.eval_no_drop else []
       variants += extra_graphdefs  # Evaluated at the last step only (see `evaluate`).
-    eval_steps = {name: jax.jit(lambda s, b, gd=gd: eval_step(s, b, gd),
+    eval_fns = {name: jax.jit(lambda s, b, gd=gd: eval_step(s, b, gd),
                                 in_shardings=(state_sharding, batch_shardings))
                   for name, gd in variants}
 
@@ -326,7 +328,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
       eval_batches.extend({k: np.asarray(b[k]) for k in BATCH_KEYS}
                           for b in itertools.islice(it, config.eval_steps))
     out = {}
-    for name, fn in eval_steps.items():
+    for name, fn in eval_fns.items():
       if name.startswith("cf") and not final:
         continue
       totals = None
