@@ -69,7 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1})
 
   c.model = m = ml_collections.ConfigDict()
-  # Vocabulary size; must be >= the tokenizer's (byte tokenizer: 259).
+  # Vocabulary size: >= the tokenizer's (byte tokenizer: 259), or 0 = the tokenizer's rounded up to
+  # a multiple of 128 (e.g. for SentencePiece: --config.data.tokenizer=sentencepiece
+  # --config.model.vocab_size=0).
   m.vocab_size = 259
   # Model width D.
   m.d_model = 128

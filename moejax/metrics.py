@@ -46,11 +46,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+# Libraries whose INFO lines drown the progress lines: orbax (~30 lines per save), TFDS ("Load
+# dataset info" per pipeline), JAX's backend probe ("Unable to initialize backend 'tpu'" on CPU).
+_CHATTY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
+
+
 class _DropLibraryInfo(logging_std.Filter):
-  """Drops INFO records of chatty libraries (orbax logs ~30 lines per save)."""
+  """Drops INFO records of chatty libraries; their warnings still pass."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno > logging_std.INFO or "/orbax/" not in record.pathname
+    return record.levelno > logging_std.INFO or not any(p in record.pathname for p in _CHATTY)
 
 
 def quiet_library_logs() -> None:

@@ -43,6 +43,8 @@ from moejax import sharding
 from moejax.model import Transformer, TransformerConfig, count_params
 
 # What the model reads of a pipeline batch (everything but the analysis-only `domain`).
+# `model.vocab_size=0`: the tokenizer's vocabulary rounded up to a multiple of this.
+VOCAB_MULTIPLE = 128
 BATCH_KEYS = tuple(k for k in data_lib.BATCH_KEYS if k != "domain")
 
 
@@ -54,7 +56,15 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
       value = value[part]
     raise ValueError(f"config.{field}={value!r}: allowed values are {allowed}.")
 
-  model_cfg = TransformerConfig(**config.model.to_dict())
+  # Token ids at or above the embedding size would read NaN rows (jnp.take fills out of range).
+  if config.data.tokenizer == "sentencepiece" and not config.data.sentencepiece.model_path:
+    tokenizer_vocab = config.data.sentencepiece.vocab_size  # trained later, to this size
+  else:
+    tokenizer_vocab = data_lib.get_tokenizer(config.data).vocab_size
+  model_fields = config.model.to_dict()
+  if model_fields["vocab_size"] == 0:  # Follow the tokenizer, padded to a multiple of 128.
+    model_fields["vocab_size"] = -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  model_cfg = TransformerConfig(**model_fields)
   for field in ("seq_len", "batch_size", "grad_accum_steps", "num_train_steps", "log_every",
                 "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints"):
     if not isinstance(config[field], int) or config[field] < 1:
@@ -79,14 +89,9 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
   for beta in ("b1", "b2"):
     if not 0 <= config.optim[beta] < 1:
       fail(f"optim.{beta}", "numbers in [0, 1)")
-  # Token ids at or above the embedding size would read NaN rows (jnp.take fills out of range).
-  if config.data.tokenizer == "sentencepiece" and not config.data.sentencepiece.model_path:
-    tokenizer_vocab = config.data.sentencepiece.vocab_size  # trained later, to this size
-  else:
-    tokenizer_vocab = data_lib.get_tokenizer(config.data).vocab_size
   if model_cfg.vocab_size < tokenizer_vocab:
-    fail("model.vocab_size", f"at least the tokenizer's vocabulary, {tokenizer_vocab} "
-         f"(data.tokenizer={config.data.tokenizer!r})")
+    fail("model.vocab_size", f"0 (follow the tokenizer) or at least the tokenizer's vocabulary, "
+         f"{tokenizer_vocab} (data.tokenizer={config.data.tokenizer!r})")
   if config.batch_size % config.grad_accum_steps:
     fail("grad_accum_steps", f"divisors of batch_size={config.batch_size}")
   mesh_shape = sharding.resolve_mesh_shape(dict(config.mesh),

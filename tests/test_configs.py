@@ -81,3 +81,23 @@ def test_command_line_overrides_and_typos():
   assert parse("--config.model.moe.group_size=32").model.moe.group_size == 32
   with pytest.raises(Exception, match="num_expert"):
     parse("--config.model.moe.num_expert=16")  # Locked config: a typo is an error.
+
+
+@pytest.mark.parametrize("tokenizer, vocab, expected", [
+    ("byte", 0, 384),  # 259 byte ids, rounded up to a multiple of 128.
+    ("sentencepiece", 0, 1024),  # data.sentencepiece.vocab_size = 1000.
+    ("byte", 300, 300),  # An explicit size is kept.
+])
+def test_vocab_size_zero_follows_the_tokenizer(tokenizer, vocab, expected):
+  config = _get("dense")
+  config.data.tokenizer, config.data.sentencepiece.vocab_size = tokenizer, 1000
+  config.model.vocab_size = vocab
+  assert validate_config(config, num_devices=1).vocab_size == expected
+
+
+def test_vocab_size_below_the_tokenizer_is_an_error():
+  config = _get("dense")
+  config.model.vocab_size = 200
+  with pytest.raises(ValueError, match=r"config.model.vocab_size=200: .*at least the tokenizer's "
+                                       r"vocabulary, 259"):
+    validate_config(config, num_devices=1)

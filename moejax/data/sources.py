@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable
 
 import numpy as np
+from absl import logging
 
 from moejax.data import builtin as builtin_lib
 from moejax.data.config import DECODE_ERRORS, DOC_SPLITS, SOURCES
@@ -258,6 +259,9 @@ def build_text_files_dataset(data_config) -> str:
   # theirs, and no reader ever sees a half-written dataset.
   os.makedirs(os.path.dirname(root), exist_ok=True)
   tmp_root = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=os.path.dirname(root))
+  logging.info("building the text_files dataset of %d documents from %s into %s (once)",
+               len(docs), cfg.paths, root)
+  tfds.disable_progress_bar()  # Escape-coded progress bars garble logs and CI output.
   try:
     builder = _make_builder_class()(docs=docs, held=held, data_dir=tmp_root,
                                     file_format="array_record")

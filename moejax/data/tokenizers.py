@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+from absl import logging
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 _BYTE_OFFSET = 3
@@ -110,6 +111,8 @@ def train_sentencepiece(texts: Iterator[str | bytes], model_path: str, vocab_siz
   lines = _sample_lines(texts, max_sentences)
   if not lines:
     raise ValueError("sentencepiece: the training split has no non-empty text to train on.")
+  logging.info("training a %s SentencePiece model, vocabulary %d, on %d lines -> %s",
+               model_type, vocab_size, len(lines), model_path)
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
