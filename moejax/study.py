@@ -422,9 +422,12 @@ class Verdict:
   n: int
 
   def line(self) -> str:
-    ci = "n/a" if not math.isfinite(self.half_width) else f"± {self.half_width:.4f}"
-    return (f"{self.claim}: effect {self.effect:+.4f} {ci} (95% CI, paired over {self.n} "
-            f"seed{'s' * (self.n != 1)}) -> **{self.status}**")
+    if self.n == 0:
+      return f"{self.claim}: not run yet"
+    if self.n == 1:
+      return f"{self.claim}: effect {self.effect:+.4f} (one seed, no interval) -> **{self.status}**"
+    return (f"{self.claim}: effect {self.effect:+.4f} ± {self.half_width:.4f} (95% CI, paired "
+            f"over {self.n} seeds) -> **{self.status}**")
 
 
 def t_quantile_975(df: int) -> float:
@@ -441,7 +444,7 @@ def verdict(claim: Better | Trend | Contrast, final: dict[tuple[str, int], dict]
     return Verdict(claim.text, "no finished runs", math.nan, math.inf, 0)
   mean = statistics.mean(values)
   if n == 1:
-    return Verdict(claim.text, INCONCLUSIVE + " (one seed)", mean, math.inf, 1)
+    return Verdict(claim.text, INCONCLUSIVE, mean, math.inf, 1)
   half = t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n)
   status = AGREES if mean - half > 0 else DISAGREES if mean + half < 0 else INCONCLUSIVE
   return Verdict(claim.text, status, mean, half, n)
@@ -513,7 +516,7 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
     ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                     color=line.get_color(), alpha=0.2)
   ax.set_xlabel("training step")
-  ax.set_ylabel(study.curve_metric + " (nats/token)")
+  ax.set_ylabel(study.curve_metric + " (nats per token)")
   ax.set_title(f"{study.name}: eval loss (mean over seeds, band = min..max)")
   _zoom_to_tail(ax, records, study.curve_metric, done)
   ax.legend(fontsize=7)
@@ -522,14 +525,14 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
 
   for spec in study.plots:
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    if spec.log_x:  # Before drawing: the plots set their own ticks at the arms' x.
+      ax.set_xscale("log", base=2)
     if isinstance(spec, ArmPlot):
       _arm_plot(ax, study, spec, final)
     else:
       _metric_plot(ax, study, spec, final)
     ax.set_xlabel(spec.xlabel)
     ax.set_ylabel(spec.ylabel)
-    if spec.log_x:
-      ax.set_xscale("log", base=2)
     ax.set_title(f"{study.name}: mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -579,16 +582,16 @@ def _metric_plot(ax, study: Study, spec: MetricPlot, final) -> None:
 
 
 def _zoom_to_tail(ax, records, metric, done) -> None:
-  """Early evals are far above the rest; keep the y-range on the second half of training."""
+  """The first eval is far above the rest; fit the y-range to the evals after it."""
   steps = sorted({r["step"] for r in records})
   if len(steps) < 3:
     return
-  tail = [r["metrics"][metric] for r in records if r["step"] >= steps[len(steps) // 2]
+  tail = [r["metrics"][metric] for r in records if r["step"] >= steps[1]
           and (r["arm"], r["seed"]) in done and metric in r["metrics"]]
   if tail:
     lo, hi = min(tail), max(tail)
-    pad = 0.15 * (hi - lo) + 1e-3
-    ax.set_ylim(lo - pad, hi + 3 * pad)
+    pad = 0.05 * (hi - lo) + 1e-3
+    ax.set_ylim(lo - pad, hi + pad)
 
 
 def _save(fig, out_dir: str, name: str) -> str:

@@ -67,9 +67,10 @@ def test_better_is_paired_over_seeds():
 
 def test_verdict_with_one_seed_or_none_is_not_a_verdict():
   one = study.verdict(study.Better("b", "moe", "dense"), _final({"dense": [1.5], "moe": [1.0]}))
-  assert one.status.startswith(study.INCONCLUSIVE) and math.isinf(one.half_width)
+  assert one.status == study.INCONCLUSIVE and math.isinf(one.half_width)
+  assert "one seed, no interval" in one.line()
   none = study.verdict(study.Better("b", "moe", "dense"), _final({"dense": [1.5]}))
-  assert none.n == 0 and none.status == "no finished runs"
+  assert none.n == 0 and none.status == "no finished runs" and "not run yet" in none.line()
 
 
 def test_better_across_metrics_of_one_arm():

@@ -45,6 +45,6 @@ STUDY = Study(
     plots=(ArmPlot("loss_vs_experts.png", "nodrop/ce", "experts E (top-1, every other layer)",
                    "no-drop eval CE (nats/byte)", log_x=True),),
     notes=("Dense arms have no routing, so their no-drop CE is their eval CE. Train FLOPs per token "
-           "are equal for dense and every MoE arm (5.71M vs 5.72M-5.76M: the router), but the "
+           "are equal for dense and every MoE arm (5.70M vs 5.72M-5.75M: the router), but the "
            "total-params dense arm costs 2.9x more FLOPs per token."),
 )
