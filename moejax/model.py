@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer
+from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer, is_int
 
 DTYPES = ("float32", "bfloat16")
 
@@ -58,10 +58,10 @@ class TransformerConfig:
     def fail(field, value, allowed):
       raise ValueError(f"config.model.{field}={value!r}: allowed values are {allowed}.")
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
-      if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+      if not is_int(getattr(self, field)) or getattr(self, field) < 1:
         fail(field, getattr(self, field), "positive integers")
     for field in ("num_kv_heads", "head_dim", "moe_every"):
-      if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+      if not is_int(getattr(self, field)) or getattr(self, field) < 0:
         fail(field, getattr(self, field), "integers >= 0")
     if self.num_heads % self.kv_heads:
       fail("num_kv_heads", self.num_kv_heads,

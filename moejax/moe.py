@@ -121,22 +121,22 @@ class MoEConfig:
       if getattr(self, name) not in options:
         fail(name, " | ".join(repr(o) for o in options))
 
-    if not _is_int(self.num_experts) or self.num_experts < 1:
+    if not is_int(self.num_experts) or self.num_experts < 1:
       fail("num_experts", "an integer >= 1")
-    if not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
+    if not is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
       fail("top_k", f"an integer in [1, num_experts={self.num_experts}]")
-    if not _is_int(self.d_ff) or self.d_ff < 1:
+    if not is_int(self.d_ff) or self.d_ff < 1:
       fail("d_ff", "an integer >= 1")
     for name in ("capacity_factor", "eval_capacity_factor"):
       value = getattr(self, name)
-      if not _is_real(value) or math.isnan(value) or value <= 0:
+      if not is_real(value) or math.isnan(value) or value <= 0:
         fail(name, "a number > 0, or math.inf (moejax.moe.NO_DROP) for no drop")
-    if self.expert_capacity is not None and (not _is_int(self.expert_capacity)
+    if self.expert_capacity is not None and (not is_int(self.expert_capacity)
                                              or self.expert_capacity < 1):
       fail("expert_capacity", "None or an integer >= 1")
-    if not _is_int(self.min_capacity) or self.min_capacity < 0:
+    if not is_int(self.min_capacity) or self.min_capacity < 0:
       fail("min_capacity", "an integer >= 0")
-    if not _is_int(self.capacity_multiple) or self.capacity_multiple < 1:
+    if not is_int(self.capacity_multiple) or self.capacity_multiple < 1:
       fail("capacity_multiple", "an integer >= 1")
     if self.group_size is not None and self.num_groups is not None:
       raise ValueError(
@@ -144,7 +144,7 @@ class MoEConfig:
           "set at most one (neither: one group per sequence).")
     for name in ("group_size", "num_groups"):
       value = getattr(self, name)
-      if value is not None and (not _is_int(value) or value < 1):
+      if value is not None and (not is_int(value) or value < 1):
         fail(name, "None or an integer >= 1")
     check_choice("activation", tuple(ACTIVATIONS))
     check_choice("capacity_convention", routing.CAPACITY_CONVENTIONS)
@@ -168,12 +168,12 @@ class MoEConfig:
     for name, one_allowed in (("second_expert_threshold", True), ("router_jitter", False),
                               ("expert_dropout", False)):
       value = getattr(self, name)
-      if not _is_real(value) or not 0.0 <= value <= 1.0 or (value == 1.0 and not one_allowed):
+      if not is_real(value) or not 0.0 <= value <= 1.0 or (value == 1.0 and not one_allowed):
         fail(name, "a number in [0, 1]" if one_allowed else "a number in [0, 1)")
     for name in ("balance_loss_weight", "gshard_loss_weight", "z_loss_weight",
                  "router_init_scale", "expert_init_scale"):
       value = getattr(self, name)
-      if not _is_real(value) or not math.isfinite(value) or value < 0:
+      if not is_real(value) or not math.isfinite(value) or value < 0:
         fail(name, "a finite number >= 0")
 
   def group_size_for(self, batch: int, length: int) -> int:
@@ -206,11 +206,13 @@ class MoEConfig:
                                    multiple=self.capacity_multiple)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+  """An integer that is not a bool (config validation: `True` is not a size)."""
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
+  """A real number that is not a bool."""
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -322,7 +324,7 @@ class MoELayer(nnx.Module):
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if not isinstance(cfg, MoEConfig):
       raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}.")
-    if not isinstance(d_model, int) or d_model < 1:
+    if not is_int(d_model) or d_model < 1:
       raise ValueError(f"MoELayer d_model={d_model!r}; allowed: an integer >= 1.")
     self.cfg = cfg
     self.d_model = d_model

@@ -41,6 +41,7 @@ from moejax import metrics as metrics_lib
 from moejax import optim
 from moejax import sharding
 from moejax.model import Transformer, TransformerConfig, count_params
+from moejax.moe import is_int
 
 # What the model reads of a pipeline batch (everything but the analysis-only `domain`).
 # `model.vocab_size=0`: the tokenizer's vocabulary rounded up to a multiple of this.
@@ -67,7 +68,7 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
   model_cfg = TransformerConfig(**model_fields)
   for field in ("seq_len", "batch_size", "grad_accum_steps", "num_train_steps", "log_every",
                 "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints"):
-    if not isinstance(config[field], int) or config[field] < 1:
+    if not is_int(config[field]) or config[field] < 1:
       fail(field, "positive integers")
   for cf in config.eval_capacity_factors:
     if not (isinstance(cf, (int, float)) and cf > 0):

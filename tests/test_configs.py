@@ -101,3 +101,16 @@ def test_vocab_size_below_the_tokenizer_is_an_error():
   with pytest.raises(ValueError, match=r"config.model.vocab_size=200: .*at least the tokenizer's "
                                        r"vocabulary, 259"):
     validate_config(config, num_devices=1)
+
+
+@pytest.mark.parametrize("field", ["num_train_steps", "model.d_model", "model.moe.d_ff"])
+def test_booleans_are_not_sizes(field):
+  config = _get("switch")
+  *parents, leaf = field.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  with node.ignore_type():
+    node[leaf] = True
+  with pytest.raises(ValueError, match=leaf):
+    validate_config(config, num_devices=1)
