@@ -8,8 +8,8 @@ Each entry of the config file's `sweep()` (a dict of dotted overrides, e.g.
 `WORKDIR/<overrides>/seed<k>` (a finished run is resumed: it only re-evaluates). For studies with
 claims, tables, plots and verdicts, see `experiments/reproduce.py`. The table shows, per
 entry, the final eval cross-entropy at the eval capacity factor and with no drop, the fraction of
-choices dropped at the eval capacity factor, as mean ± sample std over seeds (REFERENCE: seed noise at
-tiny scale is 0.001-0.0025 nats, so effects below ~0.005 need several seeds). `results.json` in
+choices dropped at the eval capacity factor, as mean ± sample std over seeds (seed noise at tiny
+scale is a few 1e-3 nats, so effects below ~0.005 need several seeds). `results.json` in
 WORKDIR holds every run's final eval metrics.
 """
 

@@ -433,12 +433,34 @@ def _sharded(run, mesh, *, G: int, num_experts: int):
 
 
 def as_linen(cfg: MoEConfig, d_model: int, *, name: str | None = None, **kwargs):
-  """The MoE layer as a Flax Linen module (via `flax.nnx.bridge.to_linen`).
+  """The MoE layer as a Flax Linen module (via `flax.nnx.bridge.ToLinen`).
 
       y_BLD, aux = moe.as_linen(cfg, d_model, name="moe")(x_BLD, mask_BL)   # inside @nn.compact
 
-  Initialise with `rngs={'params': ..., 'routing': ...}`; pass `rngs={'routing': ...,
-  'dropout': ...}` to `apply` in training, or `deterministic=True` at call time for eval.
+  Initialise with `rngs={'params': ..., 'routing': ...}`. In training, pass fresh
+  `rngs={'routing': ..., 'dropout': ...}` to every `apply` (e.g. `jax.random.fold_in(key, step)`);
+  a training-mode call of a layer with jitter, random routing or expert dropout and without those
+  RNGs raises ValueError (it would otherwise reuse one fixed key every step). For eval, call with
+  `deterministic=True`.
   """
+  from flax.core import FrozenDict  # pylint: disable=import-outside-toplevel
   from flax.nnx import bridge  # pylint: disable=import-outside-toplevel
-  return bridge.to_linen(MoELayer, cfg, d_model, name=name, **kwargs)
+  streams = (("routing",) if cfg.router_jitter > 0 or (cfg.second_expert_policy == "random"
+                                                        and cfg.top_k > 1) else ())
+  streams += ("dropout",) if cfg.expert_dropout > 0 else ()
+
+  class _LinenMoE(bridge.ToLinen):
+    """ToLinen that refuses a training call without the RNGs the layer draws from."""
+
+    def __call__(self, x_BLD, mask_BL=None, *, deterministic: bool | None = None, **kw):
+      if streams and not deterministic and not self.is_initializing():
+        missing = [s for s in streams if not self.has_rng(s)]
+        if missing:
+          raise ValueError(
+              f"MoE layer {self.name!r} in training mode needs rngs {missing} in `apply` (router "
+              f"jitter / random routing / expert dropout would reuse one fixed key every step); "
+              f"pass rngs={{{', '.join(repr(m) + ': key' for m in missing)}}}, or "
+              "deterministic=True for eval.")
+      return super().__call__(x_BLD, mask_BL, deterministic=deterministic, **kw)
+
+  return _LinenMoE(MoELayer, args=(cfg, d_model), kwargs=FrozenDict(kwargs), name=name)

@@ -74,8 +74,8 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int, capacity_fact
   """Slots per expert per group, C.
 
   `switch` (default, Switch eq. 3 generalised to top-k; vmoe without its rounding):
-  `C = ceil(k * cf * S / E)`. The other conventions reproduce other codebases' numbers (see
-  REFERENCE.md, "Same knob, different meaning"): `mesh_tf` `max(min(S, int(S*cf/E)), 4)`;
+  `C = ceil(k * cf * S / E)`. The other conventions reproduce other codebases' numbers (read
+  from each codebase's source): `mesh_tf` `max(min(S, int(S*cf/E)), 4)`;
   `flaxformer` `max(round(cf*S/E), 4)` (no k factor); `vmoe` `ceil(S*k*cf/E)` up to a multiple of
   4; `praxis` `int(S*cf/E)` up to a multiple of 4; `maxtext` `int(max(ceil(S*k/E)*cf, cf))`.
 

@@ -41,3 +41,25 @@ def test_linen_wrapper_matches_nnx_layer():
   grads = jax.grad(lambda v: jnp.sum(block.apply(v, x, mask, deterministic=True,
                                                  mutable=True)[0][0] ** 2))(variables)
   assert float(jnp.linalg.norm(nn.unbox(grads)["params"]["moe"]["router"])) > 0
+
+
+def test_linen_training_mode_uses_the_apply_rngs_and_refuses_to_run_without_them():
+  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, gate="gshard", router_jitter=0.3,
+                  second_expert_policy="random")
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic=False):
+      return moe.as_linen(cfg, x.shape[-1], name="moe")(x, None, deterministic=deterministic)
+
+  x = jax.random.normal(jax.random.key(0), (2, 9, 5))
+  block = Block()
+  variables = block.init({"params": jax.random.key(1), "routing": jax.random.key(2)}, x)
+  train = lambda key: block.apply(variables, x, rngs={"routing": key}, mutable=True)[0][0]  # noqa
+  np.testing.assert_array_equal(train(jax.random.key(5)), train(jax.random.key(5)))
+  assert not np.allclose(train(jax.random.key(5)), train(jax.random.key(6)))
+  with np.testing.assert_raises_regex(ValueError, r"needs rngs \['routing'\]"):
+    block.apply(variables, x, mutable=True)
+  # Eval needs no RNG and is deterministic.
+  eval_y = block.apply(variables, x, True, mutable=True)[0][0]
+  np.testing.assert_array_equal(eval_y, block.apply(variables, x, True, mutable=True)[0][0])
