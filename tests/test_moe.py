@@ -29,6 +29,8 @@ def naive_ffn(layer, x_D, e):
   h = x_D @ w["wi"][e]
   if layer.cfg.activation == "swiglu":
     h = jax.nn.silu(x_D @ w["wi_gate"][e]) * h
+  elif layer.cfg.activation == "geglu":
+    h = jax.nn.gelu(x_D @ w["wi_gate"][e]) * h
   elif layer.cfg.activation == "relu":
     h = jax.nn.relu(h)
   else:
@@ -36,7 +38,7 @@ def naive_ffn(layer, x_D, e):
   return h @ w["wo"][e]
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "geglu"])
 def test_no_drop_all_experts_equals_dense_mixture(activation):
   E = 5
   cfg = MoEConfig(num_experts=E, top_k=E, d_ff=6, activation=activation,
@@ -303,3 +305,78 @@ def test_shape_errors_are_raised_before_compiling():
     layer(jnp.ones((2, 5, 8)))
   with pytest.raises(ValueError, match=r"mask shape"):
     layer(jnp.ones((2, 5, D)), jnp.ones((2, 4), bool))
+
+
+def test_jitter_alone_scales_only_the_router_input_and_only_in_training():
+  cfg = MoEConfig(num_experts=4, top_k=1, d_ff=6, router_jitter=0.2,
+                  capacity_factor=moe.NO_DROP)
+  layer = make(cfg)
+  x = inputs()
+  captured = []
+  orig = moe.routing.router_logits
+
+  def spy(x_GSD, w_DE, *, dtype, jitter_GSD=None):
+    captured.append(jitter_GSD)
+    return orig(x_GSD, w_DE, dtype=dtype, jitter_GSD=jitter_GSD)
+
+  moe.routing.router_logits = spy
+  try:
+    y_train, _ = layer(x)
+    y_eval, _ = layer(x, deterministic=True)
+  finally:
+    moe.routing.router_logits = orig
+  jitter, no_jitter = captured
+  assert no_jitter is None  # Eval: no noise at all.
+  assert float(jitter.min()) >= 0.8 and float(jitter.max()) <= 1.2 and float(jitter.std()) > 0.05
+  # The experts see the unjittered input: recompute the training output by hand from the
+  # jittered router's choice and gate, with the clean x through the expert.
+  x_GSD = x.reshape(-1, 11, D)
+  logits = jnp.einsum("GSD,DE->GSE", x_GSD * jitter, layer.router[...])
+  probs = jax.nn.softmax(logits, -1)
+  e_GS = jnp.argmax(probs, -1)
+  expected = np.zeros(x_GSD.shape, np.float32)
+  for g in range(x_GSD.shape[0]):
+    for t in range(11):
+      e = int(e_GS[g, t])
+      expected[g, t] = np.asarray(probs[g, t, e] * naive_ffn(layer, x_GSD[g, t], e))
+  np.testing.assert_allclose(y_train.reshape(x_GSD.shape), expected, rtol=2e-5, atol=2e-6)
+  assert not np.allclose(y_train, y_eval)
+
+
+def test_random_second_expert_is_kept_with_probability_min_1_2g2():
+  # GShard Algorithm 1: keep the second choice iff 2 * g2 > U(0, 1), g2 normalised over the top 2.
+  S, trials = 64, 400
+  logits_SE = jax.random.normal(jax.random.key(0), (S, 4)) * 1.5
+  p = jax.nn.softmax(logits_SE, -1)
+  top2 = jnp.sort(p, -1)[:, ::-1][:, :2]
+  keep_prob_S = np.minimum(1.0, 2 * np.asarray(top2[:, 1] / top2.sum(-1)))
+
+  def kept(key):
+    u = jax.random.uniform(key, (S, 2))
+    r = moe.routing.route_group(logits_SE, jnp.ones(S, bool), top_k=2, capacity=S, gate="gshard",
+                                second_expert_policy="random", uniform_SK=u)
+    return r.kept_SK[:, 1]
+
+  freq_S = np.asarray(jax.vmap(kept)(jax.random.split(jax.random.key(1), trials)).mean(0))
+  # Binomial standard error per token, at most 0.025 with 400 trials: 5 sigma everywhere.
+  se_S = np.sqrt(keep_prob_S * (1 - keep_prob_S) / trials)
+  assert np.all(np.abs(freq_S - keep_prob_S) <= 5 * se_S + 1e-9), (freq_S, keep_prob_S)
+  assert keep_prob_S.min() < 0.9  # The test covers probabilities well below 1.
+
+
+@pytest.mark.parametrize("kw, S, C", [
+    (dict(capacity_convention="flaxformer", capacity_factor=1.0), 24, 4),  # max(round(24/8),4)
+    (dict(capacity_convention="mesh_tf", capacity_factor=2.0), 24, 6),  # max(min(24,int(6)),4)
+    (dict(min_capacity=5, capacity_factor=0.5), 24, 5),  # ceil(2*0.5*24/8) = 3, floor 5
+    (dict(capacity_multiple=4, capacity_factor=1.0), 24, 8),  # ceil(6) = 6 -> 8
+])
+def test_capacity_options_reach_the_layer(kw, S, C):
+  cfg = MoEConfig(num_experts=8, top_k=2, d_ff=6, gate="gshard", **kw)
+  assert cfg.capacity(S, deterministic=False) == C
+  # Through the layer: with every token sent to expert 0, exactly C choices per group are kept.
+  layer = make(cfg)
+  layer.router[...] = jnp.zeros_like(layer.router[...]).at[:, 0].set(1.0)
+  x = jnp.abs(inputs(B=1, L=S)) + 1.0  # positive inputs: expert 0 wins every first choice
+  _, aux = layer(x)
+  kept_first = (1 - float(aux.metrics["dropped_fraction"][0])) * S
+  assert kept_first == pytest.approx(C), (kept_first, C)

@@ -229,3 +229,21 @@ def test_weight_decay_is_lr_times_decay_on_matrices_for_both_optimizers():
     # Zero gradient: the update is the decay alone, -lr * wd * w, and norms' scales are not decayed.
     np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((4, 3)), rtol=1e-6)
     np.testing.assert_allclose(updates["scale"], 0.0)
+
+
+def test_eval_uses_the_eval_capacity_factor_and_nodrop_drops_nothing(tmp_path):
+  # Train at CF 2 (few drops), evaluate at CF 0.3 (many drops) and with no drop (none).
+  config = _config(**{"model.moe.capacity_factor": 2.0, "model.moe.eval_capacity_factor": 0.3,
+                      "num_train_steps": 2, "eval_every": 2, "checkpoint_every": 2,
+                      "eval_capacity_factors": (1.0,)})
+  train.train_and_evaluate(config, str(tmp_path))
+  _, records = _train_losses(str(tmp_path))
+  train_rec = [r for r in records if r["split"] == "train"][-1]
+  eval_rec = [r for r in records if r["split"] == "eval"][-1]
+  at_eval_cf = sum(eval_rec["moe/layer1/dropped_fraction"])
+  assert at_eval_cf > 0.3, eval_rec["moe/layer1/dropped_fraction"]
+  assert sum(train_rec["moe/layer1/dropped_fraction"]) < at_eval_cf / 3
+  assert sum(eval_rec["nodrop/moe/layer1/dropped_fraction"]) == 0
+  assert eval_rec["nodrop/ce"] < eval_rec["ce"]  # Dropping tokens costs loss.
+  # The extra capacity factor sits in between.
+  assert 0 < sum(eval_rec["cf1/moe/layer1/dropped_fraction"]) < at_eval_cf
