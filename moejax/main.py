@@ -7,6 +7,9 @@ Slurm and Open MPI are detected; other clusters pass `--coordinator_address=HOST
 nothing).
 """
 
+import difflib
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -27,5 +30,36 @@ def main(argv):
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def unknown_override(argv: list[str]) -> str | None:
+  """For a `--config.a.b=v` naming a field the config lacks: a one-line "did you mean"."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  from moejax import study  # pylint: disable=import-outside-toplevel
+  path, _, arg = spec.partition(":")
+  config = study.load_config_module(path).get_config(arg or None)
+  for item in argv:
+    if not item.startswith("--config."):
+      continue
+    node, parts = config, item[len("--config."):].split("=", 1)[0].split(".")
+    for depth, part in enumerate(parts):
+      if not hasattr(node, "keys") or part not in node:
+        fields = sorted(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(part, fields, n=1)
+        where = ".".join(["config", *parts[:depth]])
+        return (f"{item}: {where} has no field {part!r}"
+                + (f"; did you mean {where}.{close[0]}?" if close else f"; fields: {fields}"))
+      node = node[part]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a one-line error for a misspelled config field (not a traceback)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    sys.exit(f"error: {unknown_override(argv[1:]) or e}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
