@@ -51,8 +51,10 @@ def record_routing(config, workdir: str, num_batches: int):
 
   @nnx.jit
   def route(model, batch):
-    model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["mask"])
-    return nnx.pop(model, nnx.Intermediate)
+    forward = nnx.capture(lambda m: m(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                      batch["mask"]), nnx.Intermediate)
+    _, sown = forward(model)
+    return sown
 
   it = data_lib.make_pipeline(config.data, seq_len=config.seq_len,
                               global_batch_size=config.batch_size, split=config.data.eval_split,

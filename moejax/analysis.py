@@ -12,9 +12,9 @@ functions measure both on any labelled routing record:
 - `consecutive_same_expert(experts_BL, mask_BL)`: how often token t and t+1 of the same document
   share their top-1 expert, against chance `sum_e load_e^2`.
 
-Record the choices with `MoELayer.record_routing = True` (the layer then sows the router's top-k
-experts, before capacity, as `nnx.Intermediate` "router_topk"); `experiments/routing_analysis.py`
-does this for a trained run.
+Record the choices with `MoELayer.record_routing = True` and `nnx.capture(f, nnx.Intermediate)`
+(the layer then sows the router's top-k experts, before capacity, as `nnx.Intermediate`
+"router_topk"); `experiments/routing_analysis.py` does this for a trained run.
 """
 
 from __future__ import annotations

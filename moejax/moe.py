@@ -261,8 +261,10 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                jitter_GSD: jax.Array | None, uniform_GSK: jax.Array | None,
                dropout_key: jax.Array | None, *, cfg: MoEConfig, capacity: int,
                second_expert_policy: str, expert_axis: str | None = None,
-               reduce_axes: tuple[str, ...] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The MoE computation on G groups: `(y_GSD, routing sums)`. Pure; also the shard_map body.
+               reduce_axes: tuple[str, ...] = ()
+               ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+  """The MoE computation on G groups: `(y_GSD, routing sums, router top-k experts [G, S, K])`.
+  Pure; also the shard_map body.
 
   With `expert_axis` set it runs per device inside `jax.shard_map`: `weights['wi']` etc. hold the
   local E/ep experts, and two `all_to_all`s over `expert_axis` move the capacity buffer to the
@@ -308,7 +310,7 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
   sums = routing.routing_sums(r, valid_GS, balance_loss_choices=cfg.balance_loss_choices)
   if reduce_axes:
     sums = jax.lax.psum(sums, reduce_axes)
-  return y_GSD, sums
+  return y_GSD, sums, r.router_expert_SK
 
 
 def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
@@ -346,8 +348,9 @@ class MoELayer(nnx.Module):
     self.rngs = rngs
     self.deterministic = False
     self.capacity_factor_override: float | None = None
-    # When True, each call sows the router's top-k experts (before capacity, without jitter)
-    # as nnx.Intermediate "router_topk" [B, L, K], for routing analyses (moejax.analysis).
+    # When True, each call sows the router's top-k experts of that call (before capacity; in
+    # training with jitter, in eval without) as nnx.Intermediate "router_topk" [B, L, K], for
+    # routing analyses (moejax.analysis); collect them with `nnx.capture(f, nnx.Intermediate)`.
     self.record_routing = False
 
   def weights(self) -> dict[str, jax.Array]:
@@ -387,15 +390,15 @@ class MoELayer(nnx.Module):
     if not deterministic and cfg.expert_dropout > 0:
       dropout_key = self.rngs.dropout()
 
-    if self.record_routing:
-      logits_GSE = routing.router_logits(x_GSD, self.router[...], dtype=jnp.float32)
-      self.sow(nnx.Intermediate, "router_topk", jax.lax.top_k(logits_GSE, K)[1].reshape(B, L, K))
 
     run = functools.partial(moe_groups, cfg=cfg, capacity=C, second_expert_policy=policy)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and sharding.EXPERT in mesh.axis_names:
       run = _sharded(run, mesh, G=G, num_experts=cfg.num_experts)
-    y_GSD, sums = run(x_GSD, valid_GS, self.weights(), jitter_GSD, uniform_GSK, dropout_key)
+    y_GSD, sums, router_expert_GSK = run(x_GSD, valid_GS, self.weights(), jitter_GSD,
+                                         uniform_GSK, dropout_key)
+    if self.record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
+      self.sow(nnx.Intermediate, "router_topk", router_expert_GSK.reshape(B, L, K))
 
     metrics = routing.finalize_sums(sums)
     loss = (cfg.balance_loss_weight * metrics["balance_loss"]
@@ -426,7 +429,7 @@ def _sharded(run, mesh, *, G: int, num_experts: int):
 
     in_specs = (groups, groups, weight_specs, optional(jitter_GSD, groups),
                 optional(uniform_GSK, groups), optional(dropout_key, P()))
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(groups, P()))(
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(groups, P(), groups))(
         x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key)
 
   return sharded_run

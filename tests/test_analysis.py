@@ -46,11 +46,12 @@ def test_layer_records_router_top_k_before_capacity():
   cfg = MoEConfig(num_experts=5, top_k=2, d_ff=4, gate="gshard", capacity_factor=0.5)
   layer = MoELayer(cfg, 7, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 9, 7))
-  layer(x)
-  assert not nnx.state(layer, nnx.Intermediate)  # off by default
+  forward = nnx.capture(lambda m: m(x), nnx.Intermediate)
+  _, sown = forward(layer)
+  assert not sown  # off by default
   layer.record_routing = True
-  layer(x)
-  (recorded,) = nnx.pop(layer, nnx.Intermediate)["router_topk"].get_value()
+  _, sown = forward(layer)
+  (recorded,) = sown["router_topk"].get_value()
   logits = routing.router_logits(x.reshape(2, 9, 7), layer.router[...])
   r = routing.route(logits, jnp.ones((2, 9), bool), top_k=2, capacity=3)
   np.testing.assert_array_equal(recorded, r.router_expert_SK)
