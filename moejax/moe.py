@@ -412,13 +412,9 @@ def _sharded(run, mesh, *, G: int, num_experts: int):
   ep = mesh.shape[sharding.EXPERT]
   token_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
   shards = math.prod(mesh.shape[a] for a in token_axes)
-  if num_experts % ep:
-    raise ValueError(f"MoEConfig.num_experts={num_experts} is not divisible by the mesh's "
-                     f"expert axis size {ep}; allowed: a multiple of {ep}.")
-  if G % shards:
-    raise ValueError(f"the MoE layer has G={G} routing groups, not divisible by the "
-                     f"{shards} devices of mesh axes {token_axes}; allowed: batch and group "
-                     "sizes such that the number of groups is a multiple of data x expert.")
+  problem = sharding.moe_layout_problem(num_experts, G, dict(mesh.shape))
+  if problem:
+    raise ValueError(f"MoE layer: {problem[0]}; allowed: {problem[1]}.")
   groups = P(token_axes)  # leading G axis of x_GSD, valid_GS, jitter_GSD, uniform_GSK
   body = functools.partial(run, expert_axis=sharding.EXPERT, reduce_axes=token_axes)
 

@@ -112,6 +112,23 @@ def num_batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def moe_layout_problem(num_experts: int, num_groups: int, mesh_shape: dict[str, int]
+                       ) -> tuple[str, str] | None:
+  """The one check that experts and routing groups tile the mesh (used by the MoE layer at trace
+  time and by `train.validate_config` before compiling). Returns (what is wrong, what is allowed)
+  or None: experts must split evenly over `expert`, groups over data x expert."""
+  ep = mesh_shape.get(EXPERT, 1)
+  shards = math.prod(mesh_shape.get(axis, 1) for axis in BATCH_AXES)
+  if num_experts % ep:
+    return (f"num_experts={num_experts} is not divisible by the mesh's expert axis size {ep}",
+            f"a multiple of {ep}")
+  if num_groups % shards:
+    return (f"G={num_groups} routing groups, not divisible by the {shards} devices of mesh axes "
+            f"{BATCH_AXES}", "batch and group sizes such that the number of groups is a multiple "
+            "of data x expert")
+  return None
+
+
 def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "batch_size") -> None:
   """ValueError unless `batch_size` splits evenly over the batch axes of `mesh`."""
   shards = num_batch_shards(mesh)

@@ -104,10 +104,11 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
          f"{config.grad_accum_steps} x {shards} (mesh {mesh_shape})")
   if model_cfg.moe_layer_indices:
     moe = model_cfg.moe_config()
-    if moe.num_experts % mesh_shape[sharding.EXPERT]:
-      fail("model.moe.num_experts", f"multiples of mesh.expert={mesh_shape[sharding.EXPERT]}")
     groups = micro_batch * config.seq_len // moe.group_size_for(micro_batch, config.seq_len)
-    if groups % shards:
+    problem = sharding.moe_layout_problem(moe.num_experts, groups, mesh_shape)
+    if problem and problem[0].startswith("num_experts"):
+      fail("model.moe.num_experts", f"multiples of mesh.expert={mesh_shape[sharding.EXPERT]}")
+    if problem:
       fail("model.moe.group_size", f"sizes giving a number of routing groups per micro-batch "
            f"({groups} now) divisible by data x expert = {shards}")
   return model_cfg
