@@ -102,12 +102,14 @@ class Checkpointer:
 
   def _check_compatible(self, step: int, abstract: dict[str, jax.ShapeDtypeStruct]) -> None:
     """A clear error when the checkpoint holds another model (orbax's would be a KeyError)."""
+    reader = ocp.StandardCheckpointer()
     try:
-      metadata = ocp.StandardCheckpointer().metadata(
-          os.path.join(self.directory, str(step), "state"))
+      metadata = reader.metadata(os.path.join(self.directory, str(step), "state"))
       stored = dict(getattr(metadata, "item_metadata", metadata))
-    except Exception:  # pylint: disable=broad-except  # Metadata unreadable: let restore try.
+    except (OSError, ValueError, KeyError, TypeError):  # Unreadable metadata: let restore try.
       return
+    finally:
+      reader.close()
     missing = sorted(set(abstract) - set(stored))
     extra = sorted(set(stored) - set(abstract))
     for name in sorted(set(abstract) & set(stored)):

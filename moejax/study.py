@@ -172,6 +172,9 @@ class Study:
                          f"arms are {names}")
       if isinstance(c, Trend):
         c = dataclasses.replace(c, xs=tuple(xs[a] for a in c.arms))
+        if (any(x is None or (c.log_x and x <= 0) for x in c.xs) or len(set(c.xs)) < 2):
+          raise ValueError(f"study {self.name}: trend {c.text!r} needs arms with at least two "
+                           f"distinct x{' > 0 (log_x)' if c.log_x else ''}; got {c.xs}")
       claims.append(c)
     object.__setattr__(self, "claims", tuple(claims))
 
@@ -279,7 +282,8 @@ def _mean_over(record: dict, prefix: str, stat: str) -> float | None:
 def run_records(run_dir: str, study: str, arm: str, seed: int, wall_s: float) -> list[dict]:
   """One record per evaluation of a finished run (from its metrics.jsonl): every scalar eval
   metric, the drop fraction of each eval variant (`drop`, `nodrop/drop`, `cf{x}/drop`), and the
-  training drop fraction averaged over the last fifth of training (`train_drop`)."""
+  training drop fraction (`train_drop`): the mean of the logged training steps (one every
+  `log_every`) in the last fifth of training, each averaged over MoE layers and choices."""
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   train = [r for r in rows if r["split"] == "train"]
@@ -358,16 +362,24 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
     train_lib.validate_config(arm_config(study, arm, seeds[0], scale, overrides))
 
   plan = [(seed, arm) for seed in seeds for arm in study.arms]
-  done = set(final_records(read_results(results_path)))
+  configs = {(a.name, s): arm_config(study, a, s, scale, overrides) for s, a in plan}
+  finished = [r for r in read_results(results_path) if r.get("final")]
+  for r in finished:  # A finished run counts only if it ran the config the study asks for now.
+    config = configs.get((r["arm"], r["seed"]))
+    if config is not None and r.get("config_key", config_key(config)) != config_key(config):
+      raise ValueError(f"{results_path}: {r['arm']!r} seed {r['seed']} finished with another "
+                       f"config than the study now defines (edited arm?); use another --workdir "
+                       f"or remove its records and runs/ directory.")
+  done = {(r["arm"], r["seed"]) for r in finished}
   todo = [(s, a) for s, a in plan if (a.name, s) not in done]
   log(f"[{study.name}] {len(plan)} runs, {len(plan) - len(todo)} finished, {len(todo)} to go "
       f"(scale={scale}, data={data})")
-  durations = [r["wall_s"] for r in read_results(results_path) if r.get("final")]
+  durations = [r["wall_s"] for r in finished if r.get("wall_s") and "reused_from" not in r]
   for i, (seed, arm) in enumerate(todo):
     eta = statistics.mean(durations) * (len(todo) - i) if durations else None
     log(f"[{study.name}] run {len(plan) - len(todo) + i + 1}/{len(plan)}: {arm.name} seed {seed}"
         + (f" (ETA {eta / 60:.0f} min)" if eta else ""))
-    config = arm_config(study, arm, seed, scale, overrides)
+    config = configs[(arm.name, seed)]
     key = config_key(config)
     same = _finished_elsewhere(workdir, key)
     if same:  # The same config (and data, seed) finished in another study: reuse its records.
@@ -376,9 +388,7 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
                  for r in same]
     else:
       run_dir = os.path.join(study_dir, "runs", _slug(arm.name), f"seed{seed}")
-      start = time.time()
-      train_fn(config, run_dir)
-      wall = time.time() - start
+      wall = _train_timed(train_fn, config, run_dir, key)
       durations.append(wall)
       records = [{**r, "config_key": key}
                  for r in run_records(run_dir, study.name, arm.name, seed, wall)]
@@ -388,6 +398,32 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
   return read_results(results_path)
 
 
+def _train_timed(train_fn: Callable, config, run_dir: str, key: str) -> float:
+  """Trains (or resumes) one run; returns its total wall time over every resumed segment.
+
+  `run_dir/config_key` pins the run directory to its config: resuming a checkpoint written by
+  another config (an edited arm) is an error, not a silent mix.
+  """
+  os.makedirs(run_dir, exist_ok=True)
+  key_path, wall_path = os.path.join(run_dir, "config_key"), os.path.join(run_dir, "wall_s")
+  if os.path.exists(key_path):
+    with open(key_path) as f:
+      old = f.read().strip()
+    if old != key:
+      raise ValueError(f"{run_dir} holds a run of another config ({old} != {key}); remove it "
+                       "to start this run afresh.")
+  with open(key_path, "w") as f:
+    f.write(key)
+  before = float(open(wall_path).read()) if os.path.exists(wall_path) else 0.0
+  start = time.time()
+  try:
+    train_fn(config, run_dir)
+  finally:
+    with open(wall_path, "w") as f:
+      f.write(str(before + time.time() - start))
+  return before + time.time() - start
+
+
 def config_key(config) -> str:
   """A hash of everything that determines a run (the resolved config, seed and data included)."""
   import hashlib  # pylint: disable=import-outside-toplevel
@@ -395,12 +431,15 @@ def config_key(config) -> str:
 
 
 def _finished_elsewhere(workdir: str, key: str) -> list[dict]:
-  """The records of a finished run with config `key` in any study under `workdir`."""
+  """The records of one finished run with config `key` in any study under `workdir` (reuse
+  assumes the data files were not edited in place since: the key holds their paths)."""
   for name in sorted(os.listdir(workdir)):
     records = [r for r in read_results(os.path.join(workdir, name, "results.jsonl"))
                if r.get("config_key") == key and "reused_from" not in r]
-    if any(r.get("final") for r in records):
-      return sorted(records, key=lambda r: r["step"])
+    finals = [r for r in records if r.get("final")]
+    if finals:  # Exactly one run: the (arm, seed) of the first finished match.
+      run = (finals[0]["arm"], finals[0]["seed"])
+      return sorted((r for r in records if (r["arm"], r["seed"]) == run), key=lambda r: r["step"])
   return []
 
 

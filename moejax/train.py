@@ -41,7 +41,7 @@ from moejax import metrics as metrics_lib
 from moejax import optim
 from moejax import sharding
 from moejax.model import Transformer, TransformerConfig, count_params
-from moejax.moe import is_int
+from moejax.moe import is_int, is_real
 
 # What the model reads of a pipeline batch (everything but the analysis-only `domain`).
 # `model.vocab_size=0`: the tokenizer's vocabulary rounded up to a multiple of this.
@@ -71,7 +71,7 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
     if not is_int(config[field]) or config[field] < 1:
       fail(field, "positive integers")
   for cf in config.eval_capacity_factors:
-    if not (isinstance(cf, (int, float)) and cf > 0):
+    if not (is_real(cf) and cf > 0):
       fail("eval_capacity_factors", "tuples of numbers > 0 (inf = no drop)")
   if config.optim.name not in optim.OPTIMIZERS:
     fail("optim.name", optim.OPTIMIZERS)

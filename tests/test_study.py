@@ -232,7 +232,9 @@ def test_moe_vs_dense_arms_are_flop_matched_and_param_matched():
     counts = {}
     for arm in s.arms:
       config = study.arm_config(s, arm, 0, scale)
-      counts[arm.name] = model.count_params(train.validate_config(config, 64), config.seq_len)
+      devices = scales.TPU_DEVICES if scale == "tpu" else 1
+      counts[arm.name] = model.count_params(train.validate_config(config, devices),
+                                            config.seq_len)
     dense = counts["dense"]
     for e in (2, 4, 8, 16, 32):
       moe = counts[f"switch E={e}"]
@@ -250,3 +252,56 @@ def test_capacity_arms_differ_only_in_k_and_cf():
     diff = {k for k in c["model"]["moe"] if c["model"]["moe"][k] != base["model"]["moe"][k]}
     assert diff <= {"capacity_factor", "top_k", "gate", "d_ff"}, name
     assert {k for k in c if c[k] != base[k]} <= {"model"}, name
+
+
+# --- resume bookkeeping, with a fake trainer (no training) ---------------------------------------
+
+
+def _fake_train(calls):
+  def train_fn(config, run_dir):
+    calls.append(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+      for step in (3, 6):
+        f.write(json.dumps({"step": step, "split": "train", "tokens_per_sec": 1.0}) + "\n")
+        f.write(json.dumps({"step": step, "split": "eval",
+                            "ce": 2.0 + config.optim.learning_rate + config.seed / 10}) + "\n")
+  return train_fn
+
+
+def _tiny_study(name, arm_name, lr):
+  return study.Study(name=name, paper="", claim="", seeds=(0, 1), scales={"cpu": {}}, claims=(),
+                     arms=(study.Arm(arm_name, "configs/dense.py:runlocal",
+                                     {"optim.learning_rate": lr}),))
+
+
+def test_identical_runs_are_reused_across_studies_not_retrained(tmp_path):
+  calls = []
+  study.run_study(_tiny_study("first", "dense", 1e-3), str(tmp_path), train_fn=_fake_train(calls),
+                  log=lambda _: None)
+  assert len(calls) == 2
+  records = study.run_study(_tiny_study("second", "baseline", 1e-3), str(tmp_path),
+                            train_fn=_fake_train(calls), log=lambda _: None)
+  assert len(calls) == 2  # Nothing trained: both seeds came from "first".
+  assert {r["reused_from"] for r in records} == {"first"} and len(records) == 4
+  final = study.final_records(records)
+  assert final[("baseline", 1)]["ce"] == pytest.approx(2.0 + 1e-3 + 0.1)
+  # A different config is trained.
+  study.run_study(_tiny_study("third", "baseline", 2e-3), str(tmp_path),
+                  train_fn=_fake_train(calls), log=lambda _: None)
+  assert len(calls) == 4
+
+
+def test_an_edited_arm_is_not_mixed_with_its_old_runs(tmp_path):
+  calls = []
+  study.run_study(_tiny_study("s", "dense", 1e-3), str(tmp_path), train_fn=_fake_train(calls),
+                  log=lambda _: None)
+  with pytest.raises(ValueError, match="another config"):
+    study.run_study(_tiny_study("s", "dense", 2e-3), str(tmp_path), train_fn=_fake_train(calls),
+                    log=lambda _: None)
+
+
+def test_trend_needs_distinct_positive_xs():
+  arms = (study.Arm("a", "c.py", x=2), study.Arm("b", "c.py"))
+  with pytest.raises(ValueError, match="distinct x"):
+    study.Study(name="s", paper="", claim="", arms=arms, scales={"cpu": {}},
+                claims=(study.Trend("t", ("a", "b")),))

@@ -121,7 +121,9 @@ def test_resuming_a_finished_run_returns_its_final_metrics(straight_run, tmp_pat
   workdir, final = straight_run
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
+  lines_before = open(os.path.join(copy, "metrics.jsonl")).read()
   again = train.train_and_evaluate(_config(), copy)
+  assert open(os.path.join(copy, "metrics.jsonl")).read() == lines_before  # Nothing retrained.
   assert again.keys() == final.keys()
   for key in final:
     assert again[key] == pytest.approx(final[key], rel=1e-5), key

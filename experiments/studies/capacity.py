@@ -67,7 +67,8 @@ STUDY = Study(
            ArmPlot("drop_vs_capacity.png", "train_drop", "train capacity factor",
                    "fraction of expert choices dropped in training")),
     notes=("`dropped in training` is the fraction of expert choices (top-2: of both choices) that "
-           "found their expert full, averaged over MoE layers and the last fifth of training. The "
+           "found their expert full, averaged over MoE layers and over the steps logged (every "
+           "50th) in the last fifth of training. The "
            "paper column is Switch Table 1 (negative log perplexity, 100k steps, T5 vocabulary): "
            "compare directions, not values."),
 )

@@ -269,6 +269,9 @@ def build_text_files_dataset(data_config) -> str:
         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
     with open(os.path.join(tmp_root, "sources.txt"), "w") as f:  # human-readable provenance
       f.write("\n".join(files) + "\n")
+    os.chmod(tmp_root, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users.
+    if os.path.isdir(root) and not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+      shutil.rmtree(root, ignore_errors=True)  # A half-built root left by an older, non-atomic build.
     os.rename(tmp_root, root)
   except OSError:
     if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
