@@ -261,7 +261,8 @@ def build_text_files_dataset(data_config) -> str:
   tmp_root = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=os.path.dirname(root))
   logging.info("building the text_files dataset of %d documents from %s into %s (once)",
                len(docs), cfg.paths, root)
-  tfds.disable_progress_bar()  # Escape-coded progress bars garble logs and CI output.
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=import-outside-toplevel
+  tqdm_utils.disable_progress_bar()  # Escape-coded progress bars garble logs and CI output.
   try:
     builder = _make_builder_class()(docs=docs, held=held, data_dir=tmp_root,
                                     file_format="array_record")
