@@ -29,22 +29,14 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position  (config loading)
 
-from moejax import analysis, checkpoint, optim, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from moejax import analysis, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from moejax.moe import MoELayer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def record_routing(config, workdir: str, num_batches: int):
   """Top-1 choices per MoE layer over eval batches: ({layer: experts_BL}, batch arrays)."""
   from moejax import data as data_lib  # pylint: disable=import-outside-toplevel
-  model_cfg = train.validate_config(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  model, optimizer = train.create_model_and_optimizer(model_cfg, tx, mesh, config.seed)
-  state = nnx.state((model, optimizer))
-  restored, _, meta = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
-                                              keep=1).restore(state)
-  nnx.update((model, optimizer), restored)
-  model.eval()
+  model, mesh, step = train.load_model(config, workdir)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, MoELayer):
       node.record_routing = True
@@ -71,7 +63,7 @@ def record_routing(config, workdir: str, num_batches: int):
         experts.setdefault(layer, []).append(topk_BLK[..., 0])
       batches.append(batch)
   stacked = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-  return {layer: np.concatenate(v) for layer, v in experts.items()}, stacked, int(meta["step"])
+  return {layer: np.concatenate(v) for layer, v in experts.items()}, stacked, step
 
 
 def main():

@@ -11,8 +11,10 @@ with every token after t masked out (padding takes no capacity and is zeroed bef
 the masked tokens take no part in routing), which is what a batched generation at step t routes,
 and reads the loss at t. The gap `causal - teacher_forced` (nats) is the leak: exactly zero, to
 float precision, for a causal-safe policy (`priority="token"` with any k; `"position"` with k = 1
-and `overflow="drop"`), and typically positive for the others (the model was trained with the
-future's help and loses it). One forward per evaluated position: use a few hundred positions.
+and `overflow="drop"`), and nonzero for the others, of either sign: the hidden future may have
+taken slots the past wanted (causal is then better) or helped the model (causal is then worse).
+Capacity stays C of the full group S, as in batched decoding with a fixed group. One forward per
+evaluated position: use a few hundred positions.
 """
 
 from __future__ import annotations

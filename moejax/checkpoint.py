@@ -122,8 +122,9 @@ class Checkpointer:
     if missing or extra:
       raise ValueError(f"checkpoint {self.directory}/{step} does not fit this model: "
                        f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                       f"{extra[:3]}{'...' if len(extra) > 3 else ''} (another config wrote this "
-                       "checkpoint; use another workdir).")
+                       f"{extra[:3]}{'...' if len(extra) > 3 else ''} (another config, or a "
+                       "moejax version with other parameter names, wrote this checkpoint; use "
+                       "another workdir).")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

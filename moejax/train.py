@@ -70,7 +70,7 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
                 "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints"):
     if not is_int(config[field]) or config[field] < 1:
       fail(field, "positive integers")
-  for cf in config.eval_capacity_factors:
+  for cf in config.get("eval_capacity_factors", ()):
     if not (is_real(cf) and cf > 0):
       fail("eval_capacity_factors", "tuples of numbers > 0 (inf = no drop)")
   if config.optim.name not in optim.OPTIMIZERS:
@@ -172,6 +172,37 @@ def create_model_and_optimizer(model_cfg: TransformerConfig, tx: optax.GradientT
     return create()
 
 
+def load_run_config(workdir: str):
+  """The resolved config a run wrote to `workdir/config.json` (ConfigDict; lists become tuples)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: --workdir must be a run's directory")
+  def tuples(node):
+    if isinstance(node, dict):
+      return {k: tuples(v) for k, v in node.items()}
+    return tuple(tuples(v) for v in node) if isinstance(node, list) else node
+  with open(path) as f:
+    return ml_collections.ConfigDict(tuples(json.load(f)))
+
+
+def load_model(config, workdir: str, step: int | None = None
+               ) -> tuple[Transformer, jax.sharding.Mesh, int]:
+  """The model of a run restored from its checkpoint (`step`, default the latest), in eval mode,
+  on the mesh `config.mesh` resolves to on this machine (any device count the experts divide)."""
+  model_cfg = validate_config(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+  model, optimizer = create_model_and_optimizer(model_cfg, tx, mesh, config.seed)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                                       keep=1, async_save=False)
+  restored, _, meta = checkpointer.restore(nnx.state((model, optimizer)), step)
+  checkpointer.close()
+  nnx.update((model, optimizer), restored)
+  model.eval()
+  return model, mesh, int(meta["step"])
+
+
 def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None = None
                        ) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns final eval metrics.
@@ -230,7 +261,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   nodrop_graphdef = nnx.graphdef(model)
   # Extra evaluations at fixed capacity factors (ST-MoE Table 8 curve), logged as `cf{x}/...`.
   extra_graphdefs = []
-  for cf in config.eval_capacity_factors:
+  for cf in config.get("eval_capacity_factors", ()):
     model.set_capacity_factor_override(float(cf))
     extra_graphdefs.append((f"cf{float(cf):g}", nnx.graphdef(model)))
   model.set_capacity_factor_override(None)

@@ -249,3 +249,17 @@ def test_eval_uses_the_eval_capacity_factor_and_nodrop_drops_nothing(tmp_path):
   assert eval_rec["nodrop/ce"] < eval_rec["ce"]  # Dropping tokens costs loss.
   # The extra capacity factor sits in between.
   assert 0 < sum(eval_rec["cf1/moe/layer1/dropped_fraction"]) < at_eval_cf
+
+
+def test_load_model_restores_a_run_from_its_own_config(straight_run):
+  workdir, _ = straight_run
+  config = train.load_run_config(workdir)
+  assert config.model.moe.top_k == 2 and isinstance(config.model.moe_layers, tuple)
+  model, _, step = train.load_model(config, workdir)
+  assert step == 8
+  fresh, _ = train.create_model_and_optimizer(train.validate_config(config),
+                                              optim.make_optimizer(config.optim, 8)[0],
+                                              sharding.make_mesh(dict(config.mesh)), config.seed)
+  restored_wi = np.asarray(model.blocks[1].ffn.wi[...])
+  assert not np.allclose(restored_wi, np.asarray(fresh.blocks[1].ffn.wi[...]))  # Trained.
+  assert model.blocks[1].ffn.deterministic  # Eval mode.
