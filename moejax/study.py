@@ -156,6 +156,9 @@ class Study:
   plots: tuple[ArmPlot | MetricPlot, ...] = ()
   curve_metric: str = "nodrop/ce"  # Plotted against step in `curves.png`.
   reuse: str | None = None  # Train nothing: read the runs of this study (same arms).
+  # > 0: after each MoE run, measure its routing leak on this many positions (`moejax.causal`):
+  # final records gain `leak`, `causal_ce`, `teacher_forced_ce`.
+  causal_leak_positions: int = 0
   notes: str = ""  # Shown under the table: what the numbers mean, caveats.
 
   def __post_init__(self):
@@ -270,6 +273,20 @@ def final_records(records: Sequence[dict]) -> dict[tuple[str, int], dict]:
   return {(r["arm"], r["seed"]): r["metrics"] for r in records if r.get("final")}
 
 
+SPIKE_NATS, SPIKE_WINDOW = 0.1, 10
+
+
+def loss_spikes(losses: Sequence[float], threshold: float = SPIKE_NATS,
+                window: int = SPIKE_WINDOW) -> int:
+  """How many logged training losses exceed the mean of the `window` before them by more than
+  `threshold` nats (ST-MoE's instability, counted at the logging frequency), plus non-finite."""
+  spikes = 0
+  for i in range(window, len(losses)):
+    before = statistics.mean(losses[i - window:i])
+    spikes += (not math.isfinite(losses[i])) or losses[i] > before + threshold
+  return int(spikes)
+
+
 def _mean_over(record: dict, prefix: str, stat: str) -> float | None:
   """Mean over MoE layers (and choices) of a per-layer vector statistic, e.g. dropped_fraction."""
   values = []
@@ -303,12 +320,18 @@ def run_records(run_dir: str, study: str, arm: str, seed: int, wall_s: float) ->
       drop = _mean_over(r, prefix, "dropped_fraction")
       if drop is not None:
         metrics[f"{prefix}drop"] = drop
+    router_loads = [v for k, v in r.items() if k.startswith("moe/layer") and
+                    k.endswith("/router_load") and isinstance(v, list)]
+    if router_loads:  # Coefficient of variation of the router's per-expert load, layer mean.
+      metrics["load_cv"] = statistics.mean(statistics.pstdev(v) / max(statistics.mean(v), 1e-9)
+                                           for v in router_loads)
     if "moe/aux_loss" not in r:  # A dense model drops nothing: its no-drop CE is its CE.
       metrics.setdefault("nodrop/ce", metrics["ce"])
     record = {"study": study, "arm": arm, "seed": seed, "step": r["step"], "metrics": metrics}
     if i == len(evals) - 1:
       if late:
         metrics["train_drop"] = statistics.mean(late)
+      metrics["loss_spikes"] = loss_spikes([float(t["loss"]) for t in train if "loss" in t])
       record.update(final=True, wall_s=round(wall_s, 1),
                     tokens_per_sec=round(statistics.median(tokens_per_sec)) if tokens_per_sec
                     else None)
@@ -392,6 +415,11 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
       durations.append(wall)
       records = [{**r, "config_key": key}
                  for r in run_records(run_dir, study.name, arm.name, seed, wall)]
+      if study.causal_leak_positions and config.model.moe_every + len(config.model.moe_layers):
+        from moejax import causal  # pylint: disable=import-outside-toplevel
+        leak = causal.measure_run(run_dir, study.causal_leak_positions)
+        records[-1]["metrics"].update({k: leak[k] for k in ("leak", "causal_ce",
+                                                             "teacher_forced_ce")})
     lines = "".join(json.dumps(r) + "\n" for r in records)
     with open(results_path, "a") as f:  # One write: a run's records land together.
       f.write(lines)

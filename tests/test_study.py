@@ -1,6 +1,7 @@
 """moejax.study: verdict rule on synthetic results, the study runner end to end (micro study:
 resume after an interruption, table, plots), and every committed study's configs at every scale."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -117,6 +118,15 @@ def test_read_results_ignores_a_truncated_line_and_duplicates(tmp_path):
   assert records == [{**rec, "metrics": {"ce": 2.0}}]
 
 
+def test_loss_spikes_count_jumps_above_the_running_mean():
+  smooth = [3.0 - 0.01 * i for i in range(30)]
+  assert study.loss_spikes(smooth) == 0
+  spiky = list(smooth)
+  spiky[15] += 0.5
+  spiky[22] = float("nan")
+  assert study.loss_spikes(spiky) == 2
+
+
 def test_data_overrides(tmp_path):
   assert study.data_overrides("builtin")["data.source"] == "builtin"
   assert study.data_overrides("lm1b")["data.tfds.name"] == "lm1b"
@@ -194,6 +204,10 @@ def test_micro_study_resumes_after_interruption_and_reports(tmp_path):
   assert moe["cfinf/ce"] == pytest.approx(moe["nodrop/ce"], abs=1e-6)
   assert moe["cf0.5/drop"] > 0.2 and moe["cfinf/drop"] == 0
   assert final[("dense", 0)]["nodrop/ce"] == final[("dense", 0)]["ce"]
+  # Balance and stability statistics.
+  assert moe["load_cv"] >= 0 and "load_cv" not in final[("dense", 0)]
+  assert moe["loss_spikes"] == 0
+
   # One record per eval step (3 and 6) per run; only the last is final.
   assert len(records) == 8 and sum(bool(r.get("final")) for r in records) == 4
 
@@ -209,6 +223,17 @@ def test_micro_study_resumes_after_interruption_and_reports(tmp_path):
   # A workdir never mixes settings.
   with pytest.raises(ValueError, match="other settings"):
     study.run_study(s, workdir, data="lm1b", train_fn=train_fn, log=lambda _: None)
+
+
+def test_runner_measures_the_causal_leak_of_each_moe_run(tmp_path):
+  s = dataclasses.replace(_load_micro(), name="leak", seeds=(0,), causal_leak_positions=4,
+                          claims=())
+  records = study.run_study(s, str(tmp_path), log=lambda _: None)
+  final = study.final_records(records)
+  moe = final[("switch E=4", 0)]
+  # Top-1 with position priority is causal-safe: the leak is zero to float precision.
+  assert abs(moe["leak"]) < 1e-5 and moe["causal_ce"] > 0
+  assert "leak" not in final[("dense", 0)]
 
 
 # --- the committed studies -----------------------------------------------------------------------
