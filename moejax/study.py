@@ -405,25 +405,41 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
     config = configs[(arm.name, seed)]
     key = config_key(config)
     same = _finished_elsewhere(workdir, key)
+    source_dir = same and os.path.join(workdir, same[-1]["study"], "runs", _slug(same[-1]["arm"]),
+                                       f"seed{seed}")
+    needs_leak = study.causal_leak_positions and _is_moe(config)
+    if same and needs_leak and "leak" not in same[-1]["metrics"] and not os.path.isdir(source_dir):
+      same = []  # Its checkpoint is gone, and this study needs the leak: train it here.
     if same:  # The same config (and data, seed) finished in another study: reuse its records.
       log(f"[{study.name}]   identical to {same[0]['study']}/{same[0]['arm']} seed {seed}: reused")
       records = [{**r, "study": study.name, "arm": arm.name, "reused_from": r["study"]}
                  for r in same]
+      if needs_leak and "leak" not in records[-1]["metrics"]:
+        records[-1] = {**records[-1], "metrics": {**records[-1]["metrics"],
+                                                  **_leak(source_dir, study)}}
     else:
       run_dir = os.path.join(study_dir, "runs", _slug(arm.name), f"seed{seed}")
       wall = _train_timed(train_fn, config, run_dir, key)
       durations.append(wall)
       records = [{**r, "config_key": key}
                  for r in run_records(run_dir, study.name, arm.name, seed, wall)]
-      if study.causal_leak_positions and config.model.moe_every + len(config.model.moe_layers):
-        from moejax import causal  # pylint: disable=import-outside-toplevel
-        leak = causal.measure_run(run_dir, study.causal_leak_positions)
-        records[-1]["metrics"].update({k: leak[k] for k in ("leak", "causal_ce",
-                                                             "teacher_forced_ce")})
+      if needs_leak:
+        records[-1]["metrics"].update(_leak(run_dir, study))
     lines = "".join(json.dumps(r) + "\n" for r in records)
     with open(results_path, "a") as f:  # One write: a run's records land together.
       f.write(lines)
   return read_results(results_path)
+
+
+def _is_moe(config) -> bool:
+  return bool(config.model.moe_every or config.model.moe_layers)
+
+
+def _leak(run_dir: str, study: Study) -> dict[str, float]:
+  """`leak`, `causal_ce`, `teacher_forced_ce` of a finished run (`moejax.causal`)."""
+  from moejax import causal  # pylint: disable=import-outside-toplevel
+  leak = causal.measure_run(run_dir, study.causal_leak_positions)
+  return {k: leak[k] for k in ("leak", "causal_ce", "teacher_forced_ce")}
 
 
 def _train_timed(train_fn: Callable, config, run_dir: str, key: str) -> float:

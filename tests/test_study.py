@@ -330,3 +330,24 @@ def test_trend_needs_distinct_positive_xs():
   with pytest.raises(ValueError, match="distinct x"):
     study.Study(name="s", paper="", claim="", arms=arms, scales={"cpu": {}},
                 claims=(study.Trend("t", ("a", "b")),))
+
+
+def test_reuse_needs_the_leak_or_the_checkpoint_to_measure_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(study, "_leak", lambda run_dir, s: {"leak": 0.5, "causal_ce": 1.0,
+                                                          "teacher_forced_ce": 0.5})
+  moe = lambda name, leak: study.Study(  # noqa: E731
+      name=name, paper="", claim="", seeds=(0,), scales={"cpu": {}}, claims=(),
+      arms=(study.Arm("moe", "configs/switch.py:runlocal"),), causal_leak_positions=leak)
+  calls = []
+  study.run_study(moe("plain", 0), str(tmp_path), train_fn=_fake_train(calls), log=lambda _: None)
+  # Its checkpoint dir is there: reused, and the leak is measured on it.
+  records = study.run_study(moe("leaky", 4), str(tmp_path), train_fn=_fake_train(calls),
+                            log=lambda _: None)
+  assert len(calls) == 1 and records[-1]["reused_from"] == "plain"
+  assert records[-1]["metrics"]["leak"] == 0.5
+  # Without the checkpoint (a fresh clone has only results.jsonl), the run is trained here.
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(tmp_path / "plain" / "runs")
+  records = study.run_study(moe("leaky2", 4), str(tmp_path), train_fn=_fake_train(calls),
+                            log=lambda _: None)
+  assert len(calls) == 2 and "reused_from" not in records[-1]
