@@ -121,6 +121,20 @@ class Contrast:
 
 
 @dataclasses.dataclass(frozen=True)
+class Spread:
+  """Claim: `metric` varies less across seeds for arm `a` than for arm `b` (two-sided 95% F-test
+  on the ratio of sample variances; not paired: the claim is about the seed distribution)."""
+  text: str
+  a: str
+  b: str
+  metric: str = "nodrop/ce"
+
+  @property
+  def arms(self) -> tuple[str, ...]:
+    return (self.a, self.b)
+
+
+@dataclasses.dataclass(frozen=True)
 class ArmPlot:
   """Key plot: `metric` against arm.x, one line per arm.series; arms without x are reference
   lines."""
@@ -149,7 +163,7 @@ class Study:
   paper: str  # Which table / figure.
   claim: str  # One sentence, with the paper's number where there is one.
   arms: tuple[Arm, ...]
-  claims: tuple[Better | Trend | Contrast, ...]
+  claims: tuple[Better | Trend | Contrast | Spread, ...]
   scales: Mapping[str, Mapping[str, Any]]  # name -> overrides for every arm ("cpu" first).
   seeds: tuple[int, ...] = (0, 1, 2)
   columns: tuple[tuple[str, str], ...] = (("nodrop/ce", "no-drop eval CE"),)
@@ -507,6 +521,9 @@ class Verdict:
   def line(self) -> str:
     if self.n == 0:
       return f"{self.claim}: not run yet"
+    if math.isnan(self.half_width):  # Spread: an F-test, no interval on the difference.
+      return (f"{self.claim}: std difference {self.effect:+.4f} (F-test of variances, {self.n}+ "
+              f"seeds per arm) -> **{self.status}**")
     if self.n == 1:
       return f"{self.claim}: effect {self.effect:+.4f} (one seed, no interval) -> **{self.status}**"
     return (f"{self.claim}: effect {self.effect:+.4f} ± {self.half_width:.4f} (95% CI, paired "
@@ -519,8 +536,11 @@ def t_quantile_975(df: int) -> float:
   return float(stats.t.ppf(0.975, df))
 
 
-def verdict(claim: Better | Trend | Contrast, final: dict[tuple[str, int], dict]) -> Verdict:
-  """One-sample t-test over seeds of the claim's per-seed effect (positive = claim holds)."""
+def verdict(claim: Better | Trend | Contrast | Spread, final: dict[tuple[str, int], dict]) -> Verdict:
+  """One-sample t-test over seeds of the claim's per-seed effect (positive = claim holds); for
+  `Spread`, an F-test of the two arms' variances (effect = std of b - std of a)."""
+  if isinstance(claim, Spread):
+    return _spread_verdict(claim, final)
   values = list(claim.per_seed(final).values())
   n = len(values)
   if n == 0:
@@ -531,6 +551,26 @@ def verdict(claim: Better | Trend | Contrast, final: dict[tuple[str, int], dict]
   half = t_quantile_975(n - 1) * statistics.stdev(values) / math.sqrt(n)
   status = AGREES if mean - half > 0 else DISAGREES if mean + half < 0 else INCONCLUSIVE
   return Verdict(claim.text, status, mean, half, n)
+
+
+def _spread_verdict(claim: Spread, final: dict[tuple[str, int], dict]) -> Verdict:
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  va = [m[claim.metric] for (arm, _), m in final.items() if arm == claim.a and claim.metric in m]
+  vb = [m[claim.metric] for (arm, _), m in final.items() if arm == claim.b and claim.metric in m]
+  n = min(len(va), len(vb))
+  if n < 2:
+    return Verdict(claim.text, "no finished runs" if n == 0 else INCONCLUSIVE,
+                   math.nan, math.inf, n)
+  sa, sb = statistics.stdev(va), statistics.stdev(vb)
+  effect = sb - sa
+  if sa == 0 or sb == 0:
+    status = AGREES if sb > sa else DISAGREES if sa > sb else INCONCLUSIVE
+  else:
+    ratio = sb ** 2 / sa ** 2
+    status = (AGREES if ratio > stats.f.ppf(0.975, len(vb) - 1, len(va) - 1) else
+              DISAGREES if 1 / ratio > stats.f.ppf(0.975, len(va) - 1, len(vb) - 1) else
+              INCONCLUSIVE)
+  return Verdict(claim.text, status, effect, math.nan, n)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -351,3 +351,14 @@ def test_reuse_needs_the_leak_or_the_checkpoint_to_measure_it(tmp_path, monkeypa
   records = study.run_study(moe("leaky2", 4), str(tmp_path), train_fn=_fake_train(calls),
                             log=lambda _: None)
   assert len(calls) == 2 and "reused_from" not in records[-1]
+
+
+def test_spread_verdict_is_an_f_test_of_the_seed_variances():
+  tight = [1.50, 1.501, 1.499, 1.5005, 1.4995]
+  wide = [1.40, 1.60, 1.45, 1.55, 1.52]
+  claim = study.Spread("a varies less", "a", "b")
+  assert study.verdict(claim, _final({"a": tight, "b": wide})).status == study.AGREES
+  assert study.verdict(claim, _final({"a": wide, "b": tight})).status == study.DISAGREES
+  similar = [1.50, 1.52, 1.49, 1.51, 1.505]
+  v = study.verdict(claim, _final({"a": similar, "b": [x + 0.1 for x in similar[::-1]]}))
+  assert v.status == study.INCONCLUSIVE and "F-test" in v.line()
