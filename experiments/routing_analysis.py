@@ -58,6 +58,8 @@ def record_routing(config, workdir: str, num_batches: int):
       sown = route(model, data_lib.make_global_batch({k: batch[k] for k in train.BATCH_KEYS},
                                                       mesh, config.batch_size))
       for path, var in nnx.to_flat_state(sown):
+        if path[-1] != "router_topk":
+          continue
         layer = next(int(p) for p in path if isinstance(p, int) or str(p).isdigit())
         topk_BLK = np.asarray(var.get_value()[0])
         experts.setdefault(layer, []).append(topk_BLK[..., 0])

@@ -87,3 +87,18 @@ def consecutive_same_expert(experts_BL: np.ndarray, mask_BL: np.ndarray,
   same = (experts_BL[:, 1:] == experts_BL[:, :-1])[pair]
   load = np.bincount(experts_BL[mask_BL]) / mask_BL.sum()
   return float(same.mean()), float(np.sum(load**2))
+
+
+def router_dtype_disagreement(x_BLD, w_DE, valid_BL) -> float:
+  """Fraction of real tokens whose top-1 expert differs between a float32 router and a bfloat16
+  router (matmul, softmax and top-1 all in bfloat16) on the same inputs (Switch Table 2)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from moejax import routing  # pylint: disable=import-outside-toplevel
+  top1 = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    probs_BLE = jax.nn.softmax(routing.router_logits(x_BLD, w_DE, dtype=dtype), axis=-1)
+    top1[dtype] = jnp.argmax(probs_BLE, axis=-1)
+  valid = np.asarray(valid_BL, bool)
+  differ = np.asarray(top1[jnp.float32] != top1[jnp.bfloat16])
+  return float(differ[valid].mean()) if valid.any() else 0.0

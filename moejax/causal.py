@@ -64,20 +64,16 @@ def measure_run(workdir: str, positions: int = 256, capacity_factor: float | Non
   """The leak of a trained run: its latest checkpoint, one eval batch of its own data, `positions`
   positions evenly spaced over the sequence, at its eval capacity factor (or `capacity_factor`)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from moejax import data as data_lib, train  # pylint: disable=import-outside-toplevel
+  from moejax import train  # pylint: disable=import-outside-toplevel
   config = train.load_run_config(workdir)
   model, mesh, step = train.load_model(config, workdir)
   if capacity_factor is not None:
     model.set_capacity_factor_override(capacity_factor)
-  it = data_lib.make_pipeline(config.data, seq_len=config.seq_len,
-                              global_batch_size=config.batch_size, split=config.data.eval_split,
-                              seed=seed)
-  batch = {k: np.asarray(v) for k, v in next(it).items() if k in train.BATCH_KEYS}
   positions_T = np.unique(np.linspace(0, config.seq_len - 1, min(positions, config.seq_len))
                           .round().astype(np.int32))
   with jax.set_mesh(mesh):
-    result = causal_vs_teacher_forced(
-        model, data_lib.make_global_batch(batch, mesh, config.batch_size), positions_T)
+    result = causal_vs_teacher_forced(model, train.first_eval_batch(config, mesh, seed),
+                                      positions_T)
   moe = config.model.moe
   return {**leak_nats(result), "step": step, "positions": len(positions_T),
           "capacity_factor": capacity_factor or moe.eval_capacity_factor}

@@ -349,8 +349,9 @@ class MoELayer(nnx.Module):
     self.deterministic = False
     self.capacity_factor_override: float | None = None
     # When True, each call sows the router's top-k experts of that call (before capacity; in
-    # training with jitter, in eval without) as nnx.Intermediate "router_topk" [B, L, K], for
-    # routing analyses (moejax.analysis); collect them with `nnx.capture(f, nnx.Intermediate)`.
+    # training with jitter, in eval without) as nnx.Intermediate "router_topk" [B, L, K], and the
+    # router's input "router_input" [B, L, D] (padding zeroed), for routing analyses
+    # (moejax.analysis); collect them with `nnx.capture(f, nnx.Intermediate)`.
     self.record_routing = False
 
   def weights(self) -> dict[str, jax.Array]:
@@ -399,6 +400,7 @@ class MoELayer(nnx.Module):
                                          uniform_GSK, dropout_key)
     if self.record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
       self.sow(nnx.Intermediate, "router_topk", router_expert_GSK.reshape(B, L, K))
+      self.sow(nnx.Intermediate, "router_input", x_GSD.reshape(B, L, D))
 
     metrics = routing.finalize_sums(sums)
     loss = (cfg.balance_loss_weight * metrics["balance_loss"]

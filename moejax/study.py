@@ -173,6 +173,9 @@ class Study:
   # > 0: after each MoE run, measure its routing leak on this many positions (`moejax.causal`):
   # final records gain `leak`, `causal_ce`, `teacher_forced_ce`.
   causal_leak_positions: int = 0
+  # True: after each MoE run, the fraction of top-1 experts that a bfloat16 router would pick
+  # differently from a float32 one on the same inputs (`router_dtype_disagreement`).
+  router_precision: bool = False
   notes: str = ""  # Shown under the table: what the numbers mean, caveats.
 
   def __post_init__(self):
@@ -419,26 +422,29 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
     config = configs[(arm.name, seed)]
     key = config_key(config)
     same = _finished_elsewhere(workdir, key)
-    source_dir = same and os.path.join(workdir, same[-1]["study"], "runs", _slug(same[-1]["arm"]),
-                                       f"seed{seed}")
-    needs_leak = study.causal_leak_positions and _is_moe(config)
-    if same and needs_leak and "leak" not in same[-1]["metrics"] and not os.path.isdir(source_dir):
-      same = []  # Its checkpoint is gone, and this study needs the leak: train it here.
+    extras = _extra_measurements(study, config)
+    source_dir, missing = "", []
+    if same:
+      source_dir = os.path.join(workdir, same[-1]["study"], "runs", _slug(same[-1]["arm"]),
+                                f"seed{seed}")
+      missing = [fn for name, fn in extras.items() if name not in same[-1]["metrics"]]
+    if missing and not os.path.isdir(source_dir):
+      same = []  # Its checkpoint is gone, and this study measures more: train it here.
     if same:  # The same config (and data, seed) finished in another study: reuse its records.
       log(f"[{study.name}]   identical to {same[0]['study']}/{same[0]['arm']} seed {seed}: reused")
       records = [{**r, "study": study.name, "arm": arm.name, "reused_from": r["study"]}
                  for r in same]
-      if needs_leak and "leak" not in records[-1]["metrics"]:
-        records[-1] = {**records[-1], "metrics": {**records[-1]["metrics"],
-                                                  **_leak(source_dir, study)}}
+      records[-1] = {**records[-1], "metrics": dict(records[-1]["metrics"])}
+      for measure in missing:
+        records[-1]["metrics"].update(measure(source_dir))
     else:
       run_dir = os.path.join(study_dir, "runs", _slug(arm.name), f"seed{seed}")
       wall = _train_timed(train_fn, config, run_dir, key)
       durations.append(wall)
       records = [{**r, "config_key": key}
                  for r in run_records(run_dir, study.name, arm.name, seed, wall)]
-      if needs_leak:
-        records[-1]["metrics"].update(_leak(run_dir, study))
+      for measure in extras.values():
+        records[-1]["metrics"].update(measure(run_dir))
     lines = "".join(json.dumps(r) + "\n" for r in records)
     with open(results_path, "a") as f:  # One write: a run's records land together.
       f.write(lines)
@@ -449,11 +455,47 @@ def _is_moe(config) -> bool:
   return bool(config.model.moe_every or config.model.moe_layers)
 
 
-def _leak(run_dir: str, study: Study) -> dict[str, float]:
+def _extra_measurements(study: Study, config) -> dict[str, Callable[[str], dict[str, float]]]:
+  """Post-training measurements the study asks for on this run: {metric key: fn(run_dir)}."""
+  if not _is_moe(config):
+    return {}
+  out = {}
+  if study.causal_leak_positions:
+    out["leak"] = functools.partial(_leak, positions=study.causal_leak_positions)
+  if study.router_precision:
+    out["router_dtype_disagreement"] = _router_precision
+  return out
+
+
+def _leak(run_dir: str, positions: int) -> dict[str, float]:
   """`leak`, `causal_ce`, `teacher_forced_ce` of a finished run (`moejax.causal`)."""
   from moejax import causal  # pylint: disable=import-outside-toplevel
-  leak = causal.measure_run(run_dir, study.causal_leak_positions)
+  leak = causal.measure_run(run_dir, positions)
   return {k: leak[k] for k in ("leak", "causal_ce", "teacher_forced_ce")}
+
+
+def _router_precision(run_dir: str) -> dict[str, float]:
+  """`router_dtype_disagreement`: top-1 experts that differ between a float32 and a bfloat16
+  router on the same layer inputs (one eval batch of the run's data, mean over MoE layers)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moejax import analysis, train  # pylint: disable=import-outside-toplevel
+  from moejax.moe import MoELayer  # pylint: disable=import-outside-toplevel
+  config = train.load_run_config(run_dir)
+  model, mesh, _ = train.load_model(config, run_dir)
+  layers = {tuple(path): node for path, node in nnx.iter_graph(model)
+            if isinstance(node, MoELayer)}
+  for layer in layers.values():
+    layer.record_routing = True
+  with jax.set_mesh(mesh):
+    batch = train.first_eval_batch(config, mesh)
+    forward = nnx.capture(lambda m: m(batch["inputs"], batch["positions"], batch["segment_ids"],
+                                      batch["mask"]), nnx.Intermediate)
+    _, sown = forward(model)
+  rates = [analysis.router_dtype_disagreement(v.get_value()[0], layers[tuple(path[:-1])].router[...],
+                                              batch["mask"])
+           for path, v in nnx.to_flat_state(sown) if path[-1] == "router_input"]
+  return {"router_dtype_disagreement": statistics.mean(rates)}
 
 
 def _train_timed(train_fn: Callable, config, run_dir: str, key: str) -> float:

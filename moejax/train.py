@@ -203,6 +203,15 @@ def load_model(config, workdir: str, step: int | None = None
   return model, mesh, int(meta["step"])
 
 
+def first_eval_batch(config, mesh: jax.sharding.Mesh, seed: int = 0) -> dict[str, jax.Array]:
+  """The first batch the trainer's evaluation reads (the model's keys), sharded on `mesh`."""
+  it = data_lib.make_pipeline(config.data, seq_len=config.seq_len,
+                              global_batch_size=config.batch_size, split=config.data.eval_split,
+                              seed=seed)
+  batch = {k: np.asarray(v) for k, v in next(it).items() if k in BATCH_KEYS}
+  return data_lib.make_global_batch(batch, mesh, config.batch_size)
+
+
 def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None = None
                        ) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns final eval metrics.

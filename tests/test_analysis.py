@@ -55,3 +55,15 @@ def test_layer_records_router_top_k_before_capacity():
   logits = routing.router_logits(x.reshape(2, 9, 7), layer.router[...])
   r = routing.route(logits, jnp.ones((2, 9), bool), top_k=2, capacity=3)
   np.testing.assert_array_equal(recorded, r.router_expert_SK)
+
+
+def test_router_dtype_disagreement_counts_bfloat16_flips_of_the_top_expert():
+  w = jnp.eye(4)
+  # Clear winners: both precisions agree. Near-ties (1e-4 apart): bfloat16 rounds them together
+  # and argmax falls to the lower index, while float32 keeps the true winner (index 1).
+  clear = jnp.array([[[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]])
+  tie = jnp.array([[[1.0, 1.0001, 0.0, 0.0], [1.0, 1.0001, 0.0, 0.0]]])
+  valid = jnp.ones((1, 2), bool)
+  assert analysis.router_dtype_disagreement(clear, w, valid) == 0.0
+  assert analysis.router_dtype_disagreement(tie, w, valid) == 1.0
+  assert analysis.router_dtype_disagreement(tie, w, jnp.zeros((1, 2), bool)) == 0.0

@@ -227,13 +227,15 @@ def test_micro_study_resumes_after_interruption_and_reports(tmp_path):
 
 def test_runner_measures_the_causal_leak_of_each_moe_run(tmp_path):
   s = dataclasses.replace(_load_micro(), name="leak", seeds=(0,), causal_leak_positions=4,
-                          claims=())
+                          router_precision=True, claims=())
   records = study.run_study(s, str(tmp_path), log=lambda _: None)
   final = study.final_records(records)
   moe = final[("switch E=4", 0)]
   # Top-1 with position priority is causal-safe: the leak is zero to float precision.
   assert abs(moe["leak"]) < 1e-5 and moe["causal_ce"] > 0
+  assert 0 <= moe["router_dtype_disagreement"] < 0.5
   assert "leak" not in final[("dense", 0)]
+  assert "router_dtype_disagreement" not in final[("dense", 0)]
 
 
 # --- the committed studies -----------------------------------------------------------------------
@@ -333,8 +335,8 @@ def test_trend_needs_distinct_positive_xs():
 
 
 def test_reuse_needs_the_leak_or_the_checkpoint_to_measure_it(tmp_path, monkeypatch):
-  monkeypatch.setattr(study, "_leak", lambda run_dir, s: {"leak": 0.5, "causal_ce": 1.0,
-                                                          "teacher_forced_ce": 0.5})
+  monkeypatch.setattr(study, "_leak", lambda run_dir, positions: {
+      "leak": 0.5, "causal_ce": 1.0, "teacher_forced_ce": 0.5})
   moe = lambda name, leak: study.Study(  # noqa: E731
       name=name, paper="", claim="", seeds=(0,), scales={"cpu": {}}, claims=(),
       arms=(study.Arm("moe", "configs/switch.py:runlocal"),), causal_leak_positions=leak)
