@@ -396,13 +396,12 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
                           "tokenizer": tokenizer})
   results_path = os.path.join(study_dir, "results.jsonl")
   overrides = data_overrides(data, tokenizer)
+  plan = [(seed, arm) for seed in seeds for arm in study.arms]
+  configs = {(a.name, s): arm_config(study, a, s, scale, overrides) for s, a in plan}
   # Validate every run's config before training any: a typo fails now, not after an hour.
   from moejax import train as train_lib  # pylint: disable=import-outside-toplevel
   for arm in study.arms:
-    train_lib.validate_config(arm_config(study, arm, seeds[0], scale, overrides))
-
-  plan = [(seed, arm) for seed in seeds for arm in study.arms]
-  configs = {(a.name, s): arm_config(study, a, s, scale, overrides) for s, a in plan}
+    train_lib.validate_config(configs[(arm.name, seeds[0])])
   finished = [r for r in read_results(results_path) if r.get("final")]
   for r in finished:  # A finished run counts only if it ran the config the study asks for now.
     config = configs.get((r["arm"], r["seed"]))

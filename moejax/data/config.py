@@ -43,7 +43,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tfds.text_key = "text"
 
   c.text_files = ctf = ml_collections.ConfigDict()
-  # Comma-separated file paths or globs, e.g. '../shared/data/tinyshakespeare.txt' (relative
+  # Comma-separated file paths or globs, e.g. 'corpus/*.txt,notes.txt' (relative
   # paths are resolved against the working directory).
   ctf.paths = ""
   # How a file is cut into documents: 'paragraph' (blank-line separated), 'line' or 'file'.

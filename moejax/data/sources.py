@@ -137,7 +137,7 @@ def expand_paths(paths: str | list[str] | tuple[str, ...]) -> list[str]:
   patterns = [p for p in patterns if p]
   if not patterns:
     raise ValueError("data.text_files.paths is empty; give comma-separated file paths or globs, "
-                     "e.g. '../shared/data/tinyshakespeare.txt'.")
+                     "e.g. 'corpus/*.txt,notes.txt'.")
   files: list[str] = []
   for pattern in patterns:
     expanded = os.path.expanduser(pattern)
