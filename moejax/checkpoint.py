@@ -65,6 +65,14 @@ def unflatten_into(target: nnx.State, flat: dict[str, jax.Array]) -> nnx.State:
   return nnx.from_flat_state(items)
 
 
+def saved_steps(directory: str) -> list[int]:
+  """The steps of the complete checkpoints in `directory` (without creating it)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for (NNX state, data state, metadata)."""
 

@@ -27,9 +27,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer, is_int
+from moejax.sharding import BATCH_AXES
 
 DTYPES = ("float32", "bfloat16")
 
@@ -156,28 +157,52 @@ class Attention(nnx.Module):
     self.wo_HdD = nnx.Param(_dense_init((0, 1))(rngs.params(), (H, d, D), pd))
     self.cfg = cfg
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+  def _project(self, x_BLD, positions_BL):
+    """Queries `[B, L, H, d]`, keys and values `[B, L, N, d]`, RoPE applied to q and k."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    B, L, _ = x_BLD.shape
-    N, R, d = cfg.kv_heads, cfg.num_heads // cfg.kv_heads, cfg.dh
     q_BLHd = jnp.einsum("BLD,DHd->BLHd", x_BLD, self.wq_DHd[...].astype(dt))
     k_BLNd = jnp.einsum("BLD,DNd->BLNd", x_BLD, self.wk_DNd[...].astype(dt))
     v_BLNd = jnp.einsum("BLD,DNd->BLNd", x_BLD, self.wv_DNd[...].astype(dt))
-    q_BLHd = rope(q_BLHd, positions_BL, cfg.rope_theta)
-    k_BLNd = rope(k_BLNd, positions_BL, cfg.rope_theta)
+    return (rope(q_BLHd, positions_BL, cfg.rope_theta), rope(k_BLNd, positions_BL, cfg.rope_theta),
+            v_BLNd)
+
+  def _attend(self, q_BLHd, k_BMNd, v_BMNd, visible_BLM):
+    """Softmax attention of L queries over M keys where `visible_BLM`; returns `[B, L, D]`."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    B, L = q_BLHd.shape[:2]
+    N, R, d = cfg.kv_heads, cfg.num_heads // cfg.kv_heads, cfg.dh
     q_BLNRd = q_BLHd.reshape(B, L, N, R, d)
-    logits_BNRLM = jnp.einsum("BLNRd,BMNd->BNRLM", q_BLNRd, k_BLNd,
+    logits_BNRLM = jnp.einsum("BLNRd,BMNd->BNRLM", q_BLNRd, k_BMNd,
                               preferred_element_type=jnp.float32) / math.sqrt(d)
+    logits_BNRLM = jnp.where(visible_BLM[:, None, None], logits_BNRLM, -1e30)
+    probs_BNRLM = jax.nn.softmax(logits_BNRLM, axis=-1).astype(dt)
+    out_BLNRd = jnp.einsum("BNRLM,BMNd->BLNRd", probs_BNRLM, v_BMNd)
+    return jnp.einsum("BLHd,HdD->BLD", out_BLNRd.reshape(B, L, N * R, d),
+                      self.wo_HdD[...].astype(dt))
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    L = x_BLD.shape[1]
+    q_BLHd, k_BLNd, v_BLNd = self._project(x_BLD, positions_BL)
     # Document-causal: key m is visible from query l iff m <= l and both are in the same document.
     # (Causal order within a packed row is only right if `positions` restart per document, which
     # is what RoPE gets; the mask itself uses only the row index and `segment_ids`.)
     visible_LM = jnp.tril(jnp.ones((L, L), bool))
     visible_BLM = visible_LM[None] & (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])
-    logits_BNRLM = jnp.where(visible_BLM[:, None, None], logits_BNRLM, -1e30)
-    probs_BNRLM = jax.nn.softmax(logits_BNRLM, axis=-1).astype(dt)
-    out_BLNRd = jnp.einsum("BNRLM,BMNd->BLNRd", probs_BNRLM, v_BLNd)
-    return jnp.einsum("BLHd,HdD->BLD", out_BLNRd.reshape(B, L, N * R, d),
-                      self.wo_HdD[...].astype(dt))
+    return self._attend(q_BLHd, k_BLNd, v_BLNd, visible_BLM)
+
+  def decode(self, x_BTD, positions_BT, segment_ids_BT, cache_segment_ids_BM, k_BMNd, v_BMNd,
+             index):
+    """T new tokens written at cache columns `[index, index + T)`; they attend to the cached
+    columns before them and to each other, causally and within their document (the same mask as
+    `__call__` on the whole row). `cache_segment_ids_BM` already holds the new tokens' ids.
+    Returns `(out_BTD, k_BMNd, v_BMNd)` with the new keys and values written in."""
+    T, M = x_BTD.shape[1], k_BMNd.shape[1]
+    q_BTHd, k_BTNd, v_BTNd = self._project(x_BTD, positions_BT)
+    k_BMNd = jax.lax.dynamic_update_slice_in_dim(k_BMNd, k_BTNd.astype(k_BMNd.dtype), index, 1)
+    v_BMNd = jax.lax.dynamic_update_slice_in_dim(v_BMNd, v_BTNd.astype(v_BMNd.dtype), index, 1)
+    visible_TM = jnp.arange(M)[None, :] <= index + jnp.arange(T)[:, None]
+    visible_BTM = visible_TM[None] & (segment_ids_BT[:, :, None] == cache_segment_ids_BM[:, None, :])
+    return self._attend(q_BTHd, k_BMNd, v_BMNd, visible_BTM), k_BMNd, v_BMNd
 
 
 class MLP(nnx.Module):
@@ -221,6 +246,35 @@ class Block(nnx.Module):
     y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL)
     return x_BLD + y_BLD, aux
 
+  def decode(self, x_BTD, positions_BT, segment_ids_BT, cache_segment_ids_BM, k_BMNd, v_BMNd,
+             index, group_size):
+    """`__call__` for T new tokens against the KV cache; an MoE FFN routes them in groups of
+    `group_size` tokens. Returns `(x_BTD, k_BMNd, v_BMNd)`."""
+    out_BTD, k_BMNd, v_BMNd = self.attn.decode(self.attn_norm(x_BTD), positions_BT,
+                                               segment_ids_BT, cache_segment_ids_BM, k_BMNd,
+                                               v_BMNd, index)
+    x_BTD = x_BTD + out_BTD
+    mask_BT = segment_ids_BT != 0
+    if self.is_moe:
+      y_BTD, _ = self.ffn(self.ffn_norm(x_BTD), mask_BT, group_size=group_size)
+    else:
+      y_BTD, _ = self.ffn(self.ffn_norm(x_BTD), mask_BT)
+    return x_BTD + y_BTD, k_BMNd, v_BMNd
+
+
+@struct.dataclass
+class KVCache:
+  """Keys and values of every attention layer for incremental decoding (`Transformer.decode`).
+
+  `k[i]`, `v[i]`: layer i's `[B, M, N, d]` (RoPE already applied to k); `segment_ids_BM`: the
+  document id of each filled column (0 = padding or not yet written); `index`: columns
+  `[0, index)` are filled.
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  segment_ids_BM: jax.Array
+  index: jax.Array
+
 
 class Transformer(nnx.Module):
   """The decoder-only LM. `__call__` returns `(logits_BLV float32, {layer_index: MoE aux})`."""
@@ -252,14 +306,57 @@ class Transformer(nnx.Module):
       x_BLD, aux = block(x_BLD, positions_BL, segment_ids_BL, mask_BL)
       if aux is not None:
         moe_aux[i] = aux
+    return self._logits(x_BLD), moe_aux
+
+  def _logits(self, x_BLD):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     x_BLD = self.final_norm(x_BLD)
     if cfg.tie_embeddings:
-      logits_BLV = jnp.einsum("BLD,VD->BLV", x_BLD, self.embed_VD[...].astype(dt),
-                              preferred_element_type=jnp.float32) / math.sqrt(cfg.d_model)
-    else:
-      logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.head_DV[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-    return logits_BLV, moe_aux
+      return jnp.einsum("BLD,VD->BLV", x_BLD, self.embed_VD[...].astype(dt),
+                        preferred_element_type=jnp.float32) / math.sqrt(cfg.d_model)
+    return jnp.einsum("BLD,DV->BLV", x_BLD, self.head_DV[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
+    cfg = self.cfg
+    zeros = lambda: jnp.zeros((batch, max_len, cfg.kv_heads, cfg.dh), jnp.dtype(cfg.dtype))
+    return KVCache(k=tuple(zeros() for _ in self.blocks), v=tuple(zeros() for _ in self.blocks),
+                   segment_ids_BM=jnp.zeros((batch, max_len), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+             cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """The next T tokens of every row, attending to the cache: `(logits_BTV, cache)`.
+
+    The same function as `__call__` on the whole row: `decode` of a prompt and then of one token
+    at a time gives the logits `__call__` gives on the concatenation (`tests/test_generate.py`),
+    as long as the MoE layers drop nothing. `segment_ids_BT == 0` marks padding (left padding of
+    shorter prompts, finished rows): it takes no MoE capacity and only attends to other padding.
+    MoE layers route the B * T new tokens, split evenly over the mesh's batch shards, as one group
+    per shard (on one device: one group of the whole batch); `B` must divide over the shards.
+    """
+    B, T = tokens_BT.shape
+    shards = 1
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+      shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+    if B % shards:
+      raise ValueError(f"decode batch of {B} rows: allowed a multiple of the {shards} batch "
+                       f"shards of the mesh {dict(mesh.shape)} (pad with rows of segment id 0).")
+    index = cache.index
+    segment_ids_BM = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BM, segment_ids_BT,
+                                                         index, 1)
+    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    k_cache, v_cache = [], []
+    for block, k_BMNd, v_BMNd in zip(self.blocks, cache.k, cache.v):
+      x_BTD, k_BMNd, v_BMNd = block.decode(x_BTD, positions_BT, segment_ids_BT, segment_ids_BM,
+                                           k_BMNd, v_BMNd, index, B * T // shards)
+      k_cache.append(k_BMNd)
+      v_cache.append(v_BMNd)
+    cache = KVCache(k=tuple(k_cache), v=tuple(v_cache), segment_ids_BM=segment_ids_BM,
+                    index=index + T)
+    return self._logits(x_BTD), cache
 
   def moe_layers(self) -> list[nnx.Module]:
     """The MoE FFN modules, in layer order."""

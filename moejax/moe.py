@@ -359,7 +359,10 @@ class MoELayer(nnx.Module):
     return {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
 
   def __call__(self, x_BLD: jax.Array, mask_BL: jax.Array | None = None, *,
-               deterministic: bool | None = None) -> tuple[jax.Array, MoEAux]:
+               deterministic: bool | None = None,
+               group_size: int | None = None) -> tuple[jax.Array, MoEAux]:
+    """`group_size` (tokens per routing group) overrides the config's grouping for this call;
+    `Transformer.decode` uses it to route the new tokens of a decoding step together."""
     cfg = self.cfg
     if x_BLD.ndim != 3 or x_BLD.shape[-1] != self.d_model:
       raise ValueError(f"MoELayer input shape {tuple(x_BLD.shape)}; allowed: rank 3 "
@@ -368,6 +371,8 @@ class MoELayer(nnx.Module):
     if mask_BL is not None and tuple(mask_BL.shape) != (B, L):
       raise ValueError(f"MoELayer mask shape {tuple(mask_BL.shape)}; allowed: None or [{B}, {L}].")
     deterministic = self.deterministic if deterministic is None else deterministic
+    if group_size is not None:
+      cfg = dataclasses.replace(cfg, group_size=group_size, num_groups=None)
     S = cfg.group_size_for(B, L)
     G = B * L // S
     C = cfg.capacity(S, deterministic=deterministic, capacity_factor=self.capacity_factor_override)

@@ -82,6 +82,18 @@ def resolve_mesh_shape(shape: dict[str, int], num_devices: int) -> dict[str, int
   return shape
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  """`"data=-1,expert=4"` -> `{"data": -1, "expert": 4}` (command-line `--mesh`)."""
+  out = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    axis, _, size = item.partition("=")
+    if axis not in MESH_AXES or not size.lstrip("-").isdigit():
+      raise ValueError(f"--mesh={text!r}: {item!r} is not AXIS=SIZE; allowed axes {MESH_AXES}, "
+                       "sizes positive integers or -1 (the rest), e.g. 'data=-1,expert=4'.")
+    out[axis] = int(size)
+  return out
+
+
 def make_mesh(shape: dict[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the (`data`, `expert`) mesh; `shape` like `{'data': -1, 'expert': 4}`.

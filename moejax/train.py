@@ -186,16 +186,24 @@ def load_run_config(workdir: str):
     return ml_collections.ConfigDict(tuples(json.load(f)))
 
 
-def load_model(config, workdir: str, step: int | None = None
+def load_model(config, workdir: str, step: int | None = None,
+               mesh_shape: dict[str, int] | None = None
                ) -> tuple[Transformer, jax.sharding.Mesh, int]:
   """The model of a run restored from its checkpoint (`step`, default the latest), in eval mode,
-  on the mesh `config.mesh` resolves to on this machine (any device count the experts divide)."""
+  on the mesh `mesh_shape` (default the run's `config.mesh`) resolves to on this machine: any
+  mesh the experts divide, whatever mesh the run was trained on."""
   model_cfg = validate_config(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
+  directory = os.path.join(workdir, "checkpoints")
+  steps = ckpt_lib.saved_steps(directory)
+  if not steps or (step is not None and step not in steps):
+    raise FileNotFoundError(
+        f"{directory}: " + (f"no checkpoint of step {step}; saved steps: {steps}" if steps else
+                            "no checkpoint (the run has not saved one yet, or --workdir is "
+                            "not a run's directory)"))
+  mesh = sharding.make_mesh(dict(config.mesh if mesh_shape is None else mesh_shape))
   tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
   model, optimizer = create_model_and_optimizer(model_cfg, tx, mesh, config.seed)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
-                                       keep=1, async_save=False)
+  checkpointer = ckpt_lib.Checkpointer(directory, save_every=1, keep=1, async_save=False)
   restored, _, meta = checkpointer.restore(nnx.state((model, optimizer)), step)
   checkpointer.close()
   nnx.update((model, optimizer), restored)
