@@ -10,4 +10,5 @@ Tensor names carry their shape, one letter per axis, with one vocabulary for the
   R = H / N query heads per kv head                  d head dim
   E experts           K experts per token (top-k)    G routing groups    S tokens per group
   C capacity (slots per expert per group)            X rows of an expert's buffer (G * C)
+  P prompt length (left-padded)                      T new tokens of a decoding call
 """

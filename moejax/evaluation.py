@@ -197,10 +197,13 @@ def plot_capacity_curve(result: dict[str, Any], path: str) -> None:
     cf, ce, drop = zip(*points)
     ax_ce.plot(cf, ce, "o-", label="eval at this CF")
     ax_drop.plot(cf, drop, "o-", color="C1")
+    for ax in (ax_ce, ax_drop):
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(cf, [f"{c:g}" for c in cf])
+      ax.minorticks_off()
   if "nodrop" in result["results"]:
     ax_ce.axhline(result["results"]["nodrop"]["ce"], color="k", ls="--", label="no drop")
   for ax, ylabel in ((ax_ce, "eval CE (nats)"), (ax_drop, "dropped fraction of choices")):
-    ax.set_xscale("log", base=2)
     ax.set_xlabel("eval capacity factor")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -148,16 +148,16 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   model.set_capacity_factor_override(capacity_factor)
   graphdef, state = nnx.split(model)
   model.set_capacity_factor_override(None)
-  tokens_BN, logits_BNV = jax.device_get(_generate_jit(
+  tokens_BT, logits_BTV = jax.device_get(_generate_jit(
       state, batch["tokens"], batch["segment_ids"], batch["positions"], key, graphdef=graphdef,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
       eos_id=eos_id, return_logits=return_logits))
   out = []
-  for row in tokens_BN[:len(prompts)]:
+  for row in tokens_BT[:len(prompts)]:
     if eos_id is not None and (row == eos_id).any():
       row = row[:int(np.argmax(row == eos_id))]
     out.append(np.asarray(row))
-  return Generation(out, None if logits_BNV is None else np.asarray(logits_BNV[:len(prompts)]))
+  return Generation(out, None if logits_BTV is None else np.asarray(logits_BTV[:len(prompts)]))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
@@ -190,8 +190,8 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
     return (cache, next_B, position_B + 1, done_B), (next_B, logits_B1V[:, 0])
 
   carry = (cache, token_B, positions_BP[:, -1] + 1, done_B)
-  _, (tokens_NB, logits_NBV) = jax.lax.scan(step, carry, jnp.arange(1, max_new_tokens))
-  tokens_BN = jnp.concatenate([token_B[:, None], tokens_NB.T], axis=1)
+  _, (tokens_TB, logits_TBV) = jax.lax.scan(step, carry, jnp.arange(1, max_new_tokens))
+  tokens_BT = jnp.concatenate([token_B[:, None], tokens_TB.T], axis=1)
   if not return_logits:
-    return tokens_BN, None
-  return tokens_BN, jnp.concatenate([logits_BV[:, None], logits_NBV.transpose(1, 0, 2)], axis=1)
+    return tokens_BT, None
+  return tokens_BT, jnp.concatenate([logits_BV[:, None], logits_TBV.transpose(1, 0, 2)], axis=1)

@@ -12,6 +12,9 @@
   GShard, which replace every second FFN of the dense model).
 - Precision: params in `param_dtype` (float32), activations in `dtype` (e.g. bfloat16); norms,
   softmax, RoPE and logits are computed in float32. The MoE router's float32 is the MoE layer's job.
+- Decoding: `init_cache` + `decode` run T new tokens of every row against a `KVCache` (keys and
+  values of earlier columns); with no-drop MoE routing it gives the logits `__call__` gives on the
+  whole row. Sampling on top of it: `moejax.generate`.
 - Sharding: the MoE layer's parameters carry `out_sharding` metadata (experts over `expert`, the
   router replicated); everything created in this file is replicated.
 
