@@ -7,8 +7,9 @@
 
 Studies live in `experiments/studies/<name>.py` (`STUDY`); `--study` also takes a path to such a
 file. Rerunning the command resumes: finished runs (in `results.jsonl`) are skipped, an interrupted
-run continues from its checkpoint. `--data` is `builtin`, a TFDS name, or comma-separated text
-files. See `moejax/study.py` for the outputs and the verdict rule.
+run continues from its checkpoint; SIGTERM saves the running run and exits 0. `--data` is
+`builtin`, a TFDS name, or comma-separated text files. See `moejax/study.py` for the outputs and
+the verdict rule.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from moejax import checkpoint  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import study as study_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -79,8 +81,12 @@ def main() -> None:
       shlex.quote(a) for a in sys.argv[1:] if a != "--report_only")
   if not (args.report_only or study.reuse):
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    study_lib.run_study(study, args.workdir, scale=args.scale, data=args.data,
-                        tokenizer=args.tokenizer, seeds=seeds)
+    try:
+      study_lib.run_study(study, args.workdir, scale=args.scale, data=args.data,
+                          tokenizer=args.tokenizer, seeds=seeds)
+    except checkpoint.Preempted as e:  # The run's checkpoint is saved; nothing was recorded.
+      print(f"[{study.name}] {e}", flush=True)
+      return
   table, plots = study_lib.report(study, args.workdir, command)
   print(table)
   print("plots:", *plots)

@@ -14,6 +14,13 @@ Restoring onto a different mesh: restore takes the *current* state as the target
 for each array with the target's sharding, so a checkpoint written with experts over 4 devices
 loads onto 2 or 1 (orbax reads the slices each device needs).
 
+Preemption (`PreemptionWatcher`): on SIGTERM, what Cloud TPU and most schedulers send before
+they kill a job, the trainer finishes the current step, saves a checkpoint at that step, waits for
+it and raises `Preempted` (`moejax.main` then exits 0). One process catches SIGTERM with a Python
+handler; several processes use JAX's preemption sync service (started by
+`jax.distributed.initialize`), which agrees on one step for all of them. A second SIGTERM changes
+nothing; a SIGINT or SIGKILL during that save leaves the previous checkpoint as the latest.
+
 Crash safety: orbax writes each step into `<step>.orbax-checkpoint-tmp-<ts>/` and renames it to
 `<step>/` only when every item (and, multi-host, every process) has finished; a run killed mid-save
 leaves only a tmp dir, which orbax ignores and `cleanup_tmp_directories` deletes on the
@@ -23,10 +30,13 @@ next start. So the last *completed* checkpoint is always the one resumed from.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 
@@ -140,3 +150,48 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class Preempted(Exception):
+  """Training stopped at `step` on a preemption notice, after saving a checkpoint there."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"preempted: saved a checkpoint at step {step} in {directory}; rerun the same "
+                     "command to resume")
+    self.step = step
+
+
+class PreemptionWatcher:
+  """`with PreemptionWatcher() as watcher: ... if watcher.reached(step): save and stop`.
+
+  Call `reached(step)` after every training step on every process (multi-process: it is JAX's
+  `reached_preemption_sync_point`, which needs every process to call it at every step).
+  """
+
+  def __init__(self):
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+    self.multi_process = distributed.global_state.client is not None
+    self.signalled = False
+    self._previous = None
+
+  def __enter__(self) -> PreemptionWatcher:
+    if not self.multi_process and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    if not self.signalled:
+      logging.warning("SIGTERM: finishing the current step, then saving a checkpoint and exiting")
+    self.signalled = True
+
+  def reached(self, step: int) -> bool:
+    if self.multi_process:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signalled

@@ -10,7 +10,7 @@ nothing).
 import difflib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -25,9 +25,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from moejax import sharding, train  # After flag parsing, so --jax_* flags apply.
+  # After flag parsing, so --jax_* flags apply.
+  from moejax import checkpoint, sharding, train  # pylint: disable=import-outside-toplevel
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except checkpoint.Preempted as e:  # The checkpoint is saved: exit 0, the scheduler restarts us.
+    logging.warning("%s", e)
 
 
 def unknown_override(argv: list[str]) -> str | None:

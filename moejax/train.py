@@ -421,7 +421,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   pending = None  # (step, device metrics) of the last dispatched step, not yet checked.
   last_log_time, last_log_step, final_eval = time.time(), step, {}
   logging.info("training from step %d to %d", step, config.num_train_steps)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), ckpt_lib.PreemptionWatcher() as preemption:
     while step < config.num_train_steps:
       state, step_metrics = train_step(state, to_device(next(train_iter)))
       step += 1
@@ -450,9 +450,19 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
         # Restart the throughput clock: neither eval time nor the steps before it count.
         last_log_time, last_log_step = time.time(), step
 
-      if step % config.checkpoint_every == 0 or is_last:
+      saved = step % config.checkpoint_every == 0 or is_last
+      if saved:
         check_finite(step, jax.device_get(step_metrics))  # Never save a non-finite state.
         checkpointer.save(step, state, train_iter.get_state(), force=is_last)
+
+      # Called every step on every process (multi-process: JAX's preemption sync point).
+      if preemption.reached(step) and not is_last:  # SIGTERM: save this step, then stop.
+        if not saved:
+          check_finite(step, jax.device_get(step_metrics))
+          checkpointer.save(step, state, train_iter.get_state(), force=True)
+        checkpointer.close()
+        writer.close()
+        raise ckpt_lib.Preempted(step, checkpointer.directory)
 
   if not final_eval:  # Resumed a finished run: nothing trained, so evaluate what was restored.
     with jax.set_mesh(mesh):

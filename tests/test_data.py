@@ -209,6 +209,31 @@ def test_process_split_is_disjoint_and_equals_single_process():
   assert docs[0] and docs[1] and not docs[0] & docs[1]
 
 
+def test_a_single_process_state_resumes_on_two_processes():
+  """The state holds every global row: two processes each take theirs and continue the stream."""
+  c = small_config()
+  reference = take(pipeline(c, global_batch_size=4), 9)
+  it = pipeline(c, global_batch_size=4)
+  take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))
+  assert len(state["next_doc"]) == 4
+  halves = []
+  for p in range(2):
+    half = pipeline(c, global_batch_size=4, process_index=p, process_count=2)
+    half.set_state(state)
+    halves.append(take(half, 4))
+  for step, full in enumerate(reference[5:]):
+    for key in md.BATCH_KEYS:
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][step][key], halves[1][step][key]]), full[key])
+  with pytest.raises(RuntimeError, match="call it in each process"):
+    pipeline(c, global_batch_size=4, process_index=0, process_count=2).get_state()
+  old = {**state, "format": "moejax.data.packed/1", "process_index": 0, "process_count": 2,
+         "next_doc": state["next_doc"][:2], "offset": state["offset"][:2]}
+  with pytest.raises(ValueError, match="old format that kept one process's rows"):
+    pipeline(c, global_batch_size=4).set_state(old)
+
+
 def test_global_batch_on_mesh():
   import jax
   from moejax import sharding

@@ -13,8 +13,12 @@ Design (deterministic, checkpointable, process-count independent):
   run (`num_epochs`), where a stream has run out of documents.
 - Process p of P owns global rows [p B/P, (p+1) B/P) and reads only their documents, so the
   global batch is the same whatever P is, and each host reads 1/P of the data.
-- The iterator position is, per owned row, (next document k, pairs already consumed from it):
-  `get_state()` returns it as a small JSON-able dict; `set_state()` restores it exactly.
+- The iterator position is, per global row, (next document k, pairs already consumed from it).
+  `get_state()` returns the position of *every* global row as a small JSON-able dict (with
+  several processes it gathers the other processes' rows: a collective, so every process calls
+  it at the same step); `set_state()` restores this process's rows from it. Because row r's
+  document stream does not depend on the number of processes, a state saved by P processes
+  resumes on any P' that divides the global batch size: no document is skipped or repeated.
 
 Batch: dict of int32 [rows, seq_len] numpy arrays (or global jax.Arrays sharded with
 `moejax.sharding.batch_sharding` when a mesh is given): inputs, targets, mask (1 where the target
@@ -31,7 +35,7 @@ import numpy as np
 from moejax.data import sources as sources_lib
 
 BATCH_KEYS = ("inputs", "targets", "mask", "segment_ids", "positions", "domain")
-STATE_FORMAT = "moejax.data.packed/1"
+STATE_FORMAT = "moejax.data.packed/2"  # /1: one process's rows only (resumable when P = 1).
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -150,29 +154,49 @@ class PackedIterator:
   # --- checkpointing ------------------------------------------------------------------------
 
   def _identity(self) -> dict:
-    return {"format": STATE_FORMAT, "source": self.source.key, "seed": self.seed,
-            "shuffle": self.shuffle, "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size, "process_index": self.process_index,
-            "process_count": self.process_count, "tokenizer": self.tokenizer.name,
-            "vocab_size": int(self.tokenizer.vocab_size)}
+    return {"source": self.source.key, "seed": self.seed, "shuffle": self.shuffle,
+            "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
+            "tokenizer": self.tokenizer.name, "vocab_size": int(self.tokenizer.vocab_size)}
 
   def get_state(self) -> dict:
-    """A JSON-able dict; `set_state` on an identically configured iterator resumes exactly."""
-    return {**self._identity(), "step": self._step,
-            "next_doc": [int(k) for k in self._next_doc], "offset": [int(o) for o in self._offset]}
+    """The position of every global row (JSON-able); see the module docstring. With several
+    processes this is a collective: every process must call it, at the same step."""
+    local = np.stack([self._next_doc, self._offset]).astype(np.int64)  # [2, local rows]
+    if self.process_count > 1:
+      import jax  # pylint: disable=import-outside-toplevel
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      if jax.process_count() != self.process_count:
+        raise RuntimeError(f"get_state of process {self.process_index} of {self.process_count} "
+                           f"gathers every process's rows, but JAX runs {jax.process_count()} "
+                           "process(es); call it in each process of the job.")
+      gathered = np.asarray(multihost_utils.process_allgather(local))  # [P, 2, local rows]
+      local = np.concatenate(list(gathered), axis=1)
+    return {"format": STATE_FORMAT, **self._identity(), "step": self._step,
+            "next_doc": [int(k) for k in local[0]], "offset": [int(o) for o in local[1]]}
 
   def set_state(self, state: dict) -> None:
+    """Restores this process's rows from a `get_state()` of any process count."""
+    if state.get("format") == "moejax.data.packed/1":
+      if state.get("process_count") != 1:  # It holds process 0's rows only.
+        raise ValueError(
+            f"data iterator state: written by process {state.get('process_index')} of "
+            f"{state.get('process_count')} in the old format that kept one process's rows; it "
+            "can only resume a single-process run of the same configuration.")
+    elif state.get("format") != STATE_FORMAT:
+      raise ValueError(f"data iterator state: format={state.get('format')!r}; allowed: "
+                       f"{STATE_FORMAT!r} or 'moejax.data.packed/1'.")
     for key, value in self._identity().items():
       if state.get(key) != value:
         raise ValueError(f"data iterator state: {key}={state.get(key)!r} in the checkpoint but "
                          f"{value!r} in this pipeline; the state only resumes the same "
-                         "configuration (source, seed, seq_len, batch size, processes).")
+                         "configuration (source, seed, seq_len, global batch size, tokenizer).")
     next_doc = np.asarray(state["next_doc"], dtype=np.int64)
     offset = np.asarray(state["offset"], dtype=np.int64)
-    if next_doc.shape != self._rows.shape or offset.shape != self._rows.shape:
-      raise ValueError(f"data iterator state: expected {self._rows.size} rows, got "
+    B = self.global_batch_size
+    if next_doc.shape != (B,) or offset.shape != (B,):
+      raise ValueError(f"data iterator state: expected the {B} rows of the global batch, got "
                        f"{next_doc.size} next_doc / {offset.size} offset entries.")
-    self._next_doc, self._offset = next_doc, offset
+    self._next_doc, self._offset = next_doc[self._rows].copy(), offset[self._rows].copy()
     self._step = int(state["step"])
     self._tokens.clear()
 
