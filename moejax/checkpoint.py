@@ -161,6 +161,10 @@ class Preempted(Exception):
     self.step = step
 
 
+# Fault injection for tests and the kill campaign: the process sends itself SIGTERM after this step.
+FAULT_SIGTERM_ENV = "MOEJAX_FAULT_SIGTERM_AT_STEP"
+
+
 class PreemptionWatcher:
   """`with PreemptionWatcher() as watcher: ... if watcher.reached(step): save and stop`.
 
@@ -169,10 +173,10 @@ class PreemptionWatcher:
   """
 
   def __init__(self):
-    from jax._src import distributed  # pylint: disable=import-outside-toplevel
-    self.multi_process = distributed.global_state.client is not None
+    self.multi_process = jax.process_count() > 1
     self.signalled = False
     self._previous = None
+    self._fault_step = int(os.environ.get(FAULT_SIGTERM_ENV, "-1"))
 
   def __enter__(self) -> PreemptionWatcher:
     if not self.multi_process and threading.current_thread() is threading.main_thread():
@@ -191,6 +195,8 @@ class PreemptionWatcher:
     self.signalled = True
 
   def reached(self, step: int) -> bool:
+    if step == self._fault_step:
+      os.kill(os.getpid(), signal.SIGTERM)
     if self.multi_process:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       return multihost_utils.reached_preemption_sync_point(step)

@@ -5,6 +5,9 @@ so a misspelled field is an error. Multi-host: run the same command on every hos
 Slurm and Open MPI are detected; other clusters pass `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` (see `sharding.initialize_distributed`; a single process needs
 nothing).
+
+Rerunning the command resumes from the last complete checkpoint. On SIGTERM (preemption) the run
+finishes its step, saves a checkpoint there and exits 0; see docs/reliability.md.
 """
 
 import difflib
