@@ -99,11 +99,26 @@ class Checkpointer:
 
   def save(self, step: int, state: nnx.State, data_state: Any = None,
            meta: dict[str, Any] | None = None, force: bool = False) -> bool:
-    """Starts an (async) save if `step` is due (or `force`); returns whether it saves."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flatten_state(state)),
-        data=ocp.args.JsonSave(data_state if data_state is not None else {}),
-        meta=ocp.args.JsonSave({"step": int(step), **(meta or {})})), force=force)
+    """Starts an (async) save if `step` is due (or `force`); returns whether it saves. A failed
+    save (this one, or the previous async one) raises OSError naming the last complete one."""
+    try:
+      return self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(flatten_state(state)),
+          data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+          meta=ocp.args.JsonSave({"step": int(step), **(meta or {})})), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from e
+
+  def _save_failed(self, error: Exception) -> OSError:
+    """What the user needs when a save fails (disk full, permissions): the last good step."""
+    text = str(error)
+    full = "No space left" in text or "RESOURCE_EXHAUSTED" in text
+    last = saved_steps(self.directory)
+    return OSError(
+        f"saving a checkpoint in {self.directory} failed: "
+        + ("the disk is full" if full else f"{type(error).__name__}: {text.splitlines()[0][:300]}")
+        + ". The last complete checkpoint is " + (f"step {last[-1]}" if last else "none")
+        + "; fix the cause and rerun the same command to resume from it.")
 
   def restore(self, target: nnx.State, step: int | None = None
               ) -> tuple[nnx.State, Any, dict[str, Any]]:
@@ -145,10 +160,13 @@ class Checkpointer:
                        "another workdir).")
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

@@ -19,3 +19,48 @@ def test_killed_and_preempted_run_ends_bit_identical(tmp_path):
   assert not summary["missing_steps"] and summary["arrays"] > 0
   assert summary["arrays_differing"] == [], summary
   assert summary["ok"]
+
+
+def _state(n):
+  import jax
+  from flax import nnx
+
+  class Weights(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jax.random.normal(jax.random.key(0), (n,)))
+  return nnx.state(Weights())
+
+
+def test_a_deleted_checkpoint_directory_is_recreated_by_the_next_save(tmp_path):
+  import shutil
+  from moejax import checkpoint
+  directory = tmp_path / "checkpoints"
+  ckpt = checkpoint.Checkpointer(str(directory), save_every=1, keep=2)
+  ckpt.save(1, _state(4))
+  ckpt.wait()
+  shutil.rmtree(directory)  # A user or a cleanup job deletes it while the run goes on.
+  ckpt.save(2, _state(4))
+  ckpt.close()
+  assert checkpoint.saved_steps(str(directory)) == [2]
+
+
+def test_a_full_disk_names_the_last_complete_checkpoint(tmp_path):
+  """A 256 KiB tmpfs: the second save (1 MB of random floats) cannot fit."""
+  import subprocess
+  import pytest
+  from moejax import checkpoint
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                    capture_output=True, check=False).returncode:
+    pytest.skip("mounting a small tmpfs needs privileges this machine does not give")
+  try:
+    ckpt = checkpoint.Checkpointer(str(disk / "checkpoints"), save_every=1, keep=3)
+    ckpt.save(1, _state(16))
+    ckpt.wait()
+    with pytest.raises(OSError, match=r"the disk is full\. The last complete checkpoint is step 1"):
+      ckpt.save(2, _state(250_000))
+      ckpt.wait()
+    assert checkpoint.saved_steps(str(disk / "checkpoints")) == [1]
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
