@@ -9,8 +9,9 @@
    logged its first training step (start-up and compilation done), then sends the next signal of
    `--signals` (cycled) at a moment drawn uniformly over the first four fifths of the time the
    reference took for the steps left (the rest is the final eval and save), so kills land during
-   steps, async saves and evals; then restarts the same command. SIGKILL tests crash safety; SIGTERM the preemption
-   path (finish the step, save, exit 0). Finally it runs the command once more to the end.
+   steps, async saves and evals; then restarts the same command. SIGKILL tests crash safety,
+   SIGTERM the preemption path (finish the step, save, exit 0). Finally it runs the command once
+   more to the end.
 3. Compares the two runs: every parameter and optimizer array of the final checkpoint
    (bit-identical expected), and every metric of every logged train and eval step (`metrics.jsonl`,
    bit-identical, no step missing or duplicated; timing fields excluded).
@@ -132,8 +133,8 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
   ref_records, killed_records = _records(reference), _records(killed)
   keys = [(r["split"], r["step"]) for r in killed_records]
   ref_arrays, killed_arrays = _final_arrays(reference), _final_arrays(killed)
-  differing = sorted(k for k in ref_arrays
-                     if k not in killed_arrays or ref_arrays[k].tobytes() != killed_arrays[k].tobytes())
+  differing = sorted(k for k in ref_arrays if k not in killed_arrays
+                     or ref_arrays[k].tobytes() != killed_arrays[k].tobytes())
   summary = {
       "kills": len(events), "events": events,
       "sigterm_exit_codes": sorted({e["exit_code"] for e in events if e["signal"] == "TERM"}),
@@ -142,8 +143,8 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
       "missing_steps": sorted(set((r["split"], r["step"]) for r in ref_records) - set(keys)),
       "arrays": len(ref_arrays), "arrays_differing": differing,
   }
-  summary["ok"] = (summary["metrics_identical"] and not differing and not summary["duplicated_steps"]
-                   and all(e["exit_code"] == 0 for e in events if e["signal"] == "TERM"))
+  summary["ok"] = (summary["metrics_identical"] and not differing
+                   and not summary["duplicated_steps"] and all(e["exit_code"] == 0 for e in events if e["signal"] == "TERM"))
   log(f"metrics.jsonl identical: {summary['metrics_identical']} (duplicated steps "
       f"{summary['duplicated_steps']}, missing {summary['missing_steps']}); final checkpoint: "
       f"{len(differing)} of {len(ref_arrays)} arrays differ; SIGTERM exit codes "
@@ -162,7 +163,8 @@ def main() -> None:
   signals = [s.strip().upper().removeprefix("SIG") for s in args.signals.split(",") if s.strip()]
   bad = [s for s in signals if s not in ("KILL", "TERM", "INT")]
   if bad or not signals:
-    sys.exit(f"error: --signals={args.signals!r}: allowed a comma-separated list of KILL, TERM, INT")
+    sys.exit(f"error: --signals={args.signals!r}: allowed a comma-separated list of KILL, TERM, "
+             "INT")
   if os.path.exists(args.workdir) and os.listdir(args.workdir):
     sys.exit(f"error: --workdir={args.workdir!r} is not empty; the campaign needs fresh runs")
   summary = run_campaign(args.workdir, kills=args.kills, signals=signals, steps=args.steps,

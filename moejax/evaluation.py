@@ -175,7 +175,8 @@ def format_table(result: dict[str, Any]) -> str:
            f"(split {result['split']}, {result['batches']} batches)", "",
            "| eval | capacity factor | CE (nats) | perplexity | bits/byte | accuracy | drop | "
            "tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-  rows = sorted(result["results"].items(), key=lambda kv: (kv[0] != "eval", kv[1]["capacity_factor"]))
+  rows = sorted(result["results"].items(),
+                key=lambda kv: (kv[0] != "eval", kv[1]["capacity_factor"]))
   for label, r in rows:
     lines.append(f"| {label} | {r['capacity_factor']:g} | {r['ce']:.4f} | {r['perplexity']:.3f} | "
                  f"{r['bits_per_byte']:.4f} | {r['accuracy']:.4f} | {r['drop']:.4f} | "

@@ -135,8 +135,8 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   longest = max(len(p) for p in prompts)
   if max_len is not None and longest + max_new_tokens > max_len:
     raise ValueError(
-        f"max_new_tokens={max_new_tokens} after a {longest}-token prompt is {longest + max_new_tokens}"
-        f" tokens, more than the run's seq_len={max_len}; allowed: prompt + max_new_tokens <= "
+        f"max_new_tokens={max_new_tokens} after a {longest}-token prompt is "
+        f"{longest + max_new_tokens} tokens, more than the run's seq_len={max_len}; allowed: prompt + max_new_tokens <= "
         f"{max_len}.")
   mesh = jax.sharding.get_abstract_mesh()
   shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES

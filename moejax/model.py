@@ -204,7 +204,8 @@ class Attention(nnx.Module):
     k_BMNd = jax.lax.dynamic_update_slice_in_dim(k_BMNd, k_BTNd.astype(k_BMNd.dtype), index, 1)
     v_BMNd = jax.lax.dynamic_update_slice_in_dim(v_BMNd, v_BTNd.astype(v_BMNd.dtype), index, 1)
     visible_TM = jnp.arange(M)[None, :] <= index + jnp.arange(T)[:, None]
-    visible_BTM = visible_TM[None] & (segment_ids_BT[:, :, None] == cache_segment_ids_BM[:, None, :])
+    same_doc_BTM = segment_ids_BT[:, :, None] == cache_segment_ids_BM[:, None, :]
+    visible_BTM = visible_TM[None] & same_doc_BTM
     return self._attend(q_BTHd, k_BMNd, v_BMNd, visible_BTM), k_BMNd, v_BMNd
 
 

@@ -52,8 +52,9 @@ def test_evaluate_other_text_writes_table_json_and_curve(run, tmp_path):
   text.write_text("\n\n".join(f"paragraph {i}: the quick brown fox, ünïcode {i * i}"
                               for i in range(40)), encoding="utf-8")
   out = tmp_path / "eval"
-  result = evaluate_cli.main([f"--workdir={workdir}", f"--data={text}", "--capacity_factors=1,2,inf",
-                              f"--out={out}", "--mesh=data=4,expert=2"])
+  result = evaluate_cli.main([f"--workdir={workdir}", f"--data={text}",
+                              "--capacity_factors=1,2,inf", f"--out={out}",
+                              "--mesh=data=4,expert=2"])
   rows = result["results"]
   assert set(rows) == {"eval", "nodrop", "cf1", "cf2"}
   # Every byte of the 40 paragraphs is a target once (plus one EOS per paragraph, 0 bytes).
@@ -85,7 +86,8 @@ def test_sample_cli_generates_from_the_checkpoint(run, capsys):
 @pytest.mark.parametrize("argv, error, match", [
     (["--prompt="], ValueError, "prompt 0"),
     (["--prompt=x", "--max_new_tokens=40"], ValueError, "seq_len=31"),
-    (["--prompt=x", "--step=5"], FileNotFoundError, r"no checkpoint of step 5; saved steps: \[4, 8\]"),
+    (["--prompt=x", "--step=5"], FileNotFoundError,
+     r"no checkpoint of step 5; saved steps: \[4, 8\]"),
     (["--prompt=x", "--mesh=data=3"], ValueError, "mesh"),
 ])
 def test_sample_cli_errors_name_the_problem(run, argv, error, match):
