@@ -114,7 +114,8 @@ def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sha
              bytes_V: np.ndarray, capacity_factors: Sequence[float] = ()
              ) -> dict[str, dict[str, float]]:
   """`{label: metrics}` for `eval` (the model's eval capacity factor) and, for a MoE model,
-  `nodrop` and `cf{x}` for each of `capacity_factors` (math.inf is `nodrop`)."""
+  `nodrop` and `cf{x}` for each of `capacity_factors` (math.inf is `nodrop`). Leaves the model
+  in eval mode."""
   from moejax import data as data_lib  # pylint: disable=import-outside-toplevel
   variants: dict[str, float | None] = {"eval": None}
   if model.moe_layers():
@@ -122,6 +123,7 @@ def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sha
     variants.update({f"cf{float(cf):g}": float(cf) for cf in capacity_factors
                      if math.isfinite(cf)})
   model.eval()
+  previous = [layer.capacity_factor_override for layer in model.moe_layers()]
   results = {}
   with jax.set_mesh(mesh):
     device_batches = [data_lib.make_global_batch(b, mesh, len(b["inputs"])) for b in batches]
@@ -143,7 +145,8 @@ def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sha
           "accuracy": totals["correct"] / n,
           "drop": totals.get("drop", 0.0) / n, "unrouted": totals.get("unrouted", 0.0) / n,
           "tokens": int(totals["targets"]), "bytes": int(totals["bytes"])}
-  model.set_capacity_factor_override(None)
+  for layer, value in zip(model.moe_layers(), previous):  # The caller's setting, unchanged.
+    layer.capacity_factor_override = value
   return results
 
 

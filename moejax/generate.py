@@ -126,8 +126,9 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
              max_len: int | None = None, return_logits: bool = False) -> Generation:
   """Samples `max_new_tokens` after each token-id prompt (see the module docstring).
 
-  Runs under the caller's mesh (`jax.set_mesh`), or on one device without one. `max_len`, when
-  given (the run's `seq_len`), bounds prompt + new tokens: the model never saw longer rows.
+  Runs under the caller's mesh (`jax.set_mesh`), or on one device without one, and leaves the
+  model in eval mode. `max_len`, when given (the run's `seq_len`), bounds prompt + new tokens: the
+  model never saw longer rows.
   """
   check_sampling(temperature, top_k, top_p, max_new_tokens)
   if not prompts or any(len(p) == 0 for p in prompts):
@@ -145,9 +146,11 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   batch = pad_prompts(prompts, rows)
 
   model.eval()
+  previous = [layer.capacity_factor_override for layer in model.moe_layers()]
   model.set_capacity_factor_override(capacity_factor)
   graphdef, state = nnx.split(model)
-  model.set_capacity_factor_override(None)
+  for layer, value in zip(model.moe_layers(), previous):  # The caller's setting, unchanged.
+    layer.capacity_factor_override = value
   tokens_BT, logits_BTV = jax.device_get(_generate_jit(
       state, batch["tokens"], batch["segment_ids"], batch["positions"], key, graphdef=graphdef,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
