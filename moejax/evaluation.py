@@ -127,16 +127,17 @@ def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sha
   results = {}
   with jax.set_mesh(mesh):
     device_batches = [data_lib.make_global_batch(b, mesh, len(b["inputs"])) for b in batches]
+    bytes_V = jnp.asarray(bytes_V, jnp.float32)  # Once, not per batch.
+    moe_cfg = model.moe_layers()[0].cfg if model.moe_layers() else None
     for label, cf in variants.items():
       model.set_capacity_factor_override(cf)
       graphdef, state = nnx.split(model)
       totals = None
       for batch in device_batches:
-        sums = _eval_sums(state, batch, jnp.asarray(bytes_V, jnp.float32), graphdef=graphdef)
+        sums = _eval_sums(state, batch, bytes_V, graphdef=graphdef)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
       totals = {k: float(v) for k, v in jax.device_get(totals).items()}
       n = max(totals["targets"], 1.0)
-      moe_cfg = model.moe_layers()[0].cfg if model.moe_layers() else None
       results[label] = {
           "capacity_factor": (cf if cf is not None else
                               moe_cfg.eval_capacity_factor if moe_cfg else math.inf),
