@@ -82,13 +82,18 @@ def test_resume_onto_another_process_count(runs, tmp_path):
 
 
 def test_sigterm_to_one_process_saves_and_stops_both(runs, tmp_path):
-  """Preemption of a 2-process job: process 1 alone gets SIGTERM after step 2; JAX's preemption
+  """Preemption of a 2-process job: process 1 alone gets SIGTERM after step 1; JAX's preemption
   sync point makes both processes save the same step and exit 0; resuming ends bit-identical
-  to the uninterrupted job."""
+  to the uninterrupted job.
+
+  The notice reaches process 0 through the coordination service asynchronously, so the agreed
+  step is any step after 1 (the regular step-3 checkpoint may come first)."""
   workdir = tmp_path / "preempted"
-  outs = processes.wait_all(_two_processes(workdir, {ckpt_lib.FAULT_SIGTERM_ENV: "2"}))
+  outs = processes.wait_all(_two_processes(workdir, {ckpt_lib.FAULT_SIGTERM_ENV: "1"}))
   assert "preempted: saved a checkpoint at step" in outs[0]
-  (step,) = ckpt_lib.saved_steps(workdir / "checkpoints")
-  assert 2 <= step < 6 and f"at step {step} in" in outs[0]
+  steps = ckpt_lib.saved_steps(workdir / "checkpoints")
+  step = max(steps)
+  assert 1 <= step < 6 and f"at step {step} in" in outs[0], (steps, outs[0])
+  assert set(steps) <= {3, step}, steps
   processes.wait_all(_two_processes(workdir))
   assert _train_losses(workdir) == _train_losses(runs[0])
