@@ -17,7 +17,9 @@
    bit-identical, no step missing or duplicated; timing fields excluded).
 
 Prints one line per kill (signal, the last step logged before it, whether a checkpoint save was in
-flight, the step it resumed from) and the comparison. Exit status 1 if anything differs.
+flight, the step a SIGTERM saved) and the comparison, including whether every SIGTERM saved the
+step it was on and the next attempt resumed there (no lost step). Exit status 1 if anything
+differs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("tokens_per_sec", "step_time_s")
+PREEMPTED = r"preempted: saved a checkpoint at step (\d+)"
+RESUMED = r"resumed from .* at step (\d+)"
 
 
 def command(workdir: str, steps: int) -> list[str]:
@@ -54,6 +58,14 @@ def _steps_logged(log_path: str, since: int) -> list[int]:
   with open(log_path, errors="replace") as f:
     f.seek(since)
     return [int(m) for m in re.findall(r"\[train\] step (\d+):", f.read())]
+
+
+def _found(pattern: str, log_path: str, since: int) -> int | None:
+  """The integer the first match of `pattern` in the log after byte `since` captures."""
+  with open(log_path, errors="replace") as f:
+    f.seek(since)
+    match = re.search(pattern, f.read())
+  return int(match.group(1)) if match else None
 
 
 def _wait_for_first_step(proc: subprocess.Popen, log_path: str, since: int,
@@ -120,14 +132,21 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
     proc.send_signal(getattr(signal, f"SIG{name}"))
     code = proc.wait(timeout=600)
     logged = _steps_logged(killed_log, since)
-    event = {"signal": name, "resumed_at_first_step": first, "last_step_logged": max(logged),
-             "save_in_flight": in_flight, "exit_code": code}
+    event = {"signal": name, "first_step": first, "last_step_logged": max(logged),
+             "save_in_flight": in_flight, "exit_code": code,
+             "preempted_at": _found(PREEMPTED, killed_log, since)}
+    if events:  # This attempt's resume step belongs to the previous kill.
+      events[-1]["next_resumed_from"] = _found(RESUMED, killed_log, since) or 0
     events.append(event)
     log(f"kill {i + 1}: SIG{name} after step {event['last_step_logged']} (this attempt started "
-        f"at step {first}), save in flight: {in_flight}, exit code {code}")
+        f"at step {first}), save in flight: {in_flight}, exit code {code}"
+        + (f", saved at step {event['preempted_at']}" if event["preempted_at"] else ""))
+  since = os.path.getsize(killed_log)
   proc = _launch(killed, steps, killed_log)
   if proc.wait() != 0:
     raise RuntimeError(f"the final restart failed; see {killed_log}")
+  if events:
+    events[-1]["next_resumed_from"] = _found(RESUMED, killed_log, since) or 0
 
   # 3. Compare.
   ref_records, killed_records = _records(reference), _records(killed)
@@ -135,20 +154,28 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
   ref_arrays, killed_arrays = _final_arrays(reference), _final_arrays(killed)
   differing = sorted(k for k in ref_arrays if k not in killed_arrays
                      or ref_arrays[k].tobytes() != killed_arrays[k].tobytes())
+  # SIGTERM loses no step: the run saves the step it was on (its last logged one) and the next
+  # attempt resumes there, so it goes on at that step + 1.
+  terms = [e for e in events if e["signal"] == "TERM"]
+  lost = [e for e in terms if not (e["preempted_at"] is None and e["last_step_logged"] == steps)
+          and not e["preempted_at"] == e["last_step_logged"] == e["next_resumed_from"]]
   summary = {
       "kills": len(events), "events": events,
-      "sigterm_exit_codes": sorted({e["exit_code"] for e in events if e["signal"] == "TERM"}),
+      "sigterm_exit_codes": sorted({e["exit_code"] for e in terms}),
+      "sigterm_lost_steps": lost,
       "metrics_identical": ref_records == killed_records,
       "duplicated_steps": len(keys) - len(set(keys)),
       "missing_steps": sorted(set((r["split"], r["step"]) for r in ref_records) - set(keys)),
       "arrays": len(ref_arrays), "arrays_differing": differing,
   }
   summary["ok"] = (summary["metrics_identical"] and not differing
-                   and not summary["duplicated_steps"] and all(e["exit_code"] == 0 for e in events if e["signal"] == "TERM"))
+                   and not summary["duplicated_steps"] and not summary["missing_steps"]
+                   and not lost and all(e["exit_code"] == 0 for e in terms))
   log(f"metrics.jsonl identical: {summary['metrics_identical']} (duplicated steps "
       f"{summary['duplicated_steps']}, missing {summary['missing_steps']}); final checkpoint: "
       f"{len(differing)} of {len(ref_arrays)} arrays differ; SIGTERM exit codes "
-      f"{summary['sigterm_exit_codes']}")
+      f"{summary['sigterm_exit_codes']}; SIGTERMs resumed at the saved step: "
+      f"{len(terms) - len(lost)} of {len(terms)}")
   return summary
 
 

@@ -127,33 +127,60 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(_abstract, flatten_state(target))
-    self._check_compatible(step, abstract)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+    self.check_restorable(step, {name: x.shape for name, x in abstract.items()})
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
     return unflatten_into(target, restored["state"]), restored["data"], restored["meta"]
 
-  def _check_compatible(self, step: int, abstract: dict[str, jax.ShapeDtypeStruct]) -> None:
-    """A clear error when the checkpoint holds another model (orbax's would be a KeyError)."""
+  def restore_data(self, step: int) -> tuple[Any, dict[str, Any]]:
+    """Only the JSON items of `step`: (data iterator state, meta). Cheap; no arrays are read."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    return restored["data"], restored["meta"]
+
+  def _unreadable(self, step: int, why: str) -> ValueError:
+    """A checkpoint directory that is not a complete save (e.g. a copy cut short)."""
+    earlier = [s for s in saved_steps(self.directory) if s < step]
+    path = os.path.join(self.directory, str(step))
+    return ValueError(
+        f"checkpoint {path} is incomplete or corrupt ({why}); complete saves are renamed into "
+        "place atomically, so something else (a copy cut short, a full disk, a manual edit) made "
+        "it. " + (f"Move it away (e.g. `mv {path} {path}.broken`) to resume from step "
+                  f"{earlier[-1]}." if earlier else "No earlier checkpoint exists; move it away "
+                  "to start from scratch."))
+
+  def check_restorable(self, step: int, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Before anything is compiled: every item of `step` is there, and its arrays have the names
+    and shapes of `shapes` (the model's flat state). Clear errors, not orbax tracebacks."""
+    path = os.path.join(self.directory, str(step))
+    for item, required in (("state", "_METADATA"), ("data", "metadata"), ("meta", "metadata")):
+      if not os.path.exists(os.path.join(path, item, required)):
+        raise self._unreadable(step, f"{item}/{required} is missing")
     reader = ocp.StandardCheckpointer()
     try:
-      metadata = reader.metadata(os.path.join(self.directory, str(step), "state"))
+      metadata = reader.metadata(os.path.join(path, "state"))
       stored = dict(getattr(metadata, "item_metadata", metadata))
-    except (OSError, ValueError, KeyError, TypeError):  # Unreadable metadata: let restore try.
-      return
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unreadable(step, f"state metadata: {type(e).__name__}: {e}") from e
     finally:
       reader.close()
-    missing = sorted(set(abstract) - set(stored))
-    extra = sorted(set(stored) - set(abstract))
-    for name in sorted(set(abstract) & set(stored)):
+    missing = sorted(set(shapes) - set(stored))
+    extra = sorted(set(stored) - set(shapes))
+    for name in sorted(set(shapes) & set(stored)):
       shape = tuple(getattr(stored[name], "shape", ()) or ())
-      if shape != tuple(abstract[name].shape):
-        raise ValueError(f"checkpoint {self.directory}/{step} does not fit this model: "
-                         f"parameter {name!r} has shape {shape} in the checkpoint and "
-                         f"{tuple(abstract[name].shape)} in the model (another config wrote "
-                         "this checkpoint; use another workdir).")
+      if shape != tuple(shapes[name]):
+        raise ValueError(f"checkpoint {path} does not fit this model: parameter {name!r} has "
+                         f"shape {shape} in the checkpoint and {tuple(shapes[name])} in the model "
+                         "(another config wrote this checkpoint; use another workdir).")
     if missing or extra:
-      raise ValueError(f"checkpoint {self.directory}/{step} does not fit this model: "
+      raise ValueError(f"checkpoint {path} does not fit this model: "
                        f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
                        f"{extra[:3]}{'...' if len(extra) > 3 else ''} (another config, or a "
                        "moejax version with other parameter names, wrote this checkpoint; use "

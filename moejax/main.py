@@ -37,18 +37,25 @@ def main(argv):
     logging.warning("%s", e)
 
 
-def unknown_override(argv: list[str]) -> str | None:
-  """For a `--config.a.b=v` naming a field the config lacks: a one-line "did you mean"."""
+def _config_of(argv: list[str]):
+  """(path, ConfigDict) of the `--config=path[:arg]` in argv, or None."""
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None:
     return None
   from moejax import study  # pylint: disable=import-outside-toplevel
   path, _, arg = spec.partition(":")
-  config = study.load_config_module(path).get_config(arg or None)
+  return path, study.load_config_module(path).get_config(arg or None)
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """For a `--config.a.b=v` naming a field the config lacks: a one-line "did you mean"."""
+  loaded = _config_of(argv)
+  if loaded is None:
+    return None
   for item in argv:
     if not item.startswith("--config."):
       continue
-    node, parts = config, item[len("--config."):].split("=", 1)[0].split(".")
+    node, parts = loaded[1], item[len("--config."):].split("=", 1)[0].split(".")
     for depth, part in enumerate(parts):
       if not hasattr(node, "keys") or part not in node:
         fields = sorted(node.keys()) if hasattr(node, "keys") else []
@@ -60,12 +67,29 @@ def unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+def expected_type(argv: list[str], error: str) -> str:
+  """`"; allowed: an int (configs/tiny.py sets 2)"` for the config field a flag error names."""
+  loaded, name = _config_of(argv), error.removeprefix("flag ").split("=", 1)[0]
+  if loaded is None or not name.startswith("--config."):
+    return ""
+  path, node = loaded
+  for part in name[len("--config."):].split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return ""
+    node = node[part]
+  kind = type(node).__name__
+  return f"; allowed: {'an' if kind[0] in 'aeiou' else 'a'} {kind} ({path} sets {node!r})"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a one-line error for a misspelled config field (not a traceback)."""
+  """absl flag parsing, with a one-line error for a misspelled config field or a value of the
+  wrong type (not a traceback)."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     sys.exit(f"error: {unknown_override(argv[1:]) or e}")
+  except flags.IllegalFlagValueError as e:  # `--config.batch_size=abc`: name the expected type.
+    sys.exit(f"error: {str(e).removeprefix('flag ')}{expected_type(argv[1:], str(e))}")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,11 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
          f"{config.grad_accum_steps} x {shards} (mesh {mesh_shape})")
   if model_cfg.moe_layer_indices:
     moe = model_cfg.moe_config()
-    groups = micro_batch * config.seq_len // moe.group_size_for(micro_batch, config.seq_len)
+    try:
+      group_size = moe.group_size_for(micro_batch, config.seq_len)
+    except ValueError as e:
+      raise ValueError(str(e).replace("MoEConfig.", "config.model.moe.", 1)) from None
+    groups = micro_batch * config.seq_len // group_size
     problem = sharding.moe_layout_problem(moe.num_experts, groups, mesh_shape)
     if problem and problem[0].startswith("num_experts"):
       fail("model.moe.num_experts", f"multiples of mesh.expert={mesh_shape[sharding.EXPERT]}")
@@ -127,49 +131,60 @@ def _moe_metrics(moe_aux: dict[int, Any]) -> dict[str, jax.Array]:
   return out
 
 
+def _new_model_and_optimizer(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
+                             seed: int) -> tuple[Transformer, nnx.Optimizer]:
+  """Model and optimizer (call under `jax.set_mesh`, inside a transformation)."""
+  model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed, routing=seed + 1,
+                                               dropout=seed + 2))
+  # Optimizer moments copy their param's metadata; factored (Adafactor) moments have another
+  # rank than the param, so re-applying the param's `out_sharding` to them would fail: turn
+  # eager sharding off (the params are already sharded) and constrain the moments below.
+  param_specs = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable) and node.get_metadata().get("eager_sharding"):
+      node.set_metadata("eager_sharding", False)
+    if isinstance(node, nnx.Param):
+      param_specs[tuple(path)] = (node.get_value().shape,
+                                  node.get_metadata().get("out_sharding"))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  # Moments shaped like their param (AdamW mu/nu, Adafactor's unfactored v) are laid out like
+  # it, so expert moments stay sharded over `expert` instead of replicated on every device.
+  # Adafactor's factored moments (`v_row`, `v_col`) drop one axis of their param: they keep
+  # the param's sharding on the axes that remain (so expert moments stay over `expert`).
+  for path, node in nnx.iter_graph(optimizer.opt_state):
+    if not isinstance(node, nnx.Variable):
+      continue
+    value = node.get_value()
+    for start in range(len(path)):
+      shape, spec = param_specs.get(tuple(path[start:]), (None, None))
+      if spec is None:
+        continue
+      moment = next((p for p in path[:start] if p in ("v_row", "v_col")), None)
+      dropped = optim.factored_moment_axis(shape, moment) if moment else None
+      if dropped is not None:
+        shape = shape[:dropped] + shape[dropped + 1:]
+        spec = tuple(spec[:dropped]) + tuple(spec[dropped + 1:])
+      if shape == getattr(value, "shape", None):
+        node.set_value(jax.lax.with_sharding_constraint(value, P(*spec)))
+        break
+  return model, optimizer
+
+
 def create_model_and_optimizer(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
                                mesh: jax.sharding.Mesh, seed: int
                                ) -> tuple[Transformer, nnx.Optimizer]:
   """Model and optimizer, created inside jit so every array is born sharded on `mesh`."""
   with jax.set_mesh(mesh):
-    @nnx.jit
-    def create():
-      model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed, routing=seed + 1,
-                                                   dropout=seed + 2))
-      # Optimizer moments copy their param's metadata; factored (Adafactor) moments have another
-      # rank than the param, so re-applying the param's `out_sharding` to them would fail: turn
-      # eager sharding off (the params are already sharded) and constrain the moments below.
-      param_specs = {}
-      for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable) and node.get_metadata().get("eager_sharding"):
-          node.set_metadata("eager_sharding", False)
-        if isinstance(node, nnx.Param):
-          param_specs[tuple(path)] = (node.get_value().shape,
-                                      node.get_metadata().get("out_sharding"))
-      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-      # Moments shaped like their param (AdamW mu/nu, Adafactor's unfactored v) are laid out like
-      # it, so expert moments stay sharded over `expert` instead of replicated on every device.
-      # Adafactor's factored moments (`v_row`, `v_col`) drop one axis of their param: they keep
-      # the param's sharding on the axes that remain (so expert moments stay over `expert`).
-      for path, node in nnx.iter_graph(optimizer.opt_state):
-        if not isinstance(node, nnx.Variable):
-          continue
-        value = node.get_value()
-        for start in range(len(path)):
-          shape, spec = param_specs.get(tuple(path[start:]), (None, None))
-          if spec is None:
-            continue
-          moment = next((p for p in path[:start] if p in ("v_row", "v_col")), None)
-          dropped = optim.factored_moment_axis(shape, moment) if moment else None
-          if dropped is not None:
-            shape = shape[:dropped] + shape[dropped + 1:]
-            spec = tuple(spec[:dropped]) + tuple(spec[dropped + 1:])
-          if shape == getattr(value, "shape", None):
-            node.set_value(jax.lax.with_sharding_constraint(value, P(*spec)))
-            break
-      return model, optimizer
+    return nnx.jit(lambda: _new_model_and_optimizer(model_cfg, tx, seed))()
 
-    return create()
+
+def state_shapes(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
+                 mesh: jax.sharding.Mesh, seed: int) -> dict[str, tuple[int, ...]]:
+  """The checkpoint names and shapes of (model, optimizer), traced without compiling anything."""
+  with jax.set_mesh(mesh):
+    flat = jax.eval_shape(
+        lambda: ckpt_lib.flatten_state(nnx.state(_new_model_and_optimizer(model_cfg, tx, seed))))
+  return {name: tuple(x.shape) for name, x in flat.items()}
 
 
 def load_run_config(workdir: str):
@@ -233,16 +248,9 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   model_cfg = validate_config(config)
   is_main = jax.process_index() == 0
   metrics_lib.quiet_library_logs()
-  os.makedirs(workdir, exist_ok=True)
-  writer = metrics_lib.MetricWriter(workdir)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  counts = count_params(model_cfg, config.seq_len)
-  logging.info("%s", counts.summary())
-  if is_main:
-    with open(os.path.join(workdir, "model_info.json"), "w") as f:
-      json.dump({**vars(counts), "moe_layers": list(model_cfg.moe_layer_indices)}, f, indent=2)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir={workdir} is a file; allowed: a directory (new or a "
+                             "run's, to resume it).")
 
   # ----------------------------------------------------------------------------------------------
   # Mesh: batch over (data, expert), experts over expert.
@@ -252,7 +260,8 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   logging.info("mesh %s on %d devices", dict(mesh.shape), jax.device_count())
 
   # ----------------------------------------------------------------------------------------------
-  # Input pipeline. Each process reads its share of the global batch.
+  # Input pipeline. Each process reads its share of the global batch. The eval batches are read
+  # now, so a bad eval split fails here, not after the first `eval_every` steps.
   # ----------------------------------------------------------------------------------------------
   make_pipeline = make_pipeline or data_lib.make_pipeline  # TFDS is imported only on its paths.
 
@@ -265,11 +274,46 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
                                       config.batch_size)
 
   train_iter = pipeline(config.data.train_split, config.seed)
+  # Every evaluation sees the same batches: read once (a few MB of token ids).
+  eval_batches = [{k: np.asarray(b[k]) for k in BATCH_KEYS}
+                  for b in itertools.islice(pipeline(config.data.eval_split, 0),
+                                            config.eval_steps)]
+  if not eval_batches:
+    raise ValueError(f"config.data.eval_split={config.data.eval_split!r} yields no batch; "
+                     "allowed: a split with at least one document.")
+
+  # ----------------------------------------------------------------------------------------------
+  # Checkpoint: the latest complete one in workdir, if any, is checked against this model and
+  # data pipeline before anything is compiled or written.
+  # ----------------------------------------------------------------------------------------------
+  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       save_every=config.checkpoint_every,
+                                       keep=config.keep_checkpoints,
+                                       async_save=config.async_checkpoint)
+  resume_step = checkpointer.latest_step()
+  if resume_step is not None:
+    checkpointer.check_restorable(resume_step, state_shapes(model_cfg, tx, mesh, config.seed))
+    data_state, _ = checkpointer.restore_data(resume_step)
+    if data_state:
+      train_iter.set_state(data_state)  # Refuses another seq_len, batch, source or tokenizer.
+
+  # ----------------------------------------------------------------------------------------------
+  # Writers: only now does the run write into workdir.
+  # ----------------------------------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(workdir)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  counts = count_params(model_cfg, config.seq_len)
+  logging.info("%s", counts.summary())
+  if is_main:
+    with open(os.path.join(workdir, "model_info.json"), "w") as f:
+      json.dump({**vars(counts), "moe_layers": list(model_cfg.moe_layer_indices)}, f, indent=2)
 
   # ----------------------------------------------------------------------------------------------
   # Model and optimizer, created inside jit so every array is born sharded on the mesh.
   # ----------------------------------------------------------------------------------------------
-  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
   model, optimizer = create_model_and_optimizer(model_cfg, tx, mesh, config.seed)
   graphdef, state = nnx.split((model, optimizer))
   model.eval()
@@ -286,20 +330,11 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   del model, optimizer  # From here on, `state` is the single source of truth.
 
-  # ----------------------------------------------------------------------------------------------
-  # Checkpoint: resume from the latest complete checkpoint in workdir, if any.
-  # ----------------------------------------------------------------------------------------------
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       save_every=config.checkpoint_every,
-                                       keep=config.keep_checkpoints,
-                                       async_save=config.async_checkpoint)
   step = 0
-  if checkpointer.latest_step() is not None:
-    state, data_state, meta = checkpointer.restore(state)
+  if resume_step is not None:
+    state, _, meta = checkpointer.restore(state, resume_step)
     step = int(meta["step"])
     writer.drop_after(step)  # Steps logged after this checkpoint are about to be redone.
-    if data_state:
-      train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", checkpointer.directory, step)
 
   # ----------------------------------------------------------------------------------------------
@@ -373,15 +408,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
                                 in_shardings=(state_sharding, batch_shardings))
                   for name, gd in variants}
 
-  # Every evaluation sees the same batches: read them once (a few MB of token ids), not a fresh
-  # pipeline per evaluation (for text files that re-read and re-hashed the corpus each time).
-  eval_batches = []
-
   def evaluate(state, final: bool) -> dict[str, Any]:
-    if not eval_batches:
-      it = pipeline(config.data.eval_split, 0)
-      eval_batches.extend({k: np.asarray(b[k]) for k in BATCH_KEYS}
-                          for b in itertools.islice(it, config.eval_steps))
     out = {}
     for name, fn in eval_fns.items():
       if name.startswith("cf") and not final:

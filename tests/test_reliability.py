@@ -11,10 +11,14 @@ import kill_campaign  # noqa: E402
 
 
 def test_killed_and_preempted_run_ends_bit_identical(tmp_path):
-  summary = kill_campaign.run_campaign(str(tmp_path), kills=2, signals=["TERM", "KILL"],
+  summary = kill_campaign.run_campaign(str(tmp_path), kills=3, signals=["TERM", "KILL"],
                                        steps=12, seed=0, log=lambda _: None)
   assert summary["kills"] >= 1, summary  # The first signal lands before the run can finish.
-  assert summary["events"][0]["signal"] == "TERM" and summary["events"][0]["exit_code"] == 0
+  first = summary["events"][0]
+  assert first["signal"] == "TERM" and first["exit_code"] == 0, first
+  # SIGTERM: the step it was on is saved and the next attempt resumes there.
+  assert first["preempted_at"] == first["last_step_logged"] == first["next_resumed_from"], first
+  assert summary["sigterm_lost_steps"] == [], summary
   assert summary["metrics_identical"] and not summary["duplicated_steps"], summary
   assert not summary["missing_steps"] and summary["arrays"] > 0
   assert summary["arrays_differing"] == [], summary

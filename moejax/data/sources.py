@@ -17,6 +17,7 @@ and the checkpointable position is a few integers.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import glob
 import hashlib
@@ -104,8 +105,10 @@ def tfds_source(data_config, split: str) -> DocSource:
   try:
     ds = tfds.data_source(cfg.name, split=split, data_dir=data_dir, download=False)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"data.tfds.name={cfg.name!r}: no such TFDS dataset ({str(e)[:200]}...).")\
-        from e
+    close = difflib.get_close_matches(cfg.name.split("/")[0], tfds.list_builders(), n=3)
+    raise ValueError(f"data.tfds.name={cfg.name!r}: no such TFDS dataset; allowed: a registered "
+                     "dataset name (`tfds.list_builders()`)"
+                     + (f"; close names: {close}" if close else "") + ".") from e
   except NotImplementedError as e:
     # `data_source` refuses non-array_record formats; tell apart "absent" from "wrong format".
     builder = tfds.builder(cfg.name, data_dir=data_dir)
@@ -164,6 +167,11 @@ def split_documents(text: str, doc_split: str) -> list[str]:
 def read_documents(path: str, doc_split: str, decode_errors: str) -> list[str]:
   with open(path, "rb") as f:
     raw = f.read()
+  nul = raw.find(b"\0", 0, 8192)  # Git's test: text has no NUL byte; binaries nearly always do.
+  if nul >= 0:
+    raise ValueError(f"data.text_files.paths: {path} looks binary (a NUL byte at offset {nul}); "
+                     "allowed: text files (UTF-8; other encodings per "
+                     "data.text_files.decode_errors).")
   try:
     text = raw.decode("utf-8", errors=decode_errors)
   except UnicodeDecodeError as e:
