@@ -1,20 +1,32 @@
 """What do experts specialise in? Routing statistics from recorded router choices (numpy).
 
-OpenMoE and Mixtral found that experts specialise by *token identity* far more than by
-topic/domain, and that consecutive tokens share an expert more often than chance. These
-functions measure both on any labelled routing record:
+The published answers (OpenMoE, Mixtral, ST-MoE): experts specialise by *token identity* far more
+than by topic or language; routing is decided early in training; consecutive tokens share an
+expert more often than chance; with position-priority capacity, drops concentrate late in the
+sequence. Everything here works on plain arrays of N real tokens (or [B, L] blocks), so it runs on
+any model's routing; `experiments/routing_analysis.py` records a trained run and writes a report.
 
-- `mutual_information(counts_XY)`: I(X; Y) in bits from a contingency table.
-- `routing_report(experts_N, tokens_N, domains_N)`: for one MoE layer's top-1 choices,
-  `I(domain; expert) / H(expert)` (share of the routing entropy the domain explains),
-  `I(token; expert) / H(expert)`, and `I(domain; expert | token) / H(expert)`: what the domain
-  explains *beyond* token identity (zero if routing is a function of the token alone).
-- `consecutive_same_expert(experts_BL, mask_BL)`: how often token t and t+1 of the same document
-  share their top-1 expert, against chance `sum_e load_e^2`.
+- Information: `mutual_information(counts_XY)` (plug-in, bits), `conditional_mutual_information`,
+  and `information_report`: I(expert; label) for any labels (domain, token, position bucket,
+  previous token) and I(expert; domain | token), each with its *shuffled-label baseline* (the
+  mean MI after permuting the label, within each token for the conditional one) subtracted. A
+  plug-in MI is biased upward by about (cells - 1) / (2 N ln 2) bits, which for a 32k-token label
+  and a few thousand tokens exceeds the real signal; the baseline removes that bias, so random
+  routing reads ~0. Shares are divided by H(expert). A split-half difference gives the sampling
+  spread. The baseline is the bias *under independence*: where routing strongly depends on a
+  label with few tokens per label value it over-corrects, so a share is then a lower bound.
+- `domain_expert_lift`: p(expert | domain) / p(expert), 1 = chance (the heatmap).
+- `top_tokens`: per expert, the tokens it owns (highest p(expert | token) among frequent tokens).
+- `consecutive_sharing`: how often tokens t and t+1 of one document share the first choice, or any
+  of their top-k (Mixtral Table 5), against chance, overall and per domain.
+- `drop_rates`: the fraction of routing choices without a slot, by position bucket and domain
+  (record the layer at the training capacity factor).
+- `agreement_with_final`: per checkpoint, the fraction of tokens whose top-1 expert equals the final
+  checkpoint's (OpenMoE: routing is learned early).
 
-Record the choices with `MoELayer.record_routing = True` and `nnx.capture(f, nnx.Intermediate)`
-(the layer then sows the router's top-k experts, before capacity, as `nnx.Intermediate`
-"router_topk"); `experiments/routing_analysis.py` does this for a trained run.
+Record the choices with `MoELayer.record_routing = True` and `nnx.capture(f, nnx.Intermediate)`:
+the layer sows the router's top-k experts before capacity ("router_topk") and whether each choice
+got a slot ("router_kept").
 """
 
 from __future__ import annotations
@@ -37,56 +49,192 @@ def entropy(p: np.ndarray) -> float:
 
 
 def mutual_information(counts_XY: np.ndarray) -> float:
-  """I(X; Y) in bits = H(X) + H(Y) - H(X, Y)."""
+  """I(X; Y) in bits = H(X) + H(Y) - H(X, Y) (plug-in)."""
   counts_XY = np.asarray(counts_XY, np.float64)
   if counts_XY.sum() == 0:
     return 0.0
   return max(entropy(counts_XY.sum(1)) + entropy(counts_XY.sum(0)) - entropy(counts_XY), 0.0)
 
 
+def _joint_entropy(*columns_N: np.ndarray) -> float:
+  """H of the tuple of integer columns, in bits (plug-in, from the observed tuples)."""
+  _, counts = np.unique(np.stack([np.asarray(c, np.int64) for c in columns_N]), axis=1,
+                        return_counts=True)
+  return entropy(counts)
+
+
 def conditional_mutual_information(x_N, y_N, z_N) -> float:
-  """I(X; Y | Z) in bits = sum_z p(z) I(X; Y | Z = z)."""
-  x_N, y_N, z_N = (np.asarray(a, np.int64) for a in (x_N, y_N, z_N))
-  total, n = 0.0, len(z_N)
-  for z in np.unique(z_N):
-    sel = z_N == z
-    xs, ys = x_N[sel], y_N[sel]
-    total += sel.sum() / n * mutual_information(contingency(xs, ys, xs.max() + 1, ys.max() + 1))
-  return total
+  """I(X; Y | Z) in bits = H(X, Z) + H(Y, Z) - H(X, Y, Z) - H(Z) (plug-in)."""
+  return max(_joint_entropy(x_N, z_N) + _joint_entropy(y_N, z_N) - _joint_entropy(x_N, y_N, z_N)
+             - _joint_entropy(z_N), 0.0)
+
+
+def _mi(experts_N, label_N, given_N) -> float:
+  if given_N is None:
+    return max(_joint_entropy(experts_N) + _joint_entropy(label_N)
+               - _joint_entropy(experts_N, label_N), 0.0)
+  return conditional_mutual_information(label_N, experts_N, given_N)
+
+
+def _permute_within(label_N: np.ndarray, given_N: np.ndarray | None, rng) -> np.ndarray:
+  """`label_N` shuffled, within each value of `given_N` when set (keeps p(label | given))."""
+  if given_N is None:
+    return rng.permutation(label_N)
+  order = np.lexsort((rng.random(len(given_N)), given_N))  # random order inside each stratum
+  by_given = np.argsort(given_N, kind="stable")
+  out = np.empty_like(label_N)
+  out[by_given] = label_N[order]
+  return out
+
+
+def information_report(experts_N: np.ndarray, label_N: np.ndarray,
+                       given_N: np.ndarray | None = None, *, rounds: int = 4,
+                       seed: int = 0) -> dict[str, float]:
+  """I(expert; label [| given]) with its shuffled-label baseline, in bits and as a share of
+  H(expert); `spread_share` is |share(first half) - share(second half)| (sampling noise)."""
+  experts_N, label_N = np.asarray(experts_N, np.int64), np.asarray(label_N, np.int64)
+  given_N = None if given_N is None else np.asarray(given_N, np.int64)
+  rng = np.random.default_rng(seed)
+
+  def corrected(idx):
+    e, l, g = experts_N[idx], label_N[idx], None if given_N is None else given_N[idx]
+    mi = _mi(e, l, g)
+    baseline = float(np.mean([_mi(e, _permute_within(l, g, rng), g) for _ in range(rounds)]))
+    return mi, baseline
+
+  n = len(experts_N)
+  h_expert = _joint_entropy(experts_N) if n else 0.0
+  mi, baseline = corrected(np.arange(n))
+  scale = 1.0 / h_expert if h_expert > 0 else 0.0
+  halves = [corrected(np.arange(n)[i::2]) for i in range(2)] if n >= 4 else [(0, 0), (0, 0)]
+  return {"mi_bits": mi, "baseline_bits": baseline, "excess_bits": mi - baseline,
+          "share": (mi - baseline) * scale, "expert_entropy_bits": h_expert,
+          "spread_share": abs((halves[0][0] - halves[0][1]) - (halves[1][0] - halves[1][1]))
+                          * scale}
 
 
 def routing_report(experts_N: np.ndarray, tokens_N: np.ndarray, domains_N: np.ndarray,
                    num_experts: int) -> dict[str, float]:
-  """Specialisation of one layer's top-1 choices over N real tokens (see module docstring)."""
-  experts_N, tokens_N, domains_N = (np.asarray(a, np.int64) for a in (experts_N, tokens_N,
-                                                                        domains_N))
-  h_expert = entropy(np.bincount(experts_N, minlength=num_experts))
-  scale = 1.0 / h_expert if h_expert > 0 else 0.0
-  by_domain = contingency(domains_N, experts_N, domains_N.max() + 1, num_experts)
-  by_token = contingency(tokens_N, experts_N, tokens_N.max() + 1, num_experts)
-  return {
-      "tokens": float(len(experts_N)),
-      "expert_entropy_bits": h_expert,
-      "domain_share": mutual_information(by_domain) * scale,
-      "token_share": mutual_information(by_token) * scale,
-      "domain_given_token_share":
-          conditional_mutual_information(domains_N, experts_N, tokens_N) * scale,
-  }
+  """Bias-corrected shares of H(expert) explained by the domain, the token, and the domain
+  beyond the token, for one layer's top-1 choices over N real tokens."""
+  del num_experts  # Read from the data; kept for callers that pass it.
+  out = {"tokens": float(len(experts_N))}
+  for name, label, given in (("domain", domains_N, None), ("token", tokens_N, None),
+                             ("domain_given_token", domains_N, tokens_N)):
+    report = information_report(experts_N, label, given)
+    out[f"{name}_share"] = report["share"]
+    out["expert_entropy_bits"] = report["expert_entropy_bits"]
+  return out
+
+
+def domain_expert_lift(experts_N: np.ndarray, domains_N: np.ndarray, num_domains: int,
+                       num_experts: int) -> np.ndarray:
+  """`[num_domains, num_experts]`: p(expert | domain) / p(expert); 1 = chance, 0 = never."""
+  counts = contingency(domains_N, experts_N, num_domains, num_experts)
+  p_e = counts.sum(0) / max(counts.sum(), 1)
+  p_e_given_d = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+  return np.divide(p_e_given_d, p_e, out=np.zeros_like(p_e_given_d), where=p_e > 0)
+
+
+def top_tokens(experts_N: np.ndarray, tokens_N: np.ndarray, num_experts: int, *, n: int = 8,
+               min_count: int = 20) -> list[list[tuple[int, int, float]]]:
+  """Per expert, up to `n` (token, times routed there, p(expert | token)) among tokens seen at
+  least `min_count` times, highest p(expert | token) first: the tokens the expert owns."""
+  tokens_N, experts_N = np.asarray(tokens_N, np.int64), np.asarray(experts_N, np.int64)
+  counts = contingency(tokens_N, experts_N, tokens_N.max() + 1, num_experts)
+  totals = counts.sum(1)
+  frequent = np.flatnonzero(totals >= min_count)
+  out = []
+  for e in range(num_experts):
+    share = counts[frequent, e] / totals[frequent]
+    order = np.lexsort((-counts[frequent, e], -share))[:n]
+    out.append([(int(frequent[i]), int(counts[frequent[i], e]), float(share[i]))
+                for i in order if counts[frequent[i], e] > 0])
+  return out
+
+
+def _neighbour_pairs(valid_BL, segment_ids_BL):
+  valid_BL = np.asarray(valid_BL, bool)
+  pair = valid_BL[:, 1:] & valid_BL[:, :-1]
+  if segment_ids_BL is not None:
+    segment_ids_BL = np.asarray(segment_ids_BL)
+    pair &= segment_ids_BL[:, 1:] == segment_ids_BL[:, :-1]
+  return pair
 
 
 def consecutive_same_expert(experts_BL: np.ndarray, mask_BL: np.ndarray,
                             segment_ids_BL: np.ndarray | None = None) -> tuple[float, float]:
   """(rate at which neighbours in one document share the top-1 expert, chance = sum load^2)."""
   experts_BL, mask_BL = np.asarray(experts_BL), np.asarray(mask_BL, bool)
-  pair = mask_BL[:, 1:] & mask_BL[:, :-1]
-  if segment_ids_BL is not None:
-    segment_ids_BL = np.asarray(segment_ids_BL)
-    pair &= segment_ids_BL[:, 1:] == segment_ids_BL[:, :-1]
+  pair = _neighbour_pairs(mask_BL, segment_ids_BL)
   if not pair.any():
     return 0.0, 0.0
   same = (experts_BL[:, 1:] == experts_BL[:, :-1])[pair]
   load = np.bincount(experts_BL[mask_BL]) / mask_BL.sum()
   return float(same.mean()), float(np.sum(load**2))
+
+
+def consecutive_sharing(topk_BLK: np.ndarray, valid_BL: np.ndarray, segment_ids_BL: np.ndarray,
+                        domain_BL: np.ndarray | None = None, *, seed: int = 0
+                        ) -> dict[str, dict[str, float]]:
+  """Mixtral Table 5 for one layer: how often token t+1 of the same document has the same first
+  choice as token t (`first`), or shares any of its top-k experts (`any`), with chance: the same
+  rates for token t paired with a random real token instead (its own load distribution). Keys:
+  `all` and each domain id present in `domain_BL` (pairs counted under token t's domain)."""
+  topk_BLK = np.asarray(topk_BLK)
+  valid_BL = np.asarray(valid_BL, bool)
+  pair_BL = _neighbour_pairs(valid_BL, segment_ids_BL)
+  left_PK, right_PK = topk_BLK[:, :-1][pair_BL], topk_BLK[:, 1:][pair_BL]
+  real_NK = topk_BLK[valid_BL]
+  rng = np.random.default_rng(seed)
+  random_PK = real_NK[rng.integers(0, len(real_NK), len(left_PK))] if len(real_NK) else left_PK
+
+  def rates(a_PK, b_PK):
+    first = a_PK[:, 0] == b_PK[:, 0]
+    any_ = (a_PK[:, :, None] == b_PK[:, None, :]).any((1, 2))
+    return first, any_
+
+  first, any_ = rates(left_PK, right_PK)
+  first_chance, any_chance = rates(left_PK, random_PK)
+  groups = {"all": np.ones(len(left_PK), bool)}
+  if domain_BL is not None:
+    domain_P = np.asarray(domain_BL)[:, :-1][pair_BL]
+    groups.update({int(d): domain_P == d for d in np.unique(domain_P) if d >= 0})
+  out = {}
+  for name, sel in groups.items():
+    if sel.any():
+      out[name] = {"pairs": int(sel.sum()), "first": float(first[sel].mean()),
+                   "first_chance": float(first_chance[sel].mean()),
+                   "any": float(any_[sel].mean()), "any_chance": float(any_chance[sel].mean())}
+  return out
+
+
+def drop_rates(kept_BLK: np.ndarray, valid_BL: np.ndarray, positions_BL: np.ndarray,
+               domain_BL: np.ndarray | None = None, *, num_buckets: int = 8,
+               max_position: int | None = None) -> dict:
+  """Fraction of the routing choices of real tokens without a slot: overall, per position bucket
+  (`num_buckets` equal ranges of [0, max_position)), and per domain id."""
+  kept_BLK, valid_BL = np.asarray(kept_BLK, bool), np.asarray(valid_BL, bool)
+  positions_BL = np.asarray(positions_BL)
+  dropped_N = (~kept_BLK[valid_BL]).mean(-1)  # per token: share of its K choices dropped
+  max_position = max_position or int(positions_BL.max()) + 1
+  bucket_N = np.minimum(positions_BL[valid_BL] * num_buckets // max_position, num_buckets - 1)
+  by_bucket = [float(dropped_N[bucket_N == b].mean()) if (bucket_N == b).any() else float("nan")
+               for b in range(num_buckets)]
+  out = {"all": float(dropped_N.mean()) if len(dropped_N) else 0.0, "by_position": by_bucket,
+         "bucket_edges": [b * max_position // num_buckets for b in range(num_buckets + 1)]}
+  if domain_BL is not None:
+    domain_N = np.asarray(domain_BL)[valid_BL]
+    out["by_domain"] = {int(d): float(dropped_N[domain_N == d].mean())
+                        for d in np.unique(domain_N) if d >= 0}
+  return out
+
+
+def agreement_with_final(experts_by_step: dict[int, np.ndarray]) -> dict[int, float]:
+  """For each step, the fraction of tokens whose top-1 expert equals the last step's."""
+  final = experts_by_step[max(experts_by_step)]
+  return {step: float(np.mean(np.asarray(e) == final)) for step, e in sorted(
+      experts_by_step.items())}
 
 
 def router_dtype_disagreement(x_BLD, w_DE, valid_BL) -> float:

@@ -262,9 +262,10 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                dropout_key: jax.Array | None, *, cfg: MoEConfig, capacity: int,
                second_expert_policy: str, expert_axis: str | None = None,
                reduce_axes: tuple[str, ...] = ()
-               ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
-  """The MoE computation on G groups: `(y_GSD, routing sums, router top-k experts [G, S, K])`.
-  Pure; also the shard_map body.
+               ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+  """The MoE computation on G groups: `(y_GSD, routing sums, record)`, where `record` holds the
+  router's top-k experts before policy and capacity (`router_topk`, int32 [G, S, K]) and whether
+  each choice got a slot (`kept`, bool [G, S, K]). Pure; also the shard_map body.
 
   With `expert_axis` set it runs per device inside `jax.shard_map`: `weights['wi']` etc. hold the
   local E/ep experts, and two `all_to_all`s over `expert_axis` move the capacity buffer to the
@@ -310,7 +311,7 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
   sums = routing.routing_sums(r, valid_GS, balance_loss_choices=cfg.balance_loss_choices)
   if reduce_axes:
     sums = jax.lax.psum(sums, reduce_axes)
-  return y_GSD, sums, r.router_expert_SK
+  return y_GSD, sums, {"router_topk": r.router_expert_SK, "kept": r.kept_SK}
 
 
 def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
@@ -348,10 +349,11 @@ class MoELayer(nnx.Module):
     self.rngs = rngs
     self.deterministic = False
     self.capacity_factor_override: float | None = None
-    # When True, each call sows the router's top-k experts of that call (before capacity; in
-    # training with jitter, in eval without) as nnx.Intermediate "router_topk" [B, L, K], and the
-    # router's input "router_input" [B, L, D] (padding zeroed), for routing analyses
-    # (moejax.analysis); collect them with `nnx.capture(f, nnx.Intermediate)`.
+    # When True, each call sows, as nnx.Intermediate, the router's top-k experts of that call
+    # ("router_topk" [B, L, K], before policy and capacity; in training with jitter, in eval
+    # without), whether each choice got a slot at this call's capacity ("router_kept"
+    # [B, L, K]), and the router's input ("router_input" [B, L, D], padding zeroed), for routing
+    # analyses (moejax.analysis); collect them with `nnx.capture(f, nnx.Intermediate)`.
     self.record_routing = False
 
   def weights(self) -> dict[str, jax.Array]:
@@ -401,10 +403,11 @@ class MoELayer(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and sharding.EXPERT in mesh.axis_names:
       run = _sharded(run, mesh, G=G, num_experts=cfg.num_experts)
-    y_GSD, sums, router_expert_GSK = run(x_GSD, valid_GS, self.weights(), jitter_GSD,
-                                         uniform_GSK, dropout_key)
+    y_GSD, sums, record = run(x_GSD, valid_GS, self.weights(), jitter_GSD, uniform_GSK,
+                              dropout_key)
     if self.record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
-      self.sow(nnx.Intermediate, "router_topk", router_expert_GSK.reshape(B, L, K))
+      self.sow(nnx.Intermediate, "router_topk", record["router_topk"].reshape(B, L, K))
+      self.sow(nnx.Intermediate, "router_kept", record["kept"].reshape(B, L, K))
       self.sow(nnx.Intermediate, "router_input", x_GSD.reshape(B, L, D))
 
     metrics = routing.finalize_sums(sums)

@@ -357,6 +357,26 @@ def test_text_files_build_then_read_in_fresh_processes(tmp_path):
   assert sorted(docs["train"] + docs["validation"]) == sorted(paras)
 
 
+def test_text_files_label_each_document_with_its_path_or_glob(tmp_path):
+  """Each comma-separated entry is a domain: a file's documents carry the index of the first entry
+  that matches it, in the source and in every token of `batch['domain']`."""
+  (tmp_path / "code").mkdir()
+  prose = write_corpus(tmp_path / "prose.txt", 12)
+  code = write_corpus(tmp_path / "code" / "a.py", 6, seed=1) + write_corpus(
+      tmp_path / "code" / "b.py", 6, seed=2)
+  c = md.default_data_config()
+  c.source, c.cache_dir, c.text_files.held_out_fraction = "text_files", str(tmp_path / "c"), 0.0
+  c.text_files.paths = f"{tmp_path / 'code' / '*.py'},{tmp_path / 'prose.txt'}"
+  assert md.domain_names(c) == [str(tmp_path / "code" / "*.py"), "prose"]
+  it = pipeline(c, seq_len=64, num_epochs=1)
+  by_text = {bytes(it.source.get(i)[0]).decode(): it.source.get(i)[1]
+             for i in range(it.source.num_docs)}
+  assert by_text == {**{d: 1 for d in prose}, **{d: 0 for d in code}}
+  for batch in it:  # Every real token carries its document's domain; padding -1.
+    assert set(np.unique(batch["domain"][batch["mask"] > 0])) <= {0, 1}
+    assert (batch["domain"][batch["segment_ids"] == 0] == -1).all()
+
+
 def test_text_files_concurrent_builds_are_atomic(tmp_path):
   """Two processes building the same dataset at once (two hosts of one run) both succeed, read
   the same documents, and leave no half-built directory behind."""

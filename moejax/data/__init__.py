@@ -19,12 +19,12 @@ import os
 
 from moejax.data.config import SOURCES, TOKENIZERS, default_data_config
 from moejax.data.pipeline import BATCH_KEYS, PackedIterator, make_global_batch
-from moejax.data.sources import DocSource, get_source
+from moejax.data.sources import DocSource, domain_names, get_source
 from moejax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
 
 __all__ = [
     "BATCH_KEYS", "ByteTokenizer", "DocSource", "PackedIterator", "SOURCES", "SentencePieceTokenizer",
-    "default_data_config", "get_source", "get_tokenizer", "make_global_batch", "make_pipeline",
+    "default_data_config", "domain_names", "get_source", "get_tokenizer", "make_global_batch", "make_pipeline",
 ]
 
 

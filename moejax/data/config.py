@@ -41,10 +41,14 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tfds.data_dir = ""
   # Feature key holding the document text.
   c.tfds.text_key = "text"
+  # Integer feature (e.g. a ClassLabel) giving each document's domain, for routing analysis
+  # (`batch['domain']`); '' = none (domain -1).
+  c.tfds.domain_key = ""
 
   c.text_files = ctf = ml_collections.ConfigDict()
   # Comma-separated file paths or globs, e.g. 'corpus/*.txt,notes.txt' (relative
-  # paths are resolved against the working directory).
+  # paths are resolved against the working directory). Each entry is one domain
+  # (`batch['domain']` = its index; routing analysis names it after the file or glob).
   ctf.paths = ""
   # How a file is cut into documents: 'paragraph' (blank-line separated), 'line' or 'file'.
   ctf.doc_split = "paragraph"

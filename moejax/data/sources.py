@@ -33,7 +33,7 @@ from absl import logging
 from moejax.data import builtin as builtin_lib
 from moejax.data.config import DECODE_ERRORS, DOC_SPLITS, SOURCES
 
-TEXT_FILES_VERSION = "1.0.0"
+TEXT_FILES_VERSION = "1.1.0"  # 1.1.0: a `domain` feature (the pattern a file matched).
 TEXT_FILES_SPLITS = ("train", "validation")
 
 
@@ -80,17 +80,25 @@ def builtin_source(data_config, split: str) -> DocSource:
 # --- tfds ----------------------------------------------------------------------------------------
 
 
-def _wrap_tfds_datasource(ds, key: str, text_key: str, field_name: str) -> DocSource:
+def _wrap_tfds_datasource(ds, key: str, text_key: str, field_name: str,
+                          domain_key: str = "") -> DocSource:
+  """`domain_key`: an integer feature (e.g. a ClassLabel) giving each document's domain."""
   num_docs = len(ds)
   if num_docs == 0:
     raise ValueError(f"{field_name}: the split {key!r} has no examples.")
   first = ds[0]
-  if text_key not in first:
-    raise ValueError(f"data.tfds.text_key={text_key!r} is not a feature of {key!r}; "
-                     f"available keys are {sorted(first)}.")
+  for name, field in ((text_key, "data.tfds.text_key"), (domain_key, "data.tfds.domain_key")):
+    if name and name not in first:
+      raise ValueError(f"{field}={name!r} is not a feature of {key!r}; "
+                       f"available keys are {sorted(first)}.")
+  if domain_key and not np.issubdtype(np.asarray(first[domain_key]).dtype, np.integer):
+    raise ValueError(f"data.tfds.domain_key={domain_key!r} is a "
+                     f"{np.asarray(first[domain_key]).dtype} feature; allowed: an integer "
+                     "feature (a ClassLabel or an id).")
 
   def get(i: int) -> tuple[str | bytes, int]:
-    return ds[int(i)][text_key], -1
+    example = ds[int(i)]
+    return example[text_key], int(example[domain_key]) if domain_key else -1
 
   return DocSource(key=key, num_docs=num_docs, get=get)
 
@@ -128,29 +136,54 @@ def tfds_source(data_config, split: str) -> DocSource:
                        f"{e}") from e
     raise
   key = f"tfds/{cfg.name}/{os.path.abspath(cfg.data_dir) if cfg.data_dir else ''}/{split}"
-  return _wrap_tfds_datasource(ds, key, cfg.text_key, f"data.tfds.name={cfg.name!r}")
+  return _wrap_tfds_datasource(ds, key, cfg.text_key, f"data.tfds.name={cfg.name!r}",
+                              cfg.get("domain_key", ""))
 
 
 # --- text files ----------------------------------------------------------------------------------
 
 
-def expand_paths(paths: str | list[str] | tuple[str, ...]) -> list[str]:
-  """Comma-separated (or listed) paths/globs -> sorted unique absolute file paths."""
+def _patterns(paths: str | list[str] | tuple[str, ...]) -> list[str]:
   patterns = [p.strip() for p in (paths.split(",") if isinstance(paths, str) else paths)]
   patterns = [p for p in patterns if p]
   if not patterns:
     raise ValueError("data.text_files.paths is empty; give comma-separated file paths or globs, "
                      "e.g. 'corpus/*.txt,notes.txt'.")
-  files: list[str] = []
-  for pattern in patterns:
+  return patterns
+
+
+def files_by_pattern(paths: str | list[str] | tuple[str, ...]) -> list[list[str]]:
+  """The sorted absolute files each comma-separated path or glob matches (each must match)."""
+  out = []
+  for pattern in _patterns(paths):
     expanded = os.path.expanduser(pattern)
     matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
-    matches = [m for m in matches if os.path.isfile(m)]
+    matches = [os.path.abspath(m) for m in matches if os.path.isfile(m)]
     if not matches:
       raise FileNotFoundError(f"data.text_files.paths: {pattern!r} matches no file "
                               f"(working directory {os.getcwd()}).")
-    files.extend(os.path.abspath(m) for m in matches)
-  return sorted(set(files))
+    out.append(matches)
+  return out
+
+
+def expand_paths(paths: str | list[str] | tuple[str, ...]) -> list[str]:
+  """Comma-separated (or listed) paths/globs -> sorted unique absolute file paths."""
+  return sorted({f for files in files_by_pattern(paths) for f in files})
+
+
+def file_domains(paths: str | list[str] | tuple[str, ...]) -> dict[str, int]:
+  """Each file's domain: the index of the first comma-separated path or glob that matches it."""
+  out: dict[str, int] = {}
+  for domain, files in enumerate(files_by_pattern(paths)):
+    for f in files:
+      out.setdefault(f, domain)
+  return out
+
+
+def text_files_domain_names(paths: str | list[str] | tuple[str, ...]) -> list[str]:
+  """A name per domain: the file's name without extension, or the glob as written."""
+  return [pattern if glob.has_magic(pattern) else
+          os.path.splitext(os.path.basename(pattern))[0] for pattern in _patterns(paths)]
 
 
 def split_documents(text: str, doc_split: str) -> list[str]:
@@ -188,8 +221,9 @@ def _fingerprint(files: list[str], cfg) -> str:
   h = hashlib.sha256()
   h.update(f"{TEXT_FILES_VERSION}|{cfg.doc_split}|{cfg.decode_errors}|"
            f"{float(cfg.held_out_fraction)!r}".encode())
+  domains = file_domains(cfg.paths)
   for path in files:
-    h.update(path.encode() + b"\0")
+    h.update(f"{path}\0{domains[path]}\0".encode())
     with open(path, "rb") as f:
       for block in iter(lambda: f.read(1 << 20), b""):
         h.update(block)
@@ -224,15 +258,15 @@ def _make_builder_class():
     # code_path lookup, which needs the optional `importlib_resources` for builders in packages.
     code_path = None
 
-    def __init__(self, *, docs: list[str], held: np.ndarray, **kwargs):
-      self._docs, self._held = docs, held
+    def __init__(self, *, docs: list[str], domains: list[int], held: np.ndarray, **kwargs):
+      self._docs, self._domains, self._held = docs, domains, held
       super().__init__(**kwargs)
 
     def _info(self):
       return tfds.core.DatasetInfo(
           builder=self, description="Local text files converted by moejax.data.",
           features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
-                                               "doc_index": np.int64}))
+                                               "doc_index": np.int64, "domain": np.int64}))
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -243,7 +277,8 @@ def _make_builder_class():
 
     def _generate_examples(self, held: bool):
       for i in np.flatnonzero(self._held == held):
-        yield int(i), {"text": self._docs[i], "doc_index": int(i)}
+        yield int(i), {"text": self._docs[i], "doc_index": int(i),
+                       "domain": int(self._domains[i])}
 
   return MoejaxTextFiles
 
@@ -259,7 +294,12 @@ def build_text_files_dataset(data_config) -> str:
   dataset_dir = os.path.join(root, "moejax_text_files", TEXT_FILES_VERSION)
   if os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
     return dataset_dir
-  docs = [doc for path in files for doc in read_documents(path, cfg.doc_split, cfg.decode_errors)]
+  domain_of = file_domains(cfg.paths)
+  docs, domains = [], []
+  for path in files:
+    file_docs = read_documents(path, cfg.doc_split, cfg.decode_errors)
+    docs.extend(file_docs)
+    domains.extend([domain_of[path]] * len(file_docs))
   held = held_out_split(len(docs), float(cfg.held_out_fraction))
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   # Build in a private directory and rename it into place: several processes (hosts of one run,
@@ -272,7 +312,7 @@ def build_text_files_dataset(data_config) -> str:
   from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=import-outside-toplevel
   tqdm_utils.disable_progress_bar()  # Escape-coded progress bars garble logs and CI output.
   try:
-    builder = _make_builder_class()(docs=docs, held=held, data_dir=tmp_root,
+    builder = _make_builder_class()(docs=docs, domains=domains, held=held, data_dir=tmp_root,
                                     file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
@@ -301,7 +341,8 @@ def text_files_source(data_config, split: str) -> DocSource:
                      "data.text_files.held_out_fraction > 0).")
   ds = builder.as_data_source(split=split)
   return _wrap_tfds_datasource(ds, f"text_files/{dataset_dir}/{split}", "text",
-                               f"data.text_files.paths={data_config.text_files.paths!r}")
+                               f"data.text_files.paths={data_config.text_files.paths!r}",
+                               "domain")
 
 
 def get_source(data_config, split: str) -> DocSource:
@@ -312,6 +353,25 @@ def get_source(data_config, split: str) -> DocSource:
   if data_config.source == "tfds":
     return tfds_source(data_config, split)
   return text_files_source(data_config, split)
+
+
+def domain_names(data_config) -> list[str]:
+  """The name of each domain id `batch['domain']` carries ([] when the source has none)."""
+  _check_choice("data.source", data_config.source, SOURCES)
+  if data_config.source == "builtin":
+    return list(builtin_lib.DOMAIN_NAMES[:data_config.builtin.num_domains])
+  if data_config.source == "text_files":
+    return text_files_domain_names(data_config.text_files.paths)
+  key = data_config.tfds.get("domain_key", "")
+  if not key:
+    return []
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  feature = tfds.builder(data_config.tfds.name,
+                         data_dir=data_config.tfds.data_dir or None).info.features[key]
+  if hasattr(feature, "names"):  # A ClassLabel.
+    return list(feature.names)
+  raise ValueError(f"data.tfds.domain_key={key!r} has no names (not a ClassLabel); ids are "
+                   "reported as numbers.")
 
 
 def tokenizer_cache_dir(data_config) -> str:
