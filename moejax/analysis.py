@@ -179,15 +179,20 @@ def consecutive_sharing(topk_BLK: np.ndarray, valid_BL: np.ndarray, segment_ids_
                         ) -> dict[str, dict[str, float]]:
   """Mixtral Table 5 for one layer: how often token t+1 of the same document has the same first
   choice as token t (`first`), or shares any of its top-k experts (`any`), with chance: the same
-  rates for token t paired with a random real token instead (its own load distribution). Keys:
-  `all` and each domain id present in `domain_BL` (pairs counted under token t's domain)."""
+  rates for token t paired with a random real token instead. Keys: `all` (chance: any real token,
+  Mixtral's) and each domain id present in `domain_BL` (pairs counted under token t's domain;
+  chance: a random token *of that domain*, so that an expert owning a domain does not count as
+  neighbours sharing it)."""
   topk_BLK = np.asarray(topk_BLK)
   valid_BL = np.asarray(valid_BL, bool)
   pair_BL = _neighbour_pairs(valid_BL, segment_ids_BL)
   left_PK, right_PK = topk_BLK[:, :-1][pair_BL], topk_BLK[:, 1:][pair_BL]
   real_NK = topk_BLK[valid_BL]
   rng = np.random.default_rng(seed)
-  random_PK = real_NK[rng.integers(0, len(real_NK), len(left_PK))] if len(real_NK) else left_PK
+
+  def random_partners(sel_P, pool_N):
+    """A random token of `pool_N` (indices into real_NK) for each pair in `sel_P`."""
+    return real_NK[pool_N[rng.integers(0, len(pool_N), int(sel_P.sum()))]]
 
   def rates(a_PK, b_PK):
     first = a_PK[:, 0] == b_PK[:, 0]
@@ -195,17 +200,19 @@ def consecutive_sharing(topk_BLK: np.ndarray, valid_BL: np.ndarray, segment_ids_
     return first, any_
 
   first, any_ = rates(left_PK, right_PK)
-  first_chance, any_chance = rates(left_PK, random_PK)
-  groups = {"all": np.ones(len(left_PK), bool)}
+  groups = {"all": (np.ones(len(left_PK), bool), np.arange(len(real_NK)))}
   if domain_BL is not None:
     domain_P = np.asarray(domain_BL)[:, :-1][pair_BL]
-    groups.update({int(d): domain_P == d for d in np.unique(domain_P) if d >= 0})
+    domain_N = np.asarray(domain_BL)[valid_BL]
+    groups.update({int(d): (domain_P == d, np.flatnonzero(domain_N == d))
+                   for d in np.unique(domain_P) if d >= 0})
   out = {}
-  for name, sel in groups.items():
+  for name, (sel, pool) in groups.items():
     if sel.any():
+      first_chance, any_chance = rates(left_PK[sel], random_partners(sel, pool))
       out[name] = {"pairs": int(sel.sum()), "first": float(first[sel].mean()),
-                   "first_chance": float(first_chance[sel].mean()),
-                   "any": float(any_[sel].mean()), "any_chance": float(any_chance[sel].mean())}
+                   "first_chance": float(first_chance.mean()),
+                   "any": float(any_[sel].mean()), "any_chance": float(any_chance.mean())}
   return out
 
 

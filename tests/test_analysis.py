@@ -84,7 +84,16 @@ def test_consecutive_sharing_is_chance_for_random_routing_and_one_for_runs():
   np.testing.assert_allclose(out["all"]["first_chance"], 1 / E, atol=0.01)
   # Top-2 sets of two independent tokens intersect with probability 1 - C(6,2)/C(8,2) = 13/28.
   np.testing.assert_allclose(out["all"]["any_chance"], 13 / 28, atol=0.01)
-  assert out[0] == out["all"]
+  assert out[0]["first"] == out["all"]["first"] and out[0]["pairs"] == out["all"]["pairs"]
+  # Experts owning domains, no neighbour effect: Mixtral's global chance (1/4) sits below the
+  # rate (1/2), the domain-matched chance does not.
+  domain = np.repeat([0, 1], B // 2)[:, None].repeat(L, 1)
+  first = rng.integers(0, 2, (B, L)) + 2 * domain
+  owned = np.stack([first, (first + 1) % 4], -1)
+  out = analysis.consecutive_sharing(owned, valid, np.ones((B, L), int), domain)
+  np.testing.assert_allclose(out["all"]["first_chance"], 0.25, atol=0.01)
+  for d in (0, 1):
+    np.testing.assert_allclose(out[d]["first"], out[d]["first_chance"], atol=0.015)
   # Every document routed to one expert pair: both rates are 1, and pairs never cross documents.
   same = np.broadcast_to(np.array([1, 2]), (B, L, K))
   segments = np.repeat(np.arange(1, 9), L // 8)[None].repeat(B, 0)
@@ -151,3 +160,36 @@ def test_router_dtype_disagreement_counts_bfloat16_flips_of_the_top_expert():
   assert analysis.router_dtype_disagreement(clear, w, valid) == 0.0
   assert analysis.router_dtype_disagreement(tie, w, valid) == 1.0
   assert analysis.router_dtype_disagreement(tie, w, jnp.zeros((1, 2), bool)) == 0.0
+
+
+def test_routing_analysis_cli_end_to_end(tmp_path):
+  """A tiny run (built-in corpus, 8 domains) with checkpoints at steps 2 and 4: the analysis
+  writes every file, covers both checkpoints, and its numbers are consistent."""
+  import json
+  import os
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, root)
+  sys.path.insert(0, os.path.join(root, "experiments"))
+  import routing_analysis  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from moejax import train  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config("runlocal")
+  c.mesh.data, c.mesh.expert = 2, 4
+  c.num_train_steps, c.checkpoint_every, c.eval_every, c.eval_steps = 4, 2, 4, 1
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  out = tmp_path / "analysis"
+  result = routing_analysis.run(str(tmp_path / "run"), str(out), tokens=1024)
+  saved = json.loads((out / "analysis.json").read_text())
+  assert saved["steps"] == [2, 4] and saved["tokens"] >= 1024
+  assert len(saved["domain_names"]) == 8 and sorted(saved["layers"]) == ["1"]  # 2 layers, MoE 2nd
+  for name in ("report.md", "analysis.json", "information.png", "consecutive.png", "drops.png",
+               "stability.png", "heatmap_layer1.png"):
+    assert (out / name).stat().st_size > 0, name
+  for layer in result["layers"].values():
+    assert abs(sum(layer["load"]) - 1) < 1e-6
+    assert set(layer["information"]) == {"domain", "token", "position", "previous",
+                                         "domain|token"}
+    assert 0 <= layer["drops"]["all"] <= 1
+  assert all(agreement[4] == 1.0 for agreement in result["stability"].values())
+  assert "## When is routing decided?" in (out / "report.md").read_text()
