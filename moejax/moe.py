@@ -79,8 +79,17 @@ class MoEConfig:
   group_size: int | None = None
   # Number of routing groups G per batch (alternative to group_size).
   num_groups: int | None = None
+  # Router scores: softmax over experts, or sigmoid per expert (DeepSeek-V3; use gate="gshard").
+  score: str = "softmax"
   # Combine weights: softmax (Switch raw probability), gshard / mixtral (normalised over selected).
   gate: str = "softmax"
+  # Every gate times this (DeepSeek-V2/V3 `routed_scaling_factor`; 1.0 elsewhere).
+  routed_scaling_factor: float = 1.0
+  # Always-on shared experts (DeepSeek-MoE): a dense FFN of width num_shared_experts * shared_d_ff
+  # applied to every token and added to the routed output, outside the all-to-all.
+  num_shared_experts: int = 0
+  # Hidden width of each shared expert; None: d_ff.
+  shared_d_ff: int | None = None
   # Normalise gshard/mixtral gates over the router's top-K (before_drop) or the kept ones (after_drop).
   renormalize: str = "before_drop"
   # Choices after the first: all, random (GShard; training only, eval keeps all), threshold.
@@ -149,6 +158,15 @@ class MoEConfig:
     check_choice("activation", tuple(ACTIVATIONS))
     check_choice("capacity_convention", routing.CAPACITY_CONVENTIONS)
     check_choice("gate", routing.GATES)
+    check_choice("score", routing.SCORES)
+    if not is_int(self.num_shared_experts) or self.num_shared_experts < 0:
+      fail("num_shared_experts", "an integer >= 0")
+    if self.shared_d_ff is not None and (not is_int(self.shared_d_ff) or self.shared_d_ff < 1):
+      fail("shared_d_ff", "None (= d_ff) or an integer >= 1")
+    if (not is_real(self.routed_scaling_factor) or not math.isfinite(self.routed_scaling_factor)
+        or self.routed_scaling_factor <= 0):
+      fail("routed_scaling_factor", "a finite number > 0")
+
     check_choice("renormalize", routing.RENORMALIZE)
     check_choice("second_expert_policy", routing.SECOND_EXPERT_POLICIES)
     check_choice("priority", routing.PRIORITIES)
@@ -280,7 +298,8 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                     gate=cfg.gate, renormalize=cfg.renormalize,
                     second_expert_policy=second_expert_policy,
                     second_expert_threshold=cfg.second_expert_threshold, priority=cfg.priority,
-                    overflow=cfg.overflow)
+                    overflow=cfg.overflow, score=cfg.score,
+                    routed_scaling_factor=cfg.routed_scaling_factor)
   x_GECD = dispatch_lib.dispatch(x_GSD, r, E, C, cfg.dispatch)
   x_EXD = x_GECD.transpose(1, 0, 2, 3).reshape(E, G * C, D)
   expert_ids_E, group_ids_G = jnp.arange(E), jnp.arange(G)
@@ -308,7 +327,8 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
     y_EXD = jax.lax.all_to_all(y_EXD, expert_axis, split_axis=1, concat_axis=0, tiled=True)
   y_GECD = y_EXD.reshape(E, G, C, D).transpose(1, 0, 2, 3)
   y_GSD = dispatch_lib.combine(y_GECD, r, cfg.dispatch)
-  sums = routing.routing_sums(r, valid_GS, balance_loss_choices=cfg.balance_loss_choices)
+  sums = routing.routing_sums(r, valid_GS, balance_loss_choices=cfg.balance_loss_choices,
+                              score=cfg.score)
   if reduce_axes:
     sums = jax.lax.psum(sums, reduce_axes)
   return y_GSD, sums, {"router_topk": r.router_expert_SK, "kept": r.kept_SK}
@@ -346,6 +366,16 @@ class MoELayer(nnx.Module):
                             (sharding.EXPERT, None, None))
     self.wo = _param(expert_init(rngs.params(), (E, F, D), param_dtype),
                      (sharding.EXPERT, None, None))
+    if cfg.num_shared_experts:  # One dense FFN as wide as all shared experts together (equal to
+      # their sum: concatenating hidden units adds the outputs). Replicated, like a dense MLP.
+      Fs = cfg.num_shared_experts * (cfg.shared_d_ff or F)
+      self.shared_wi = _param(expert_init(rngs.params(), (1, D, Fs), param_dtype),
+                              (None, None, None))
+      if ACTIVATIONS[cfg.activation][1]:
+        self.shared_wi_gate = _param(expert_init(rngs.params(), (1, D, Fs), param_dtype),
+                                     (None, None, None))
+      self.shared_wo = _param(expert_init(rngs.params(), (1, Fs, D), param_dtype),
+                              (None, None, None))
     self.rngs = rngs
     self.deterministic = False
     self.capacity_factor_override: float | None = None
@@ -410,11 +440,17 @@ class MoELayer(nnx.Module):
       self.sow(nnx.Intermediate, "router_kept", record["kept"].reshape(B, L, K))
       self.sow(nnx.Intermediate, "router_input", x_GSD.reshape(B, L, D))
 
+    y_BLD = y_GSD.reshape(B, L, D).astype(self.dtype)
+    if cfg.num_shared_experts:  # Every token, outside the all-to-all (DeepSeek-MoE).
+      shared = {name: getattr(self, f"shared_{name}")[...] for name in ("wi", "wi_gate", "wo")
+                if hasattr(self, f"shared_{name}")}
+      y_BLD = y_BLD + expert_ffn(x_GSD.reshape(1, B * L, D), shared,
+                                 activation=cfg.activation).reshape(B, L, D).astype(self.dtype)
     metrics = routing.finalize_sums(sums)
     loss = (cfg.balance_loss_weight * metrics["balance_loss"]
             + cfg.gshard_loss_weight * metrics["gshard_loss"]
             + cfg.z_loss_weight * metrics["z_loss"])
-    return y_GSD.reshape(B, L, D).astype(self.dtype), MoEAux(loss=loss, metrics=metrics)
+    return y_BLD, MoEAux(loss=loss, metrics=metrics)
 
 
 def _sharded(run, mesh, *, G: int, num_experts: int):

@@ -9,9 +9,11 @@ per axis:
 
 Pipeline for one group (`route_group`; `route` vmaps it over groups):
 
-1. `probs_SE = softmax(logits_SE)` in the logits' dtype (float32 unless `router_logits` was asked
-   for another: the whole router, matmul, softmax, top-k and gates, runs in one dtype, so a
-   bfloat16 router is Switch Table 2's bfloat16 router, not a float32 softmax of bf16 logits).
+1. Scores `probs_SE = softmax(logits_SE)` (`score="softmax"`, every paper before DeepSeek-V3) or
+   `sigmoid(logits_SE)` (`score="sigmoid"`, DeepSeek-V3: each expert's affinity on its own; the
+   scores do not sum to 1), in the logits' dtype (float32 unless `router_logits` was asked for
+   another: the whole router, matmul, score, top-k and gates, runs in one dtype, so a bfloat16
+   router is Switch Table 2's bfloat16 router, not a float32 softmax of bf16 logits).
 2. Top-K experts per token (`jax.lax.top_k`: ties go to the lower expert index).
 3. Second-expert policy (GShard), for every choice after the first: `all` keeps it; `random`
    keeps it if `2 * g_j > U(0, 1)` (GShard Algorithm 1, with `g_j` the gate normalised over the
@@ -38,7 +40,9 @@ Pipeline for one group (`route_group`; `route` vmaps it over groups):
    experts) or `mixtral` (softmax over the selected logits -- the same function as `gshard`, kept
    as a name so configs can say what they reproduce). Normalisation happens over the router's
    top-K `before_drop` (Megatron, Tutel, GShard) or over the surviving choices `after_drop`
-   (DeepSpeed top-2).
+   (DeepSpeed top-2). Finally every gate is multiplied by `routed_scaling_factor` (DeepSeek-V2/V3;
+   1.0 elsewhere). With sigmoid scores, `gshard` is DeepSeek-V3's gate (scores normalised over
+   the selected experts) and `softmax` the raw score.
 
 Padding tokens (`valid_S == False`) take no capacity and count in no loss or statistic.
 
@@ -55,12 +59,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+SCORES = ("softmax", "sigmoid")
 GATES = ("softmax", "gshard", "mixtral")
 RENORMALIZE = ("before_drop", "after_drop")
 SECOND_EXPERT_POLICIES = ("all", "random", "threshold")
 PRIORITIES = ("position", "token", "probability")
 OVERFLOWS = ("drop", "reroute")
-BALANCE_LOSS_CHOICES = ("first", "all")
+BALANCE_LOSS_CHOICES = ("first", "all", "any")
 CAPACITY_CONVENTIONS = ("switch", "mesh_tf", "flaxformer", "vmoe", "praxis", "maxtext")
 
 
@@ -170,7 +175,8 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
                 gate: str = "softmax", renormalize: str = "before_drop",
                 second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
                 uniform_SK: jax.Array | None = None, priority: str = "position",
-                overflow: str = "drop") -> Routing:
+                overflow: str = "drop", score: str = "softmax",
+                routed_scaling_factor: float = 1.0) -> Routing:
   """Routes the S tokens of one group to E experts with C slots each. See the module docstring.
 
   `uniform_SK` holds the U(0, 1) draws of the `random` policy (training only; column 0 unused);
@@ -178,7 +184,9 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   """
   S, E = logits_SE.shape
   K = top_k
-  probs_SE = jax.nn.softmax(logits_SE, axis=-1)  # In the router dtype (module docstring, 1.)
+  # In the router dtype (module docstring, 1.).
+  probs_SE = (jax.nn.sigmoid(logits_SE) if score == "sigmoid"
+              else jax.nn.softmax(logits_SE, axis=-1))
   valid_S = valid_S.astype(bool)
 
   # Router's choices. With reroute the full ranking is needed; top_k(E) breaks ties as top_k(K).
@@ -245,6 +253,8 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   else:
     kept_sum_S = jnp.sum(kept_p_SK, axis=-1, keepdims=True)
     gate_SK = kept_p_SK / jnp.where(kept_sum_S > 0, kept_sum_S, 1.0)
+  if routed_scaling_factor != 1.0:
+    gate_SK = gate_SK * jnp.asarray(routed_scaling_factor, gate_SK.dtype)
   return Routing(router_expert_SK, expert_SK, jnp.where(kept_SK, slot_SK, 0), kept_SK, wanted_SK,
                  gate_SK, probs_SE, logits_SE)
 
@@ -263,15 +273,18 @@ def route(logits_GSE: jax.Array, valid_GS: jax.Array, *, uniform_GSK: jax.Array 
 # ----------------------------------------------------------------------------------------------
 
 
-def routing_sums(r: Routing, valid_GS: jax.Array, *,
-                 balance_loss_choices: str = "first") -> dict[str, jax.Array]:
+def routing_sums(r: Routing, valid_GS: jax.Array, *, balance_loss_choices: str = "first",
+                 score: str = "softmax") -> dict[str, jax.Array]:
   """Sums and counts from which every loss and statistic is finalised (see `finalize_sums`).
 
-  Per group g with n_g valid tokens: `f_ge` = fraction of the router's choices (first, or all K,
-  each counting 1/K) that pick expert e, before policy and capacity; `P_ge` = mean router
-  probability of e. Switch loss of the group `E * sum_e f_ge P_ge` (1.0 under uniform routing);
-  GShard loss `(1/E) sum_e (c_ge / n_g) P_ge` with c counting first choices only (uniform: 1/E^2).
-  Both are averaged over the groups that hold at least one valid token.
+  Per group g with n_g valid tokens: `f_ge` = fraction of the router's choices that pick expert
+  e, before policy and capacity: `first` choices only (Switch), `all` K choices each counting 1/K
+  (Megatron), or `any` of the top-K counting 1 each (flaxformer / T5X; K times `all`); `P_ge` =
+  mean router probability of e (sigmoid scores are first normalised over the experts, as
+  DeepSeek-V3's sequence-wise loss does). Switch loss of the group `E * sum_e f_ge P_ge` (1.0
+  under uniform top-1 routing, K under `any`); GShard loss `(1/E) sum_e (c_ge / n_g) P_ge` with c
+  counting first choices only (uniform: 1/E^2). Both are averaged over the groups that hold at
+  least one valid token.
   """
   G, S, E = r.probs_SE.shape
   K = r.expert_SK.shape[-1]
@@ -282,6 +295,8 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *,
   safe_n_G = jnp.maximum(n_G, 1.0)
 
   probs_f32_GSE = r.probs_SE.astype(jnp.float32)  # Loss sums in float32 whatever the router dtype.
+  if score == "sigmoid":  # A distribution over experts, for P and the entropy.
+    probs_f32_GSE = probs_f32_GSE / jnp.maximum(jnp.sum(probs_f32_GSE, -1, keepdims=True), 1e-30)
   probs_GSE = jnp.where(valid_GS[..., None], probs_f32_GSE, 0.0)
   P_GE = jnp.sum(probs_GSE, axis=1) / safe_n_G[:, None]
   first_GSE = jax.nn.one_hot(r.router_expert_SK[..., 0], E) * validf_GS[..., None]
@@ -290,7 +305,8 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *,
     f_GE = f_first_GE
   else:
     all_GSE = jnp.sum(jax.nn.one_hot(r.router_expert_SK, E), axis=-2) * validf_GS[..., None]
-    f_GE = jnp.sum(all_GSE, axis=1) / (K * safe_n_G[:, None])
+    per_choice = K if balance_loss_choices == "all" else 1
+    f_GE = jnp.sum(all_GSE, axis=1) / (per_choice * safe_n_G[:, None])
   # f is a count: no gradient flows through it (Switch eq. 5); P carries the gradient.
   f_GE = jax.lax.stop_gradient(f_GE)
   f_first_GE = jax.lax.stop_gradient(f_first_GE)

@@ -83,6 +83,16 @@ def test_count_matches_allocated_params():
   assert counts.active == allocated - expert + expert * 2 // 8
 
 
+def test_shared_experts_count_as_active_not_expert_parameters():
+  cfg = TransformerConfig(**SMALL, moe_every=2, moe={**MOE, "num_shared_experts": 2,
+                                                      "shared_d_ff": 5})
+  plain = count_params(TransformerConfig(**SMALL, moe_every=2, moe=MOE))
+  counts = count_params(cfg)
+  shared = 3 * 29 * 2 * 5  # wi, wi_gate, wo of width 2 x 5 in the one MoE layer.
+  assert counts.expert == plain.expert
+  assert (counts.total, counts.active) == (plain.total + shared, plain.active + shared)
+
+
 def test_count_does_not_mistake_the_router_for_an_expert():
   # With d_model == num_experts the router [D, E] has E as its first dim too.
   cfg = TransformerConfig(**{**SMALL, "d_model": 8, "num_heads": 2, "num_kv_heads": 1},
@@ -119,6 +129,9 @@ def _dot_flops(jaxpr) -> int:
     dict(tie_embeddings=True), dict(tie_embeddings=False),
     # MoE at CF 1 with S*k/E integral and sort dispatch: experts compute exactly k*T rows.
     dict(moe_every=2, moe={**MOE, "capacity_factor": 1.0, "dispatch": "sort"}),
+    # Shared experts (DeepSeek-MoE): always active, counted as dense.
+    dict(moe_every=2, moe={**MOE, "capacity_factor": 1.0, "dispatch": "sort",
+                           "num_shared_experts": 2, "shared_d_ff": 5}),
 ])
 def test_flops_per_token_equal_the_forward_pass_dot_products_times_three(kwargs):
   cfg = TransformerConfig(**{**SMALL, **kwargs})

@@ -56,6 +56,32 @@ def test_no_drop_all_experts_equals_dense_mixture(activation):
   assert float(jnp.sum(aux.metrics["dropped_fraction"])) == 0.0
 
 
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_shared_experts_add_the_sum_of_their_ffns_to_every_token(activation):
+  """num_shared_experts=2 of width 3: y = routed output + FFN_1(x) + FFN_2(x), where FFN_i uses
+  hidden units [3i, 3i+3) of the one wide shared FFN; padding gets nothing from them."""
+  cfg = MoEConfig(num_experts=4, top_k=1, d_ff=6, activation=activation, capacity_factor=1.0)
+  shared_cfg = dataclasses.replace(cfg, num_shared_experts=2, shared_d_ff=3)
+  layer, shared_layer = make(cfg), make(shared_cfg)
+  for name in ("router", "wi", "wi_gate", "wo"):  # Same routed part.
+    if hasattr(layer, name):
+      getattr(shared_layer, name)[...] = getattr(layer, name)[...]
+  x = inputs()
+  mask = jnp.ones(x.shape[:2], bool).at[1, 8:].set(False)
+  y, _ = layer(x, mask)
+  y_shared, _ = shared_layer(x, mask)
+  w = {n: getattr(shared_layer, f"shared_{n}")[...][0] for n in ("wi", "wi_gate", "wo")
+       if hasattr(shared_layer, f"shared_{n}")}
+  assert w["wi"].shape == (D, 6)
+  expected = np.asarray(y)
+  for i in range(2):
+    cols = slice(3 * i, 3 * i + 3)
+    h = x @ w["wi"][:, cols]
+    h = jax.nn.silu(x @ w["wi_gate"][:, cols]) * h if activation == "swiglu" else jax.nn.relu(h)
+    expected = expected + np.asarray(h @ w["wo"][cols]) * np.asarray(mask)[..., None]
+  np.testing.assert_allclose(y_shared, expected, rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("dispatch", ["sort", "onehot"])
 def test_dropped_tokens_get_exactly_zero_and_kept_tokens_their_experts(dispatch):
   cfg = MoEConfig(num_experts=3, top_k=1, d_ff=5, capacity_factor=0.5, dispatch=dispatch)
@@ -289,6 +315,11 @@ def test_switch_init_scale():
     (dict(top_k=2, renormalize="after_drop"), r"renormalize='after_drop' has no effect"),
     (dict(num_experts=True), r"num_experts=True"),
     (dict(router_jitter="0.1"), r"router_jitter='0.1'.*\[0, 1\)"),
+    (dict(score="relu"), r"score='relu'; allowed: 'softmax' \| 'sigmoid'"),
+    (dict(routed_scaling_factor=0.0), r"routed_scaling_factor=0.0; allowed: a finite number > 0"),
+    (dict(num_shared_experts=-1), r"num_shared_experts=-1; allowed: an integer >= 0"),
+    (dict(shared_d_ff=0), r"shared_d_ff=0; allowed: None \(= d_ff\) or an integer >= 1"),
+    (dict(balance_loss_choices="some"), r"balance_loss_choices='some'.*'any'"),
 ])
 def test_config_errors_name_field_value_and_allowed(kw, match):
   with pytest.raises(ValueError, match=match):

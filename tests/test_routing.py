@@ -194,9 +194,9 @@ def reference_losses(logits_GSE, valid_GS, top_k, choices):
     f_first = np.bincount(order[:, 0], minlength=E) / len(p)
     if choices == "first":
       f = f_first
-    else:
+    else:  # all: each of the K choices counts 1/K; any (flaxformer): each counts 1.
       for j in range(top_k):
-        f += np.bincount(order[:, j], minlength=E) / (len(p) * top_k)
+        f += np.bincount(order[:, j], minlength=E) / (len(p) * (top_k if choices == "all" else 1))
     P = p.mean(0)
     bal.append(E * np.sum(f * P))  # Switch eq. 4
     gsh.append(np.mean(f_first * P))  # GShard: (1/E) sum_e (c_e / S) m_e
@@ -206,7 +206,7 @@ def reference_losses(logits_GSE, valid_GS, top_k, choices):
   return np.mean(bal), np.mean(gsh), z / n
 
 
-@pytest.mark.parametrize("choices", ["first", "all"])
+@pytest.mark.parametrize("choices", ["first", "all", "any"])
 def test_aux_losses_match_the_paper_formulas(choices):
   G, S, E, K = 3, 13, 5, 2
   logits = 2.0 * jax.random.normal(jax.random.key(1), (G, S, E))
@@ -325,3 +325,24 @@ def test_route_invariants(S, E, K, C, priority, overflow, policy, renormalize, s
   np.testing.assert_array_equal(wanted[:, 0], np.asarray(valid))
   if policy == "all":
     np.testing.assert_array_equal(wanted, np.asarray(valid)[:, None] & np.ones(K, bool))
+
+
+def test_sigmoid_scores_deepseek_v3_gates():
+  """DeepSeek-V3: s = sigmoid(logits) per expert; top-k by s; gates s_j / sum_topk(s) * scale.
+  Hand-computed for one token: logits (2, 0, 1, -1) -> s = (.881, .5, .731, .269); top-2 =
+  experts 0 and 2; gates .881/1.612 * 2.5 = 1.366 and .731/1.612 * 2.5 = 1.134."""
+  logits = jnp.array([[[2.0, 0.0, 1.0, -1.0]]])
+  r = routing.route(logits, jnp.ones((1, 1), bool), top_k=2, capacity=1, gate="gshard",
+                    score="sigmoid", routed_scaling_factor=2.5)
+  s = 1 / (1 + np.exp(-np.array([2.0, 0.0, 1.0, -1.0])))
+  np.testing.assert_array_equal(r.expert_SK[0, 0], [0, 2])
+  np.testing.assert_allclose(r.gate_SK[0, 0], 2.5 * s[[0, 2]] / (s[0] + s[2]), rtol=1e-6)
+  np.testing.assert_allclose(r.probs_SE[0, 0], s, rtol=1e-6)  # raw scores, not normalised
+  # The balance loss reads normalised scores: P = s / sum(s), f = first choices.
+  m = routing.finalize_sums(routing.routing_sums(r, jnp.ones((1, 1), bool), score="sigmoid"))
+  np.testing.assert_allclose(m["balance_loss"], 4 * s[0] / s.sum(), rtol=1e-6)
+  # Softmax scores with the scale: the Switch gate times 2.5.
+  r = routing.route(logits, jnp.ones((1, 1), bool), top_k=1, capacity=1,
+                    routed_scaling_factor=2.5)
+  np.testing.assert_allclose(r.gate_SK[0, 0, 0], 2.5 * jax.nn.softmax(logits[0, 0])[0],
+                             rtol=1e-6)
