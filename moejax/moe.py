@@ -79,6 +79,9 @@ class MoEConfig:
   group_size: int | None = None
   # Number of routing groups G per batch (alternative to group_size).
   num_groups: int | None = None
+  # Who chooses: token (each token its top_k experts) or expert (each expert its top-C tokens,
+  # C = ceil(top_k * CF * S / E), so top_k experts per token on average; Zhou et al. 2022).
+  choice: str = "token"
   # Router scores: softmax over experts, or sigmoid per expert (DeepSeek-V3; use gate="gshard").
   score: str = "softmax"
   # Combine weights: softmax (Switch raw probability), gshard / mixtral (normalised over selected).
@@ -159,6 +162,14 @@ class MoEConfig:
     check_choice("capacity_convention", routing.CAPACITY_CONVENTIONS)
     check_choice("gate", routing.GATES)
     check_choice("score", routing.SCORES)
+    check_choice("choice", routing.CHOICES)
+    if self.choice == "expert":  # Options that only mean something when tokens choose.
+      for name, default in (("gate", "softmax"), ("second_expert_policy", "all"),
+                            ("priority", "position"), ("overflow", "drop")):
+        if getattr(self, name) != default:
+          raise ValueError(
+              f"MoEConfig.{name}={getattr(self, name)!r} with choice='expert': experts pick "
+              f"tokens and gates are the scores, so only {name}={default!r} is allowed.")
     if not is_int(self.num_shared_experts) or self.num_shared_experts < 0:
       fail("num_shared_experts", "an integer >= 0")
     if self.shared_d_ff is not None and (not is_int(self.shared_d_ff) or self.shared_d_ff < 1):
@@ -299,7 +310,7 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                     second_expert_policy=second_expert_policy,
                     second_expert_threshold=cfg.second_expert_threshold, priority=cfg.priority,
                     overflow=cfg.overflow, score=cfg.score,
-                    routed_scaling_factor=cfg.routed_scaling_factor)
+                    routed_scaling_factor=cfg.routed_scaling_factor, choice=cfg.choice)
   x_GECD = dispatch_lib.dispatch(x_GSD, r, E, C, cfg.dispatch)
   x_EXD = x_GECD.transpose(1, 0, 2, 3).reshape(E, G * C, D)
   expert_ids_E, group_ids_G = jnp.arange(E), jnp.arange(G)
@@ -408,7 +419,7 @@ class MoELayer(nnx.Module):
     S = cfg.group_size_for(B, L)
     G = B * L // S
     C = cfg.capacity(S, deterministic=deterministic, capacity_factor=self.capacity_factor_override)
-    K = cfg.top_k
+    K = cfg.top_k  # Choices per token: the router's k (expert choice: E, see routing).
 
     valid_GS = (jnp.ones((B, L), bool) if mask_BL is None else mask_BL.astype(bool)).reshape(G, S)
     # Zero the padding rows: whatever they hold (even NaN from a fully masked attention row) must
@@ -436,8 +447,8 @@ class MoELayer(nnx.Module):
     y_GSD, sums, record = run(x_GSD, valid_GS, self.weights(), jitter_GSD, uniform_GSK,
                               dropout_key)
     if self.record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
-      self.sow(nnx.Intermediate, "router_topk", record["router_topk"].reshape(B, L, K))
-      self.sow(nnx.Intermediate, "router_kept", record["kept"].reshape(B, L, K))
+      self.sow(nnx.Intermediate, "router_topk", record["router_topk"].reshape(B, L, -1))
+      self.sow(nnx.Intermediate, "router_kept", record["kept"].reshape(B, L, -1))
       self.sow(nnx.Intermediate, "router_input", x_GSD.reshape(B, L, D))
 
     y_BLD = y_GSD.reshape(B, L, D).astype(self.dtype)

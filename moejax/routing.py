@@ -44,6 +44,9 @@ Pipeline for one group (`route_group`; `route` vmaps it over groups):
    1.0 elsewhere). With sigmoid scores, `gshard` is DeepSeek-V3's gate (scores normalised over
    the selected experts) and `softmax` the raw score.
 
+Expert choice (`expert_choice_group`, `choice="expert"`, Zhou et al. 2022) replaces steps 2-5:
+each expert takes the C tokens of its group with the highest score; a token gets 0..E experts.
+
 Padding tokens (`valid_S == False`) take no capacity and count in no loss or statistic.
 
 Auxiliary losses and statistics (`routing_sums` → `finalize_sums`) are first accumulated as
@@ -59,6 +62,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+CHOICES = ("token", "expert")
 SCORES = ("softmax", "sigmoid")
 GATES = ("softmax", "gshard", "mixtral")
 RENORMALIZE = ("before_drop", "after_drop")
@@ -259,9 +263,51 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
                  gate_SK, probs_SE, logits_SE)
 
 
+def expert_choice_group(logits_SE: jax.Array, valid_S: jax.Array, *, capacity: int,
+                        score: str = "softmax", routed_scaling_factor: float = 1.0) -> Routing:
+  """Expert-choice routing (Zhou et al. 2022) of one group: each expert takes its C tokens of
+  highest score (ties: the earlier token); a token gets 0 to E experts; gate = its score.
+
+  Token scores are `softmax` over experts (the paper's) or `sigmoid`. Padding is never picked: an
+  expert whose group holds fewer than C real tokens leaves slots empty. The result is a `Routing`
+  with K = E choices per token, the token's experts ranked by its own score (so column 0 is its
+  top-1 expert, and `routing_sums`' balance statistics read as for token choice); choice j is kept
+  when that expert picked the token, in slot = its rank among the expert's picks. An expert
+  looks at every token of its group, so in a decoder the choice leaks the future (docs).
+  """
+  S, E = logits_SE.shape
+  probs_SE = (jax.nn.sigmoid(logits_SE) if score == "sigmoid"
+              else jax.nn.softmax(logits_SE, axis=-1))
+  valid_S = valid_S.astype(bool)
+  C = min(capacity, S)
+  # Each expert's picks: top-C of its column over real tokens (padding ranks below every score).
+  column_ES = jnp.where(valid_S[None, :], probs_SE.T.astype(jnp.float32), -1.0)
+  picked_p_EC, token_EC = jax.lax.top_k(column_ES, C)
+  picked_EC = picked_p_EC >= 0.0
+  expert_EC = jnp.broadcast_to(jnp.arange(E)[:, None], (E, C))  # (token, expert) pairs distinct
+  kept_SE = jnp.zeros((S, E), bool).at[token_EC, expert_EC].set(picked_EC)
+  slot_SE = jnp.zeros((S, E), jnp.int32).at[token_EC, expert_EC].set(
+      jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (E, C)))
+  # Per token, its experts in order of its own score.
+  _, ranking_SE = jax.lax.top_k(probs_SE, E)
+  expert_SK = ranking_SE.astype(jnp.int32)
+  kept_SK = jnp.take_along_axis(kept_SE, expert_SK, axis=-1)
+  slot_SK = jnp.where(kept_SK, jnp.take_along_axis(slot_SE, expert_SK, axis=-1), 0)
+  gate_SK = jnp.where(kept_SK, jnp.take_along_axis(probs_SE, expert_SK, axis=-1), 0.0)
+  if routed_scaling_factor != 1.0:
+    gate_SK = gate_SK * jnp.asarray(routed_scaling_factor, gate_SK.dtype)
+  wanted_SK = jnp.broadcast_to(valid_S[:, None], (S, E))
+  return Routing(expert_SK, expert_SK, slot_SK, kept_SK, wanted_SK, gate_SK, probs_SE, logits_SE)
+
+
 def route(logits_GSE: jax.Array, valid_GS: jax.Array, *, uniform_GSK: jax.Array | None = None,
-          **kwargs) -> Routing:
-  """`route_group` for every group (vmapped); fields get a leading G axis."""
+          choice: str = "token", **kwargs) -> Routing:
+  """`route_group` (`choice="token"`) or `expert_choice_group` (`"expert"`; it takes only
+  `capacity`, `score` and `routed_scaling_factor`) for every group (vmapped); fields get a
+  leading G axis."""
+  if choice == "expert":
+    ec = {k: kwargs[k] for k in ("capacity", "score", "routed_scaling_factor") if k in kwargs}
+    return jax.vmap(lambda l, v: expert_choice_group(l, v, **ec))(logits_GSE, valid_GS)
   if uniform_GSK is None:
     return jax.vmap(lambda l, v: route_group(l, v, **kwargs))(logits_GSE, valid_GS)
   return jax.vmap(lambda l, v, u: route_group(l, v, uniform_SK=u, **kwargs))(

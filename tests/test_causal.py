@@ -44,7 +44,8 @@ def test_causal_safe_policies_have_no_leak(moe):
 @pytest.mark.parametrize("moe", [
     dict(top_k=1, priority="probability"),
     dict(top_k=2, gate="gshard", priority="position"),
-], ids=["k1-bpr", "k2-choice-major"])
+    dict(top_k=1, choice="expert"),
+], ids=["k1-bpr", "k2-choice-major", "expert-choice"])
 def test_leaky_policies_differ_from_teacher_forcing(moe):
   result = causal.causal_vs_teacher_forced(_model(**moe), _batch(), jnp.arange(L))
   diff = np.abs(np.asarray(result["causal_TB"] - result["teacher_forced_TB"]))

@@ -26,6 +26,7 @@ CASES = {
     "top3_sigmoid_shared": dict(top_k=3, score="sigmoid", gate="gshard", capacity_factor=0.75,
                                 routed_scaling_factor=2.5, num_shared_experts=2, shared_d_ff=3,
                                 balance_loss_choices="any", priority="token"),
+    "expert_choice": dict(top_k=2, choice="expert", capacity_factor=0.5, router_jitter=0.1),
 }
 
 

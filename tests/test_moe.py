@@ -56,6 +56,30 @@ def test_no_drop_all_experts_equals_dense_mixture(activation):
   assert float(jnp.sum(aux.metrics["dropped_fraction"])) == 0.0
 
 
+def test_expert_choice_without_capacity_limit_is_the_dense_mixture():
+  """C = S (no-drop factor): every expert takes every token, so the output is the probability-
+  weighted sum of all experts, as token choice with top_k=E and raw softmax gates."""
+  kw = dict(num_experts=5, d_ff=6, capacity_factor=moe.NO_DROP, eval_capacity_factor=moe.NO_DROP)
+  ec = make(MoEConfig(choice="expert", top_k=1, **kw))
+  tc = make(MoEConfig(top_k=5, **kw))
+  x = inputs()
+  np.testing.assert_allclose(ec(x)[0], tc(x)[0], rtol=2e-5, atol=2e-6)
+
+
+def test_expert_choice_gives_each_expert_exactly_c_tokens():
+  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, choice="expert", capacity_factor=1.0)
+  layer = make(cfg)
+  layer.record_routing = True
+  x = inputs(B=2, L=12)
+  _, sown = nnx.capture(lambda m: m(x), nnx.Intermediate)(layer)
+  (topk,), (kept,) = sown["router_topk"].get_value(), sown["router_kept"].get_value()
+  C = cfg.capacity(12, deterministic=False)
+  assert C == 6  # ceil(2 * 1.0 * 12 / 4)
+  for b in range(2):  # One group per sequence: each expert picks C of its 12 tokens.
+    counts = np.bincount(np.asarray(topk[b])[np.asarray(kept[b])], minlength=4)
+    np.testing.assert_array_equal(counts, [C] * 4)
+
+
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_shared_experts_add_the_sum_of_their_ffns_to_every_token(activation):
   """num_shared_experts=2 of width 3: y = routed output + FFN_1(x) + FFN_2(x), where FFN_i uses
@@ -316,6 +340,10 @@ def test_switch_init_scale():
     (dict(num_experts=True), r"num_experts=True"),
     (dict(router_jitter="0.1"), r"router_jitter='0.1'.*\[0, 1\)"),
     (dict(score="relu"), r"score='relu'; allowed: 'softmax' \| 'sigmoid'"),
+    (dict(choice="both"), r"choice='both'; allowed: 'token' \| 'expert'"),
+    (dict(choice="expert", top_k=2, priority="token"),
+     r"priority='token' with choice='expert'.*only priority='position' is allowed"),
+    (dict(choice="expert", top_k=2, gate="gshard"), r"gate='gshard' with choice='expert'"),
     (dict(routed_scaling_factor=0.0), r"routed_scaling_factor=0.0; allowed: a finite number > 0"),
     (dict(num_shared_experts=-1), r"num_shared_experts=-1; allowed: an integer >= 0"),
     (dict(shared_d_ff=0), r"shared_d_ff=0; allowed: None \(= d_ff\) or an integer >= 1"),

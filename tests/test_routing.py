@@ -346,3 +346,38 @@ def test_sigmoid_scores_deepseek_v3_gates():
                     routed_scaling_factor=2.5)
   np.testing.assert_allclose(r.gate_SK[0, 0, 0], 2.5 * jax.nn.softmax(logits[0, 0])[0],
                              rtol=1e-6)
+
+
+def test_expert_choice_each_expert_takes_its_top_c_tokens():
+  """4 tokens, 2 experts, C = 2. Scores (softmax of the logits below):
+  token 0 (.9, .1), 1 (.6, .4), 2 (.2, .8), 3 (.5, .5) [padding]. Expert 0 picks tokens 0, 1 (.9,
+  .6; token 3 is padding); expert 1 picks tokens 2, 1 (.8, .4). Token 1 gets both experts, token 0
+  and 2 one each, and the padding none."""
+  probs = np.array([[.9, .1], [.6, .4], [.2, .8], [.5, .5]])
+  valid = jnp.array([[True, True, True, False]])
+  r = routing.route(logits_from_probs(probs)[None], valid, choice="expert", capacity=2)
+  kept = np.zeros((4, 2), bool)  # [token, expert]
+  for token, expert in ((0, 0), (1, 0), (2, 1), (1, 1)):
+    kept[token, expert] = True
+  # Columns are each token's experts by its own score: token 2 lists expert 1 first.
+  np.testing.assert_array_equal(r.expert_SK[0], [[0, 1], [0, 1], [1, 0], [0, 1]])
+  got = np.zeros((4, 2), bool)
+  for s_ in range(4):
+    for j in range(2):
+      got[s_, r.expert_SK[0, s_, j]] = r.kept_SK[0, s_, j]
+  np.testing.assert_array_equal(got, kept)
+  # Slots: rank among the expert's picks (expert 1: token 2 first, then token 1).
+  assert int(r.slot_SK[0, 1, 1]) == 1 and int(r.slot_SK[0, 2, 0]) == 0
+  # Gates: the token's score for each expert that picked it, 0 otherwise.
+  np.testing.assert_allclose(r.gate_SK[0], [[.9, 0], [.6, .4], [.8, 0], [0, 0]], atol=1e-6)
+  m = routing.finalize_sums(routing.routing_sums(r, valid))
+  np.testing.assert_allclose(m["unrouted_fraction"], 0.0)
+  np.testing.assert_allclose(m["expert_load"], [0.5, 0.5])
+
+
+def test_expert_choice_leaves_slots_empty_when_a_group_has_few_real_tokens():
+  probs = np.full((4, 3), 1 / 3)
+  valid = jnp.array([[True, False, False, False]])
+  r = routing.route(logits_from_probs(probs)[None], valid, choice="expert", capacity=2)
+  assert int(jnp.sum(r.kept_SK)) == 3  # The one real token, once per expert; padding never.
+  assert not bool(jnp.any(r.kept_SK[0, 1:]))
