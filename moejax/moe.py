@@ -88,6 +88,16 @@ class MoEConfig:
   gate: str = "softmax"
   # Every gate times this (DeepSeek-V2/V3 `routed_scaling_factor`; 1.0 elsewhere).
   routed_scaling_factor: float = 1.0
+  # Group-limited routing (DeepSeek-V3): experts in this many groups of E/n consecutive experts;
+  # each token keeps its `topk_groups` best groups (a group's score: the sum of its two best
+  # scores) and picks its top_k inside them. 1: no groups.
+  num_expert_groups: int = 1
+  # Groups each token may use (with num_expert_groups > 1).
+  topk_groups: int = 1
+  # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for
+  # selection only, updated after every optimizer step by b_e += rate * sign(mean load - load_e)
+  # from the step's global selection counts. 0: off (no bias).
+  bias_update_rate: float = 0.0
   # Always-on shared experts (DeepSeek-MoE): a dense FFN of width num_shared_experts * shared_d_ff
   # applied to every token and added to the routed output, outside the all-to-all.
   num_shared_experts: int = 0
@@ -163,6 +173,27 @@ class MoEConfig:
     check_choice("gate", routing.GATES)
     check_choice("score", routing.SCORES)
     check_choice("choice", routing.CHOICES)
+    for name in ("num_expert_groups", "topk_groups"):
+      if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+        fail(name, "an integer >= 1")
+    n = self.num_expert_groups
+    if n > 1:
+      if self.num_experts % n:
+        fail("num_expert_groups", f"a divisor of num_experts={self.num_experts}")
+      if not self.topk_groups <= n:
+        fail("topk_groups", f"an integer in [1, num_expert_groups={n}]")
+      if self.top_k > self.topk_groups * (self.num_experts // n):
+        fail("top_k", f"at most topk_groups x experts per group = "
+             f"{self.topk_groups * (self.num_experts // n)}")
+      if self.overflow == "reroute":
+        fail("overflow", "'drop' with num_expert_groups > 1 (rerouting would leave the groups)")
+    if (not is_real(self.bias_update_rate) or not math.isfinite(self.bias_update_rate)
+        or self.bias_update_rate < 0):
+      fail("bias_update_rate", "a finite number >= 0 (0 = no bias)")
+    if self.choice == "expert" and (n > 1 or self.bias_update_rate > 0):
+      raise ValueError(
+          "MoEConfig.choice='expert' with num_expert_groups > 1 or bias_update_rate > 0: both "
+          "steer the tokens' choices; allowed with choice='expert': neither.")
     if self.choice == "expert":  # Options that only mean something when tokens choose.
       for name, default in (("gate", "softmax"), ("second_expert_policy", "all"),
                             ("priority", "position"), ("overflow", "drop")):
@@ -288,7 +319,8 @@ def expert_dropout_mask(key: jax.Array, rate: float, expert_ids_E: jax.Array,
 
 def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Array],
                jitter_GSD: jax.Array | None, uniform_GSK: jax.Array | None,
-               dropout_key: jax.Array | None, *, cfg: MoEConfig, capacity: int,
+               dropout_key: jax.Array | None, selection_bias_E: jax.Array | None = None, *,
+               cfg: MoEConfig, capacity: int,
                second_expert_policy: str, expert_axis: str | None = None,
                reduce_axes: tuple[str, ...] = ()
                ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
@@ -310,7 +342,11 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                     second_expert_policy=second_expert_policy,
                     second_expert_threshold=cfg.second_expert_threshold, priority=cfg.priority,
                     overflow=cfg.overflow, score=cfg.score,
-                    routed_scaling_factor=cfg.routed_scaling_factor, choice=cfg.choice)
+                    routed_scaling_factor=cfg.routed_scaling_factor, choice=cfg.choice,
+                    **({"num_expert_groups": cfg.num_expert_groups,
+                        "topk_groups": cfg.topk_groups} if cfg.num_expert_groups > 1 else {}),
+                    **({"selection_bias_E": selection_bias_E}
+                       if selection_bias_E is not None else {}))
   x_GECD = dispatch_lib.dispatch(x_GSD, r, E, C, cfg.dispatch)
   x_EXD = x_GECD.transpose(1, 0, 2, 3).reshape(E, G * C, D)
   expert_ids_E, group_ids_G = jnp.arange(E), jnp.arange(G)
@@ -343,6 +379,11 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
   if reduce_axes:
     sums = jax.lax.psum(sums, reduce_axes)
   return y_GSD, sums, {"router_topk": r.router_expert_SK, "kept": r.kept_SK}
+
+
+class ExpertBias(nnx.Variable):
+  """The per-expert selection bias of auxiliary-loss-free balancing: state, not a parameter (no
+  gradient, no optimizer moment), updated by `MoELayer.update_selection_bias`, checkpointed."""
 
 
 def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
@@ -387,6 +428,9 @@ class MoELayer(nnx.Module):
                                      (None, None, None))
       self.shared_wo = _param(expert_init(rngs.params(), (1, Fs, D), param_dtype),
                               (None, None, None))
+    if cfg.bias_update_rate > 0:
+      self.expert_bias = ExpertBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,),
+                                    eager_sharding=not jax.sharding.get_abstract_mesh().empty)
     self.rngs = rngs
     self.deterministic = False
     self.capacity_factor_override: float | None = None
@@ -396,6 +440,13 @@ class MoELayer(nnx.Module):
     # [B, L, K]), and the router's input ("router_input" [B, L, D], padding zeroed), for routing
     # analyses (moejax.analysis); collect them with `nnx.capture(f, nnx.Intermediate)`.
     self.record_routing = False
+
+  def update_selection_bias(self, selection_count_E: jax.Array) -> None:
+    """DeepSeek-V3's update after an optimizer step: b_e += rate * sign(mean load - load_e), from
+    the step's global selection counts (`aux.metrics["selection_count"]` summed over the step)."""
+    if self.cfg.bias_update_rate > 0:
+      count_E = selection_count_E.astype(jnp.float32)
+      self.expert_bias[...] += self.cfg.bias_update_rate * jnp.sign(jnp.mean(count_E) - count_E)
 
   def weights(self) -> dict[str, jax.Array]:
     names = ("router", "wi", "wi_gate", "wo")
@@ -444,8 +495,9 @@ class MoELayer(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and sharding.EXPERT in mesh.axis_names:
       run = _sharded(run, mesh, G=G, num_experts=cfg.num_experts)
+    bias_E = self.expert_bias[...] if hasattr(self, "expert_bias") else None
     y_GSD, sums, record = run(x_GSD, valid_GS, self.weights(), jitter_GSD, uniform_GSK,
-                              dropout_key)
+                              dropout_key, bias_E)
     if self.record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
       self.sow(nnx.Intermediate, "router_topk", record["router_topk"].reshape(B, L, -1))
       self.sow(nnx.Intermediate, "router_kept", record["kept"].reshape(B, L, -1))
@@ -475,15 +527,15 @@ def _sharded(run, mesh, *, G: int, num_experts: int):
   groups = P(token_axes)  # leading G axis of x_GSD, valid_GS, jitter_GSD, uniform_GSK
   body = functools.partial(run, expert_axis=sharding.EXPERT, reduce_axes=token_axes)
 
-  def sharded_run(x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key):
+  def sharded_run(x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E):
     weight_specs = {name: P() if name == "router" else P(sharding.EXPERT) for name in weights}
-    def optional(arg, spec):  # training-only inputs are None in eval and get no spec
+    def optional(arg, spec):  # optional inputs (training-only ones in eval) get no spec
       return None if arg is None else spec
 
     in_specs = (groups, groups, weight_specs, optional(jitter_GSD, groups),
-                optional(uniform_GSK, groups), optional(dropout_key, P()))
+                optional(uniform_GSK, groups), optional(dropout_key, P()), optional(bias_E, P()))
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(groups, P(), groups))(
-        x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key)
+        x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E)
 
   return sharded_run
 

@@ -180,11 +180,18 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
                 second_expert_policy: str = "all", second_expert_threshold: float = 0.2,
                 uniform_SK: jax.Array | None = None, priority: str = "position",
                 overflow: str = "drop", score: str = "softmax",
-                routed_scaling_factor: float = 1.0) -> Routing:
+                routed_scaling_factor: float = 1.0, num_expert_groups: int = 1,
+                topk_groups: int = 1, selection_bias_E: jax.Array | None = None) -> Routing:
   """Routes the S tokens of one group to E experts with C slots each. See the module docstring.
 
   `uniform_SK` holds the U(0, 1) draws of the `random` policy (training only; column 0 unused);
   when it is None, `random` behaves as `all` (deterministic eval).
+
+  Selection only (the gates keep the scores): `selection_bias_E` is added to the scores before
+  the top-k (DeepSeek-V3's auxiliary-loss-free balancing), and with `num_expert_groups` n > 1
+  each token first keeps its `topk_groups` best groups of E/n consecutive experts, a group
+  scored by the sum of its two best (biased) scores, and picks its top-k inside them
+  (DeepSeek-V3's group-limited, "node-limited", routing).
   """
   S, E = logits_SE.shape
   K = top_k
@@ -192,10 +199,21 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   probs_SE = (jax.nn.sigmoid(logits_SE) if score == "sigmoid"
               else jax.nn.softmax(logits_SE, axis=-1))
   valid_S = valid_S.astype(bool)
+  select_SE = probs_SE if selection_bias_E is None else probs_SE + selection_bias_E.astype(
+      probs_SE.dtype)
+  if num_expert_groups > 1:
+    n = num_expert_groups
+    by_group_SNX = select_SE.reshape(S, n, E // n)
+    group_score_SN = jnp.sum(jax.lax.top_k(by_group_SNX, min(2, E // n))[0], axis=-1)
+    _, best_groups_SG = jax.lax.top_k(group_score_SN, topk_groups)
+    allowed_SN = jnp.zeros((S, n), bool).at[jnp.arange(S)[:, None], best_groups_SG].set(True)
+    allowed_SE = jnp.repeat(allowed_SN, E // n, axis=1)
+    select_SE = jnp.where(allowed_SE, select_SE, -jnp.inf)
 
   # Router's choices. With reroute the full ranking is needed; top_k(E) breaks ties as top_k(K).
   num_ranked = E if overflow == "reroute" else K
-  top_p_SX, ranking_SX = jax.lax.top_k(probs_SE, num_ranked)
+  _, ranking_SX = jax.lax.top_k(select_SE, num_ranked)
+  top_p_SX = jnp.take_along_axis(probs_SE, ranking_SX, axis=-1)  # scores, without the bias
   router_expert_SK = ranking_SX[:, :K].astype(jnp.int32)
   top_p_SK = top_p_SX[:, :K]
   topk_sum_S = jnp.sum(top_p_SK, axis=-1)
@@ -380,6 +398,8 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *, balance_loss_choices: str =
       "skipped_fraction": jnp.sum(skipped_GSK.astype(jnp.float32), axis=(0, 1)),
       "unrouted_fraction": masked_sum(unrouted_GS.astype(jnp.float32)),
       "router_load": jnp.sum(first_GSE, axis=(0, 1)),
+      "selection_count": jnp.sum(jax.nn.one_hot(r.router_expert_SK, E)
+                                 * validf_GS[..., None, None], axis=(0, 1, 2)),
       "expert_load": load_E,
   }
 
@@ -396,6 +416,9 @@ def finalize_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   - `router_load` [E]: fraction of first choices per expert, before capacity (f of Switch).
   - `expert_load` [E]: fraction of computed assignments per expert, after capacity; sums to 1.
   - `expert_load_max`, `expert_load_min`: `E * max/min(expert_load)`: 1.0 is perfect balance.
+  - `selection_count` [E]: how many of the router's top-K choices picked each expert (a count,
+    not a fraction: summed over micro-batches it is the step's global count, which the
+    auxiliary-loss-free bias update reads).
   """
   tokens = jnp.maximum(sums["tokens"], 1.0)
   E = sums["expert_load"].shape[-1]
@@ -414,4 +437,5 @@ def finalize_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
       "expert_load_max": E * jnp.max(expert_load_E),
       "expert_load_min": E * jnp.min(expert_load_E),
       "tokens": sums["tokens"],
+      "selection_count": sums["selection_count"],
   }

@@ -27,7 +27,17 @@ CASES = {
                                 routed_scaling_factor=2.5, num_shared_experts=2, shared_d_ff=3,
                                 balance_loss_choices="any", priority="token"),
     "expert_choice": dict(top_k=2, choice="expert", capacity_factor=0.5, router_jitter=0.1),
+    # DeepSeek-V3 selection: group-limited top-2 with an (aux-loss-free) selection bias.
+    "groups_bias": dict(top_k=2, gate="gshard", score="sigmoid", capacity_factor=0.75,
+                        num_expert_groups=4, topk_groups=2, bias_update_rate=1e-3),
 }
+
+
+def _layer(kw):
+  layer = MoELayer(MoEConfig(num_experts=8, d_ff=6, **kw), D, rngs=nnx.Rngs(0))
+  if hasattr(layer, "expert_bias"):  # A trained-looking bias, so selection depends on it.
+    layer.expert_bias[...] = jnp.linspace(-0.2, 0.2, 8)
+  return layer
 
 
 def data():
@@ -48,8 +58,7 @@ STEP = nnx.jit(nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
 def references():
   out = {}
   for name, kw in CASES.items():
-    layer = MoELayer(MoEConfig(num_experts=8, d_ff=6, **kw), D, rngs=nnx.Rngs(0))
-    out[name] = STEP(layer, *data())
+    out[name] = STEP(_layer(kw), *data())
   return out
 
 
@@ -60,7 +69,7 @@ def test_sharded_layer_equals_single_device(references, mesh_shape, case):
   assert float(jnp.sum(ref_metrics["dropped_fraction"])) > 0  # drops are happening
   mesh = sharding.make_mesh({"data": mesh_shape[0], "expert": mesh_shape[1]})
   with jax.set_mesh(mesh):
-    layer = MoELayer(MoEConfig(num_experts=8, d_ff=6, **CASES[case]), D, rngs=nnx.Rngs(0))
+    layer = _layer(CASES[case])
     assert layer.wi[...].sharding.spec[0] == "expert"
     x, mask = data()
     x = jax.device_put(x, sharding.batch_sharding(mesh, 3))

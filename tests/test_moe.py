@@ -341,6 +341,13 @@ def test_switch_init_scale():
     (dict(router_jitter="0.1"), r"router_jitter='0.1'.*\[0, 1\)"),
     (dict(score="relu"), r"score='relu'; allowed: 'softmax' \| 'sigmoid'"),
     (dict(choice="both"), r"choice='both'; allowed: 'token' \| 'expert'"),
+    (dict(num_experts=6, num_expert_groups=4), r"num_expert_groups=4; allowed: a divisor of "
+                                               r"num_experts=6"),
+    (dict(num_experts=8, num_expert_groups=4, topk_groups=5), r"topk_groups=5; allowed"),
+    (dict(num_experts=8, top_k=3, gate="gshard", num_expert_groups=4, topk_groups=1),
+     r"top_k=3; allowed: at most topk_groups x experts per group = 2"),
+    (dict(bias_update_rate=-1e-3), r"bias_update_rate=-0.001; allowed: a finite number >= 0"),
+    (dict(choice="expert", bias_update_rate=1e-3), r"choice='expert' with num_expert_groups"),
     (dict(choice="expert", top_k=2, priority="token"),
      r"priority='token' with choice='expert'.*only priority='position' is allowed"),
     (dict(choice="expert", top_k=2, gate="gshard"), r"gate='gshard' with choice='expert'"),

@@ -381,3 +381,34 @@ def test_expert_choice_leaves_slots_empty_when_a_group_has_few_real_tokens():
   r = routing.route(logits_from_probs(probs)[None], valid, choice="expert", capacity=2)
   assert int(jnp.sum(r.kept_SK)) == 3  # The one real token, once per expert; padding never.
   assert not bool(jnp.any(r.kept_SK[0, 1:]))
+
+
+def test_selection_bias_steers_the_choice_but_not_the_gate():
+  """Scores (.5, .3, .2): top-1 is expert 0; a bias of +.25 on expert 2 makes it the choice
+  (.45 > .5 is false, so +.35: .55 > .5), and its gate stays its score, .2."""
+  logits = logits_from_probs(np.array([[.5, .3, .2]]))[None]
+  valid = jnp.ones((1, 1), bool)
+  r = routing.route(logits, valid, top_k=1, capacity=1)
+  assert int(r.expert_SK[0, 0, 0]) == 0
+  r = routing.route(logits, valid, top_k=1, capacity=1,
+                    selection_bias_E=jnp.array([0.0, 0.0, 0.35]))
+  assert int(r.expert_SK[0, 0, 0]) == 2
+  np.testing.assert_allclose(r.gate_SK[0, 0, 0], 0.2, rtol=1e-5)
+  m = routing.finalize_sums(routing.routing_sums(r, valid))
+  np.testing.assert_array_equal(m["selection_count"], [0, 0, 1])
+
+
+def test_group_limited_routing_picks_inside_the_best_groups():
+  """6 experts in 3 groups {0,1} {2,3} {4,5}; scores (.30, .01, .20, .19, .25, .05): group scores
+  (sum of its top 2) .31, .39, .30. With topk_groups=1 the token may use group 1 only, so its
+  top-2 is experts 2 and 3, although expert 0 (.30) and 4 (.25) score higher; gates keep scores."""
+  probs = np.array([[.30, .01, .20, .19, .25, .05]])
+  logits = logits_from_probs(probs)[None]
+  valid = jnp.ones((1, 1), bool)
+  r = routing.route(logits, valid, top_k=2, capacity=1, gate="gshard", num_expert_groups=3,
+                    topk_groups=1)
+  np.testing.assert_array_equal(r.expert_SK[0, 0], [2, 3])
+  np.testing.assert_allclose(r.gate_SK[0, 0], [.20 / .39, .19 / .39], rtol=1e-5)
+  r = routing.route(logits, valid, top_k=2, capacity=1, gate="gshard", num_expert_groups=3,
+                    topk_groups=2)  # groups 1 and 0: experts 0 (.30) and 2 (.20)
+  np.testing.assert_array_equal(r.expert_SK[0, 0], [0, 2])

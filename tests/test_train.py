@@ -263,3 +263,22 @@ def test_load_model_restores_a_run_from_its_own_config(straight_run):
   restored_wi = np.asarray(model.blocks[1].ffn.wi[...])
   assert not np.allclose(restored_wi, np.asarray(fresh.blocks[1].ffn.wi[...]))  # Trained.
   assert model.blocks[1].ffn.deterministic  # Eval mode.
+
+
+def test_selection_bias_update_is_the_same_with_gradient_accumulation(tmp_path):
+  """Auxiliary-loss-free balancing: after one step every bias is +-rate or 0 (one sign step), not
+  all zero, and identical whether the batch is one micro-batch or two (the update reads the
+  step's summed selection counts); it is checkpointed and restored."""
+  biases = {}
+  for accum in (1, 2):
+    workdir = str(tmp_path / f"accum{accum}")
+    config = _config(**{"model.moe.bias_update_rate": 1e-3, "model.moe.second_expert_policy":
+                        "all", "model.moe.router_jitter": 0.0, "grad_accum_steps": accum,
+                        "batch_size": 16, "num_train_steps": 1, "checkpoint_every": 1})
+    train.train_and_evaluate(config, workdir)
+    model, _, step = train.load_model(config, workdir)
+    assert step == 1
+    biases[accum] = [np.asarray(layer.expert_bias[...]) for layer in model.moe_layers()]
+  for b1, b2 in zip(biases[1], biases[2], strict=True):
+    np.testing.assert_array_equal(b1, b2)
+    assert set(np.round(b1 / 1e-3, 4)) <= {-1.0, 0.0, 1.0} and np.abs(b1).max() > 0
