@@ -33,8 +33,8 @@ def test_every_config_validates(name, arg):
 
 def test_family_is_flop_matched():
   flops = {n: count_params(validate_config(_get(n), 1), _get(n).seq_len).flops_per_token
-           for n in ("dense", "switch", "gshard", "stmoe")}
-  for name in ("switch", "gshard", "stmoe"):  # Only the router's D x E matmul is extra.
+           for n in ("dense", "switch", "gshard", "stmoe", "deepseek")}
+  for name in ("switch", "gshard", "stmoe", "deepseek"):  # Only the router's D x E is extra.
     assert flops[name] == pytest.approx(flops["dense"], rel=0.01), flops
 
 
