@@ -367,7 +367,10 @@ def test_text_files_label_each_document_with_its_path_or_glob(tmp_path):
   c = md.default_data_config()
   c.source, c.cache_dir, c.text_files.held_out_fraction = "text_files", str(tmp_path / "c"), 0.0
   c.text_files.paths = f"{tmp_path / 'code' / '*.py'},{tmp_path / 'prose.txt'}"
-  assert md.domain_names(c) == [str(tmp_path / "code" / "*.py"), "prose"]
+  assert md.domain_names(c) == ["code/*.py", "prose"]
+  c.text_files.paths = "data/wiki_*.txt,a/b.txt"
+  assert md.domain_names(c) == ["wiki_*", "b"]
+  c.text_files.paths = f"{tmp_path / 'code' / '*.py'},{tmp_path / 'prose.txt'}"
   it = pipeline(c, seq_len=64, num_epochs=1)
   by_text = {bytes(it.source.get(i)[0]).decode(): it.source.get(i)[1]
              for i in range(it.source.num_docs)}

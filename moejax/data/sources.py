@@ -181,9 +181,15 @@ def file_domains(paths: str | list[str] | tuple[str, ...]) -> dict[str, int]:
 
 
 def text_files_domain_names(paths: str | list[str] | tuple[str, ...]) -> list[str]:
-  """A name per domain: the file's name without extension, or the glob as written."""
-  return [pattern if glob.has_magic(pattern) else
-          os.path.splitext(os.path.basename(pattern))[0] for pattern in _patterns(paths)]
+  """A name per domain: the file name without extension (`wikitext2_*` for a glob), or
+  `dir/*.py` where that name would be only wildcards."""
+  names = []
+  for pattern in _patterns(paths):
+    name = os.path.splitext(os.path.basename(pattern))[0]
+    if not name.strip("*?[]"):
+      name = os.path.join(os.path.basename(os.path.dirname(pattern)), os.path.basename(pattern))
+    names.append(name)
+  return names
 
 
 def split_documents(text: str, doc_split: str) -> list[str]:
