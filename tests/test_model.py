@@ -156,3 +156,31 @@ def test_flops_per_token_equal_the_forward_pass_dot_products_times_three(kwargs)
 def test_config_errors_name_the_field(bad, field):
   with pytest.raises(ValueError, match=f"config.model.{field}="):
     TransformerConfig(**{**SMALL, **bad})
+
+
+def test_upcycled_model_computes_the_dense_function_at_step_0():
+  """Every expert a copy of the dense MLP, gates normalised over the selected experts, no drops:
+  the MoE model's logits equal the dense model's (Komatsuzaki et al.: upcycling starts where the
+  dense model is)."""
+  from moejax import upcycle
+  dense_cfg = TransformerConfig(**{**SMALL, "activation": "swiglu"})
+  moe_cfg = TransformerConfig(**{**SMALL, "activation": "swiglu"}, moe_every=2,
+                              moe={**MOE, "d_ff": SMALL["d_ff"], "capacity_factor": math.inf})
+  dense = Transformer(dense_cfg, rngs=nnx.Rngs(0))
+  moe = Transformer(moe_cfg, rngs=nnx.Rngs(1))
+  tokens = _tokens()
+  before, _ = moe(tokens)
+  upcycle.upcycle(dense, moe)
+  np.testing.assert_allclose(moe(tokens)[0], dense(tokens)[0], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(before, dense(tokens)[0])
+  # With noise the experts differ from each other (and the function moves a little).
+  noisy = Transformer(moe_cfg, rngs=nnx.Rngs(1))
+  upcycle.upcycle(dense, noisy, noise=0.05, key=jax.random.key(0))
+  wi = noisy.blocks[1].ffn.wi[...]
+  assert not np.allclose(wi[0], wi[1])
+  # Another expert width: a clear error naming the parameter and both shapes.
+  wide = Transformer(TransformerConfig(**{**SMALL, "activation": "swiglu"}, moe_every=2,
+                                       moe={**MOE, "d_ff": 13}), rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match=r"'blocks/1/ffn/wi' \(8, 29, 13\) has no dense source "
+                                       r"of shape \(29, 13\): blocks/1/ffn/w_up_DF is \(29, 41\)"):
+    upcycle.upcycle(dense, wide)

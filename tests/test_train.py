@@ -282,3 +282,26 @@ def test_selection_bias_update_is_the_same_with_gradient_accumulation(tmp_path):
   for b1, b2 in zip(biases[1], biases[2], strict=True):
     np.testing.assert_array_equal(b1, b2)
     assert set(np.round(b1 / 1e-3, 4)) <= {-1.0, 0.0, 1.0} and np.abs(b1).max() > 0
+
+
+def test_upcycled_checkpoint_trains_from_the_dense_weights(tmp_path):
+  """experiments/upcycle.py: a dense run's weights become step 0 of a MoE run (experts = the dense
+  MLP), which the trainer then resumes and trains."""
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import upcycle as upcycle_cli  # pylint: disable=import-outside-toplevel
+  dense_config = _config(**{"model.moe_every": 0, "num_train_steps": 2, "checkpoint_every": 2})
+  train.train_and_evaluate(dense_config, str(tmp_path / "dense"))
+  moe_config = _config(**{"model.moe.d_ff": 37, "model.moe.second_expert_policy": "all",
+                          "model.moe.router_jitter": 0.0, "num_train_steps": 2})
+  assert upcycle_cli.upcycle_run(str(tmp_path / "dense"), moe_config, str(tmp_path / "moe")) == 2
+  dense, _, _ = train.load_model(dense_config, str(tmp_path / "dense"))
+  moe, _, step = train.load_model(moe_config, str(tmp_path / "moe"))
+  assert step == 0
+  expert_wi = moe.blocks[1].ffn.wi[...]
+  for e in range(8):
+    np.testing.assert_array_equal(expert_wi[e], dense.blocks[1].ffn.w_up_DF[...])
+  np.testing.assert_array_equal(moe.embed_VD[...], dense.embed_VD[...])
+  final = train.train_and_evaluate(moe_config, str(tmp_path / "moe"))
+  assert sorted(_train_losses(str(tmp_path / "moe"))[0]) == [1, 2] and math.isfinite(final["ce"])
+  with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    upcycle_cli.upcycle_run(str(tmp_path / "dense"), moe_config, str(tmp_path / "moe"))

@@ -1,0 +1,70 @@
+"""Upcycle a trained dense run into a MoE run (Komatsuzaki et al. 2022), then train it as usual.
+
+    python experiments/upcycle.py --dense_workdir=DENSE_RUN --config=configs/switch.py \
+        --workdir=NEW_RUN [--noise=0.0] [--config.model.moe.gate=gshard ...]
+    python -m moejax.main --config=configs/switch.py --workdir=NEW_RUN [same overrides]
+
+Restores the dense run's latest checkpoint (with the config it wrote), builds the MoE model of
+`--config` (it must match the dense one except for the MoE layers, whose `d_ff` and activation
+must equal the dense MLP's), copies every parameter (each expert = that block's dense MLP, times
+`1 + noise * N(0, 1)`; routers fresh; `moejax.upcycle`), and saves it with a fresh optimizer
+state as step 0 of NEW_RUN. `moejax.main` on NEW_RUN then resumes from that checkpoint: the
+upcycled model trains for `num_train_steps` more steps on a fresh data order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "MoE config (configs/*.py[:arg]).",
+                                          lock_config=True)
+_DENSE = flags.DEFINE_string("dense_workdir", None, "A trained dense run's directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The new MoE run's directory (must be new).")
+_NOISE = flags.DEFINE_float("noise", 0.0, "Multiplicative noise on each expert's copy.")
+flags.mark_flags_as_required(["config", "dense_workdir", "workdir"])
+
+
+def upcycle_run(dense_workdir: str, config, workdir: str, noise: float = 0.0) -> int:
+  """Writes `workdir/checkpoints/0`: `config`'s model upcycled from the dense run. Returns the
+  dense run's step."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moejax import checkpoint, optim, sharding, train, upcycle  # pylint: disable=import-outside-toplevel
+  if checkpoint.saved_steps(os.path.join(workdir, "checkpoints")):
+    raise FileExistsError(f"--workdir={workdir} already holds a checkpoint; upcycle into a new "
+                          "directory.")
+  model_cfg = train.validate_config(config)
+  if not model_cfg.moe_layer_indices:
+    raise ValueError("--config has no MoE layer to upcycle into (set model.moe_every or "
+                     "model.moe_layers).")
+  mesh = sharding.make_mesh(dict(config.mesh))
+  dense, _, dense_step = train.load_model(train.load_run_config(dense_workdir), dense_workdir,
+                                          mesh_shape=dict(config.mesh))
+  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+  model, optimizer = train.create_model_and_optimizer(model_cfg, tx, mesh, config.seed)
+  with jax.set_mesh(mesh):
+    upcycle.upcycle(dense, model, noise=noise, key=jax.random.key(config.seed))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1,
+                                 async_save=False)
+  ckpt.save(0, nnx.state((model, optimizer)), None,
+            meta={"upcycled_from": os.path.abspath(dense_workdir), "dense_step": dense_step},
+            force=True)
+  ckpt.close()
+  return dense_step
+
+
+def main(argv):
+  del argv
+  step = upcycle_run(_DENSE.value, _CONFIG.value, _WORKDIR.value, _NOISE.value)
+  print(f"upcycled {_DENSE.value} (step {step}) into {_WORKDIR.value}/checkpoints/0; train it with "
+        f"python -m moejax.main --config=... --workdir={_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
