@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.rope_theta = 10_000.0
   # RMSNorm epsilon.
   m.norm_eps = 1e-6
+  # Attention kernel: 'einsum' (explicit softmax) or 'dot_product' (jax.nn.dot_product_attention:
+  # XLA here, cuDNN on GPUs where the mask allows; same numbers to float tolerance).
+  m.attention = "einsum"
   # The MoE layer (moejax.moe.MoEConfig); used only when some layer is MoE.
   m.moe = moe_config_dict()
 

@@ -36,6 +36,7 @@ from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer, is_int
 from moejax.sharding import BATCH_AXES
 
 DTYPES = ("float32", "bfloat16")
+ATTENTIONS = ("einsum", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class TransformerConfig:
   param_dtype: str = "float32"
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
+  attention: str = "einsum"      # Or "dot_product": jax.nn.dot_product_attention (see _attend).
 
   def __post_init__(self):
     def fail(field, value, allowed):
@@ -82,6 +84,8 @@ class TransformerConfig:
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in DTYPES:
         fail(field, getattr(self, field), DTYPES)
+    if self.attention not in ATTENTIONS:
+      fail("attention", self.attention, ATTENTIONS)
     object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
     # Stored as sorted (key, value) pairs: the config is a static (hashed) attribute of the model.
     moe = dict(self.moe or {})
@@ -174,6 +178,10 @@ class Attention(nnx.Module):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, L = q_BLHd.shape[:2]
     N, R, d = cfg.kv_heads, cfg.num_heads // cfg.kv_heads, cfg.dh
+    if cfg.attention == "dot_product":  # XLA or cuDNN; GQA and the mask as below.
+      out_BLHd = jax.nn.dot_product_attention(q_BLHd, k_BMNd, v_BMNd,
+                                              mask=visible_BLM[:, None, :, :])
+      return jnp.einsum("BLHd,HdD->BLD", out_BLHd.astype(dt), self.wo_HdD[...].astype(dt))
     q_BLNRd = q_BLHd.reshape(B, L, N, R, d)
     logits_BNRLM = jnp.einsum("BLNRd,BMNd->BNRLM", q_BLNRd, k_BMNd,
                               preferred_element_type=jnp.float32) / math.sqrt(d)

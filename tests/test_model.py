@@ -184,3 +184,23 @@ def test_upcycled_model_computes_the_dense_function_at_step_0():
   with pytest.raises(ValueError, match=r"'blocks/1/ffn/wi' \(8, 29, 13\) has no dense source "
                                        r"of shape \(29, 13\): blocks/1/ffn/w_up_DF is \(29, 41\)"):
     upcycle.upcycle(dense, wide)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_dot_product_attention_equals_the_einsum_attention(dtype, tol):
+  """jax.nn.dot_product_attention with the document-causal mask (GQA: 6 query heads over 2 kv
+  heads): the same logits as the explicit softmax, also in packed rows and in cached decoding."""
+  cfgs = [TransformerConfig(**{**SMALL, "dtype": dtype, "attention": a})
+          for a in ("einsum", "dot_product")]
+  models = [Transformer(c, rngs=nnx.Rngs(0)) for c in cfgs]
+  tokens = _tokens()
+  segment_ids = jnp.array([[1] * 5 + [2] * 6] * 2)
+  positions = jnp.array([list(range(5)) + list(range(6))] * 2)
+  mask = jnp.ones_like(tokens, bool)
+  out = [m(tokens, positions, segment_ids, mask)[0] for m in models]
+  np.testing.assert_allclose(np.asarray(out[1], np.float32), np.asarray(out[0], np.float32),
+                             rtol=tol, atol=tol)
+  caches = [m.init_cache(2, 11) for m in models]
+  steps = [m.decode(tokens, positions, segment_ids, c)[0] for m, c in zip(models, caches)]
+  np.testing.assert_allclose(np.asarray(steps[1], np.float32), np.asarray(steps[0], np.float32),
+                             rtol=tol, atol=tol)
