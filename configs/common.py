@@ -25,7 +25,8 @@ from moejax.moe import MoEConfig
 
 # MoEConfig fields whose default is None: give them a typed placeholder so that
 # `--config.model.moe.group_size=64` parses (ConfigDict cannot infer a type from None).
-_MOE_PLACEHOLDERS = {"expert_capacity": int, "group_size": int, "num_groups": int}
+_MOE_PLACEHOLDERS = {"expert_capacity": int, "group_size": int, "num_groups": int,
+                     "shared_d_ff": int}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

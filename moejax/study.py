@@ -523,10 +523,30 @@ def _train_timed(train_fn: Callable, config, run_dir: str, key: str) -> float:
   return before + time.time() - start
 
 
+# Config fields added after results were committed, with the default they were added with. A
+# field at that default leaves the key unchanged, so adding a field does not orphan earlier runs
+# (every earlier run had that behaviour); set away from it, it joins the key as usual.
+KEY_NEUTRAL_DEFAULTS = {
+    ("model", "attention"): "einsum", ("data", "tfds", "domain_key"): "",
+    **{("model", "moe", name): default for name, default in (
+        ("choice", "token"), ("score", "softmax"), ("routed_scaling_factor", 1.0),
+        ("num_expert_groups", 1), ("topk_groups", 1), ("bias_update_rate", 0.0),
+        ("num_shared_experts", 0), ("shared_d_ff", None))},
+}
+
+
 def config_key(config) -> str:
   """A hash of everything that determines a run (the resolved config, seed and data included)."""
   import hashlib  # pylint: disable=import-outside-toplevel
-  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+  import json  # pylint: disable=import-outside-toplevel
+  tree = json.loads(config.to_json_best_effort(sort_keys=True))
+  for path, default in KEY_NEUTRAL_DEFAULTS.items():
+    node = tree
+    for part in path[:-1]:
+      node = node.get(part, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict) and node.get(path[-1], default) == default:
+      node.pop(path[-1], None)
+  return hashlib.sha256(json.dumps(tree, sort_keys=True, indent=None).encode()).hexdigest()[:16]
 
 
 def _finished_elsewhere(workdir: str, key: str) -> list[dict]:

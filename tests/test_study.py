@@ -364,3 +364,28 @@ def test_spread_verdict_is_an_f_test_of_the_seed_variances():
   similar = [1.50, 1.52, 1.49, 1.51, 1.505]
   v = study.verdict(claim, _final({"a": similar, "b": [x + 0.1 for x in similar[::-1]]}))
   assert v.status == study.INCONCLUSIVE and "F-test" in v.line()
+
+
+def test_config_key_ignores_fields_added_later_at_their_original_default():
+  """Adding a config field (at the default every earlier run had) must not orphan committed
+  results: the key of a config without the field equals the key with it; setting the field away
+  from that default changes the key."""
+  import ml_collections
+  from configs import switch
+  from moejax import study as study_lib
+  config = switch.get_config()
+  stripped = config.to_dict()
+  for path in study_lib.KEY_NEUTRAL_DEFAULTS:
+    node = stripped
+    for part in path[:-1]:
+      node = node[part]
+    del node[path[-1]]
+  assert study_lib.config_key(ml_collections.ConfigDict(stripped)) == study_lib.config_key(config)
+  for path, default in study_lib.KEY_NEUTRAL_DEFAULTS.items():
+    changed = switch.get_config()
+    node = changed
+    for part in path[:-1]:
+      node = node[part]
+    node[path[-1]] = {"einsum": "dot_product", "token": "expert", "softmax": "sigmoid", "": "x",
+                      None: 64}.get(default, 2 if isinstance(default, int) else 0.5)
+    assert study_lib.config_key(changed) != study_lib.config_key(config), path
