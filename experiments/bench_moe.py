@@ -2,6 +2,7 @@
 
     python experiments/bench_moe.py                 # the setting (T=8192, D=256, F=1024)
     python experiments/bench_moe.py --tokens 2048 --experts 8,32 --repeats 3   # quicker
+    python experiments/bench_moe.py --options --experts 32 --top_k 2 --dispatch sort  # options
 
 For each E in --experts, k in --top_k and dispatch in {sort, onehot} it times one jitted
 `value_and_grad` step (loss = sum(y^2) + aux loss; gradients w.r.t. all params and the input) and
@@ -42,10 +43,23 @@ def dense_ffn_step(d_model: int, d_ff: int, tokens: int):
   return lambda: step(params, x)
 
 
+# `--options`: routing variants timed against the plain layer at one (E, k, dispatch).
+OPTIONS = {
+    "plain": {},
+    "sigmoid+scale": {"score": "sigmoid", "routed_scaling_factor": 2.5},
+    "expert choice": {"choice": "expert", "gate": "softmax"},
+    "4 groups, 2/token": {"num_expert_groups": 4, "topk_groups": 2},
+    "selection bias": {"bias_update_rate": 1e-3},
+    "1 shared expert": {"num_shared_experts": 1},
+    "balance any": {"balance_loss_choices": "any"},
+}
+
+
 def moe_step(d_model: int, d_ff: int, tokens: int, groups: int, experts: int, top_k: int,
-             capacity_factor: float, dispatch: str):
+             capacity_factor: float, dispatch: str, **options):
   cfg = MoEConfig(num_experts=experts, top_k=top_k, d_ff=d_ff, capacity_factor=capacity_factor,
-                  num_groups=groups, dispatch=dispatch, gate="softmax" if top_k == 1 else "gshard")
+                  num_groups=groups, dispatch=dispatch,
+                  **{"gate": "softmax" if top_k == 1 else "gshard", **options})
   layer = MoELayer(cfg, d_model, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (groups, tokens // groups, d_model))
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -81,7 +95,22 @@ def main():
   parser.add_argument("--top_k", default="1,2")
   parser.add_argument("--dispatch", default="sort,onehot")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--options", action="store_true",
+                      help="time each routing option of OPTIONS at the first E, k and dispatch")
   args = parser.parse_args()
+  if args.options:
+    e, k = int(args.experts.split(",")[0]), int(args.top_k.split(",")[0])
+    dispatch = args.dispatch.split(",")[0]
+    print(f"# fwd+bwd, T={args.tokens} D={args.d_model} F={args.d_ff} G={args.groups} "
+          f"CF={args.capacity_factor} E={e} k={k} {dispatch}, median of {args.repeats}, "
+          f"{jax.devices()[0].platform}")
+    base = None
+    for name, options in OPTIONS.items():
+      t = time_it(moe_step(args.d_model, args.d_ff, args.tokens, args.groups, e, k,
+                           args.capacity_factor, dispatch, **options), args.repeats)
+      base = base or t
+      print(f"{name:>18} {1e3 * t:>9.1f} ms {t / base:>6.2f}x", flush=True)
+    return
   experts = [int(e) for e in args.experts.split(",")]
   print(f"# fwd+bwd, T={args.tokens} D={args.d_model} F={args.d_ff} G={args.groups} "
         f"CF={args.capacity_factor}, median of {args.repeats}, {jax.devices()[0].platform}")
