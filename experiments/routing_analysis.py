@@ -77,9 +77,10 @@ def read_batches(config, data_cfg, tokens: int) -> list[dict[str, np.ndarray]]:
   return batches
 
 
-def record(model, mesh, batches, batch_size: int, capacity_factor: float) -> dict[int, dict]:
-  """{layer: {"topk": [N_rows, L, K], "kept": [N_rows, L, K]}} over `batches` (eval mode, at
-  `capacity_factor`)."""
+def record(model, mesh, batches, batch_size: int,
+           capacity_factor: float | None) -> dict[int, dict]:
+  """{layer: {"topk", "kept", "wanted": [N_rows, L, K]}} over `batches` (eval mode, at
+  `capacity_factor`; None: the eval capacity)."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   for _, node in nnx.iter_graph(model):
@@ -99,7 +100,8 @@ def record(model, mesh, batches, batch_size: int, capacity_factor: float) -> dic
       sown = route(model, data_lib.make_global_batch({k: batch[k] for k in train.BATCH_KEYS},
                                                       mesh, batch_size))
       for path, var in nnx.to_flat_state(sown):
-        name = {"router_topk": "topk", "router_kept": "kept"}.get(str(path[-1]))
+        name = {"router_topk": "topk", "router_kept": "kept",
+                "router_wanted": "wanted"}.get(str(path[-1]))
         if name:
           layer = next(int(p) for p in path if isinstance(p, int) or str(p).isdigit())
           out.setdefault(layer, {}).setdefault(name, []).append(
@@ -134,7 +136,8 @@ def analyse_layer(rec: dict, batch: dict, num_experts: int, num_domains: int,
       "consecutive": analysis.consecutive_sharing(topk, valid, batch["segment_ids"],
                                                   batch["domain"]),
       "drops": analysis.drop_rates(kept, valid, batch["positions"], batch["domain"],
-                                   num_buckets=POSITION_BUCKETS, max_position=seq_len),
+                                   wanted_BLK=rec["wanted"], num_buckets=POSITION_BUCKETS,
+                                   max_position=seq_len),
   }
 
 
@@ -206,7 +209,8 @@ def plot_all(result: dict, out: str) -> list[str]:
     d = r["drops"]
     edges = d["bucket_edges"]
     centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-    axes[0].plot(centres, d["by_position"], marker="o", label=f"layer {layer}")
+    axes[0].plot(centres, [np.nan if v is None else v for v in d["by_position"]], marker="o",
+                 label=f"layer {layer}")
     by_domain = d.get("by_domain", {})
     axes[1].plot(range(len(names)), [by_domain.get(str(i), by_domain.get(i, np.nan))
                                      for i in range(len(names))], marker="o",
@@ -291,7 +295,7 @@ def write_report(result: dict, tokenizer, out: str, command: str) -> None:
   for layer, r in layers.items():
     d = r["drops"]
     lines.append(f"| {layer} | {d['all']:.4f} | " + " | ".join(
-        f"{v:.4f}" for v in d["by_position"]) + " |")
+        "-" if v is None else f"{v:.4f}" for v in d["by_position"]) + " |")
   lines += ["", "![drops](drops.png)", "", "## When is routing decided?", "",
             "| layer | " + " | ".join(f"step {s}" for s in result["steps"]) + " |",
             "|---|" + "---|" * len(result["steps"])]
@@ -326,7 +330,9 @@ def run(workdir: str, out: str, *, paths: str | None = None, tokens: int = 131_0
   for step in chosen:
     model, mesh_, restored = train.load_model(config, workdir, step,
                                               mesh_shape=sharding.parse_mesh(mesh))
-    rec = record(model, mesh_, batches, config.batch_size, float(moe.capacity_factor))
+    # Drops at the training capacity (an explicit expert_capacity applies as it is).
+    rec = record(model, mesh_, batches, config.batch_size,
+                 None if moe.get("expert_capacity") else float(moe.capacity_factor))
     for layer, r in rec.items():
       top1_by_layer.setdefault(layer, {})[restored] = r["topk"][..., 0][batch["mask"] > 0]
     final = (restored, rec)
@@ -344,7 +350,7 @@ def run(workdir: str, out: str, *, paths: str | None = None, tokens: int = 131_0
   os.makedirs(out, exist_ok=True)
   result = json.loads(json.dumps(result, default=_jsonable))  # int keys -> str, arrays -> lists
   with open(os.path.join(out, "analysis.json"), "w") as f:
-    json.dump(result, f, indent=1)
+    json.dump(result, f, indent=1, allow_nan=False)
   result["layers"] = {int(k): v for k, v in result["layers"].items()}
   result["stability"] = {int(k): {int(s): a for s, a in v.items()}
                          for k, v in result["stability"].items()}

@@ -106,7 +106,9 @@ def information_report(experts_N: np.ndarray, label_N: np.ndarray,
   h_expert = _joint_entropy(experts_N) if n else 0.0
   mi, baseline = corrected(np.arange(n))
   scale = 1.0 / h_expert if h_expert > 0 else 0.0
-  halves = [corrected(np.arange(n)[i::2]) for i in range(2)] if n >= 4 else [(0, 0), (0, 0)]
+  # Contiguous halves: records are row-major, so each half holds other rows and documents.
+  halves = ([corrected(np.arange(n)[:n // 2]), corrected(np.arange(n)[n // 2:])] if n >= 4
+            else [(0, 0), (0, 0)])
   return {"mi_bits": mi, "baseline_bits": baseline, "excess_bits": mi - baseline,
           "share": (mi - baseline) * scale, "expert_entropy_bits": h_expert,
           "spread_share": abs((halves[0][0] - halves[0][1]) - (halves[1][0] - halves[1][1]))
@@ -217,16 +219,20 @@ def consecutive_sharing(topk_BLK: np.ndarray, valid_BL: np.ndarray, segment_ids_
 
 
 def drop_rates(kept_BLK: np.ndarray, valid_BL: np.ndarray, positions_BL: np.ndarray,
-               domain_BL: np.ndarray | None = None, *, num_buckets: int = 8,
-               max_position: int | None = None) -> dict:
-  """Fraction of the routing choices of real tokens without a slot: overall, per position bucket
-  (`num_buckets` equal ranges of [0, max_position)), and per domain id."""
+               domain_BL: np.ndarray | None = None, *, wanted_BLK: np.ndarray | None = None,
+               num_buckets: int = 8, max_position: int | None = None) -> dict:
+  """Fraction of the routing choices of real tokens that wanted a slot and found none:
+  overall, per position bucket (`num_buckets` equal ranges of [0, max_position); None where a
+  bucket is empty), and per domain id. `wanted_BLK` (default: every choice) leaves out the
+  choices a second-expert policy removed."""
   kept_BLK, valid_BL = np.asarray(kept_BLK, bool), np.asarray(valid_BL, bool)
   positions_BL = np.asarray(positions_BL)
-  dropped_N = (~kept_BLK[valid_BL]).mean(-1)  # per token: share of its K choices dropped
+  wanted_BLK = np.ones_like(kept_BLK) if wanted_BLK is None else np.asarray(wanted_BLK, bool)
+  lost_NK = (wanted_BLK & ~kept_BLK)[valid_BL]
+  dropped_N = lost_NK.sum(-1) / np.maximum(wanted_BLK[valid_BL].sum(-1), 1)  # per token
   max_position = max_position or int(positions_BL.max()) + 1
   bucket_N = np.minimum(positions_BL[valid_BL] * num_buckets // max_position, num_buckets - 1)
-  by_bucket = [float(dropped_N[bucket_N == b].mean()) if (bucket_N == b).any() else float("nan")
+  by_bucket = [float(dropped_N[bucket_N == b].mean()) if (bucket_N == b).any() else None
                for b in range(num_buckets)]
   out = {"all": float(dropped_N.mean()) if len(dropped_N) else 0.0, "by_position": by_bucket,
          "bucket_edges": [b * max_position // num_buckets for b in range(num_buckets + 1)]}

@@ -29,6 +29,7 @@ next start. So the last *completed* checkpoint is always the one resumed from.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -132,7 +133,7 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
           meta=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
+    except (FileNotFoundError, json.JSONDecodeError) as e:  # Missing or cut-short files.
       raise self._unreadable(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
     return unflatten_into(target, restored["state"]), restored["data"], restored["meta"]
 
@@ -141,7 +142,7 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
+    except (FileNotFoundError, json.JSONDecodeError) as e:  # Missing or cut-short files.
       raise self._unreadable(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
     return restored["data"], restored["meta"]
 

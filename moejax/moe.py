@@ -194,6 +194,11 @@ class MoEConfig:
       raise ValueError(
           "MoEConfig.choice='expert' with num_expert_groups > 1 or bias_update_rate > 0: both "
           "steer the tokens' choices; allowed with choice='expert': neither.")
+    if self.choice == "expert" and self.eval_capacity_factor != self.capacity_factor:
+      raise ValueError(
+          f"MoEConfig.eval_capacity_factor={self.eval_capacity_factor!r} with choice='expert': "
+          "the capacity sets how many experts each token gets, so eval must use the training "
+          f"value; allowed: eval_capacity_factor == capacity_factor={self.capacity_factor!r}.")
     if self.choice == "expert":  # Options that only mean something when tokens choose.
       for name, default in (("gate", "softmax"), ("second_expert_policy", "all"),
                             ("priority", "position"), ("overflow", "drop")):
@@ -255,7 +260,13 @@ class MoEConfig:
 
   def capacity(self, group_size: int, *, deterministic: bool,
                capacity_factor: float | None = None) -> int:
-    """Slots per expert per group for S = `group_size` (`routing.expert_capacity`)."""
+    """Slots per expert per group for S = `group_size` (`routing.expert_capacity`).
+
+    With `choice="expert"` the capacity is how many experts a token gets (top_k on average), a
+    part of the model rather than a drop buffer: train and eval use `capacity_factor`, and
+    overrides (no-drop eval, eval-CF sweeps) do not apply."""
+    if self.choice == "expert":
+      capacity_factor, deterministic = None, False
     if capacity_factor is None and self.expert_capacity is not None:
       return min(self.expert_capacity, group_size)
     if capacity_factor is None:
@@ -325,8 +336,9 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                reduce_axes: tuple[str, ...] = ()
                ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
   """The MoE computation on G groups: `(y_GSD, routing sums, record)`, where `record` holds the
-  router's top-k experts before policy and capacity (`router_topk`, int32 [G, S, K]) and whether
-  each choice got a slot (`kept`, bool [G, S, K]). Pure; also the shard_map body.
+  router's top-k experts before policy and capacity (`router_topk`, int32 [G, S, K]), whether
+  each choice got a slot (`kept`) and whether it asked for one (`wanted`: a real token, kept by
+  the second-expert policy; bool [G, S, K]). Pure; also the shard_map body.
 
   With `expert_axis` set it runs per device inside `jax.shard_map`: `weights['wi']` etc. hold the
   local E/ep experts, and two `all_to_all`s over `expert_axis` move the capacity buffer to the
@@ -378,7 +390,8 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                               score=cfg.score)
   if reduce_axes:
     sums = jax.lax.psum(sums, reduce_axes)
-  return y_GSD, sums, {"router_topk": r.router_expert_SK, "kept": r.kept_SK}
+  return y_GSD, sums, {"router_topk": r.router_expert_SK, "kept": r.kept_SK,
+                       "wanted": r.wanted_SK}
 
 
 class ExpertBias(nnx.Variable):
@@ -437,7 +450,8 @@ class MoELayer(nnx.Module):
     # When True, each call sows, as nnx.Intermediate, the router's top-k experts of that call
     # ("router_topk" [B, L, K], before policy and capacity; in training with jitter, in eval
     # without), whether each choice got a slot at this call's capacity ("router_kept"
-    # [B, L, K]), and the router's input ("router_input" [B, L, D], padding zeroed), for routing
+    # [B, L, K]) and asked for one ("router_wanted"), and the router's input ("router_input"
+    # [B, L, D], padding zeroed), for routing
     # analyses (moejax.analysis); collect them with `nnx.capture(f, nnx.Intermediate)`.
     self.record_routing = False
 
@@ -501,6 +515,7 @@ class MoELayer(nnx.Module):
     if self.record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
       self.sow(nnx.Intermediate, "router_topk", record["router_topk"].reshape(B, L, -1))
       self.sow(nnx.Intermediate, "router_kept", record["kept"].reshape(B, L, -1))
+      self.sow(nnx.Intermediate, "router_wanted", record["wanted"].reshape(B, L, -1))
       self.sow(nnx.Intermediate, "router_input", x_GSD.reshape(B, L, D))
 
     y_BLD = y_GSD.reshape(B, L, D).astype(self.dtype)

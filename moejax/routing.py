@@ -199,8 +199,9 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   probs_SE = (jax.nn.sigmoid(logits_SE) if score == "sigmoid"
               else jax.nn.softmax(logits_SE, axis=-1))
   valid_S = valid_S.astype(bool)
-  select_SE = probs_SE if selection_bias_E is None else probs_SE + selection_bias_E.astype(
-      probs_SE.dtype)
+  select_SE = probs_SE  # What the top-k ranks: the scores, biased in float32 when a bias is set
+  if selection_bias_E is not None:  # (a bfloat16 sum would round away 1e-3 updates).
+    select_SE = probs_SE.astype(jnp.float32) + selection_bias_E.astype(jnp.float32)
   if num_expert_groups > 1:
     n = num_expert_groups
     by_group_SNX = select_SE.reshape(S, n, E // n)

@@ -365,8 +365,9 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
       grads, rest, sums = carry
       (_, (rest, ce_sum, correct, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(
           params, rest, model_graphdef, micro_batch, num_targets)
-      sums = jax.tree.map(jnp.add, sums, {"ce_sum": ce_sum, "correct": correct,
-                                          **jax.tree.map(lambda s: s / A, stats)})
+      # Stats are means over micro-batches, except counts, which are summed (exactly).
+      sums = jax.tree.map(jnp.add, sums, {"ce_sum": ce_sum, "correct": correct, **{
+          k: v if k.endswith("selection_count") else v / A for k, v in stats.items()}})
       return (jax.tree.map(jnp.add, grads, g), rest, sums), None
 
     _, (_, _, _, moe_stats_shapes) = jax.eval_shape(

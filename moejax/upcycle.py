@@ -3,7 +3,8 @@
 Every parameter of the dense model is copied into the MoE model of the same architecture; in each
 MoE layer every expert starts as a copy of that block's dense MLP (`w_up_DF` -> `wi[e]`,
 `w_gate_DF` -> `wi_gate[e]`, `w_down_FD` -> `wo[e]`), optionally times `1 + noise * N(0, 1)` per
-weight so the experts can diverge; routers keep their fresh initialisation and the optimizer
+weight so the experts can diverge; routers keep their fresh initialisation, shared experts (if
+any) start with a zero output projection, and the optimizer
 state starts fresh (the caller builds it). With gates that sum to one over the selected experts
 (`gate="gshard"`) and no drops, the upcycled model computes exactly the dense model's function
 at step 0 (tested). Works on any mesh: values are placed with each target parameter's sharding.
@@ -49,7 +50,10 @@ def upcycle(dense: nnx.Module, moe: nnx.Module, *, noise: float = 0.0,
     in_moe = len(parts) >= 4 and parts[0] == "blocks" and int(parts[1]) in moe_layers
     if in_moe and parts[2] == "ffn":
       source_name = next((d for d, e in EXPERT_OF.items() if e == parts[3]), None)
-      if source_name is None:  # The router (and any other MoE-only parameter): fresh.
+      if parts[3] == "shared_wo":  # Shared experts start silent: the function stays exact.
+        updated.append((path, var.replace(jnp.zeros_like(target))))
+        continue
+      if source_name is None:  # The router and the shared experts' inputs: fresh.
         updated.append((path, var))
         continue
       source = dense_params.get(f"blocks/{parts[1]}/ffn/{source_name}")

@@ -113,6 +113,14 @@ def test_drop_rates_by_position_and_domain():
   np.testing.assert_allclose(out["all"], 1.5 / 7)
   np.testing.assert_allclose(out["by_position"], [0.0, 0.5])
   np.testing.assert_allclose([out["by_domain"][0], out["by_domain"][1]], [1 / 6, 0.5])
+  # A second choice the policy skipped (not wanted) is not a drop: token 6 keeps 1 of 1 wanted.
+  wanted = np.ones((1, 8, 2), bool)
+  wanted[0, 6, 1] = False
+  out = analysis.drop_rates(kept, valid, positions, domain, wanted_BLK=wanted, num_buckets=2,
+                            max_position=8)
+  np.testing.assert_allclose(out["by_domain"][1], 0.0)
+  assert analysis.drop_rates(kept, valid, positions, num_buckets=16,
+                             max_position=16)["by_position"][8] is None  # an empty bucket
 
 
 def test_agreement_with_final():

@@ -44,7 +44,7 @@ def test_causal_safe_policies_have_no_leak(moe):
 @pytest.mark.parametrize("moe", [
     dict(top_k=1, priority="probability"),
     dict(top_k=2, gate="gshard", priority="position"),
-    dict(top_k=1, choice="expert"),
+    dict(top_k=1, choice="expert", capacity_factor=0.5),
 ], ids=["k1-bpr", "k2-choice-major", "expert-choice"])
 def test_leaky_policies_differ_from_teacher_forcing(moe):
   result = causal.causal_vs_teacher_forced(_model(**moe), _batch(), jnp.arange(L))

@@ -26,7 +26,8 @@ CASES = {
     "top3_sigmoid_shared": dict(top_k=3, score="sigmoid", gate="gshard", capacity_factor=0.75,
                                 routed_scaling_factor=2.5, num_shared_experts=2, shared_d_ff=3,
                                 balance_loss_choices="any", priority="token"),
-    "expert_choice": dict(top_k=2, choice="expert", capacity_factor=0.5, router_jitter=0.1),
+    "expert_choice": dict(top_k=2, choice="expert", capacity_factor=0.5,
+                          eval_capacity_factor=0.5, router_jitter=0.1),
     # DeepSeek-V3 selection: group-limited top-2 with an (aux-loss-free) selection bias.
     "groups_bias": dict(top_k=2, gate="gshard", score="sigmoid", capacity_factor=0.75,
                         num_expert_groups=4, topk_groups=2, bias_update_rate=1e-3),

@@ -158,14 +158,16 @@ def test_config_errors_name_the_field(bad, field):
     TransformerConfig(**{**SMALL, **bad})
 
 
-def test_upcycled_model_computes_the_dense_function_at_step_0():
+@pytest.mark.parametrize("shared", [0, 1])
+def test_upcycled_model_computes_the_dense_function_at_step_0(shared):
   """Every expert a copy of the dense MLP, gates normalised over the selected experts, no drops:
   the MoE model's logits equal the dense model's (Komatsuzaki et al.: upcycling starts where the
   dense model is)."""
   from moejax import upcycle
   dense_cfg = TransformerConfig(**{**SMALL, "activation": "swiglu"})
   moe_cfg = TransformerConfig(**{**SMALL, "activation": "swiglu"}, moe_every=2,
-                              moe={**MOE, "d_ff": SMALL["d_ff"], "capacity_factor": math.inf})
+                              moe={**MOE, "d_ff": SMALL["d_ff"], "capacity_factor": math.inf,
+                                   "num_shared_experts": shared})  # shared: start silent
   dense = Transformer(dense_cfg, rngs=nnx.Rngs(0))
   moe = Transformer(moe_cfg, rngs=nnx.Rngs(1))
   tokens = _tokens()

@@ -67,7 +67,8 @@ def test_expert_choice_without_capacity_limit_is_the_dense_mixture():
 
 
 def test_expert_choice_gives_each_expert_exactly_c_tokens():
-  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, choice="expert", capacity_factor=1.0)
+  cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, choice="expert", capacity_factor=1.0,
+                  eval_capacity_factor=1.0)
   layer = make(cfg)
   layer.record_routing = True
   x = inputs(B=2, L=12)
@@ -341,16 +342,20 @@ def test_switch_init_scale():
     (dict(router_jitter="0.1"), r"router_jitter='0.1'.*\[0, 1\)"),
     (dict(score="relu"), r"score='relu'; allowed: 'softmax' \| 'sigmoid'"),
     (dict(choice="both"), r"choice='both'; allowed: 'token' \| 'expert'"),
+    (dict(choice="expert", top_k=2, capacity_factor=1.0),
+     r"eval_capacity_factor=2.0 with choice='expert'.*== capacity_factor=1.0"),
     (dict(num_experts=6, num_expert_groups=4), r"num_expert_groups=4; allowed: a divisor of "
                                                r"num_experts=6"),
     (dict(num_experts=8, num_expert_groups=4, topk_groups=5), r"topk_groups=5; allowed"),
     (dict(num_experts=8, top_k=3, gate="gshard", num_expert_groups=4, topk_groups=1),
      r"top_k=3; allowed: at most topk_groups x experts per group = 2"),
     (dict(bias_update_rate=-1e-3), r"bias_update_rate=-0.001; allowed: a finite number >= 0"),
-    (dict(choice="expert", bias_update_rate=1e-3), r"choice='expert' with num_expert_groups"),
-    (dict(choice="expert", top_k=2, priority="token"),
+    (dict(choice="expert", eval_capacity_factor=1.25, bias_update_rate=1e-3),
+     r"choice='expert' with num_expert_groups"),
+    (dict(choice="expert", top_k=2, eval_capacity_factor=1.25, priority="token"),
      r"priority='token' with choice='expert'.*only priority='position' is allowed"),
-    (dict(choice="expert", top_k=2, gate="gshard"), r"gate='gshard' with choice='expert'"),
+    (dict(choice="expert", top_k=2, eval_capacity_factor=1.25, gate="gshard"),
+     r"gate='gshard' with choice='expert'"),
     (dict(routed_scaling_factor=0.0), r"routed_scaling_factor=0.0; allowed: a finite number > 0"),
     (dict(num_shared_experts=-1), r"num_shared_experts=-1; allowed: an integer >= 0"),
     (dict(shared_d_ff=0), r"shared_d_ff=0; allowed: None \(= d_ff\) or an integer >= 1"),
