@@ -18,16 +18,24 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "MoE config (configs/*.py[:arg]).",
-                                          lock_config=True)
-_DENSE = flags.DEFINE_string("dense_workdir", None, "A trained dense run's directory.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The new MoE run's directory (must be new).")
-_NOISE = flags.DEFINE_float("noise", 0.0, "Multiplicative noise on each expert's copy.")
-flags.mark_flags_as_required(["config", "dense_workdir", "workdir"])
+
+def _define_flags():
+  """Command-line flags, defined only when run as a script (importing this module for
+  `upcycle_run` must not clash with moejax.main's flags of the same names)."""
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  names = {"config": config_flags.DEFINE_config_file(
+               "config", None, "MoE config (configs/*.py[:arg]).", lock_config=True),
+           "dense_workdir": flags.DEFINE_string("dense_workdir", None,
+                                                "A trained dense run's directory."),
+           "workdir": flags.DEFINE_string("workdir", None,
+                                          "The new MoE run's directory (must be new)."),
+           "noise": flags.DEFINE_float("noise", 0.0,
+                                       "Multiplicative noise on each expert's copy.")}
+  flags.mark_flags_as_required(["config", "dense_workdir", "workdir"])
+  return names
 
 
 def upcycle_run(dense_workdir: str, config, workdir: str, noise: float = 0.0) -> int:
@@ -59,12 +67,14 @@ def upcycle_run(dense_workdir: str, config, workdir: str, noise: float = 0.0) ->
   return dense_step
 
 
-def main(argv):
+def main(argv, names):
   del argv
-  step = upcycle_run(_DENSE.value, _CONFIG.value, _WORKDIR.value, _NOISE.value)
-  print(f"upcycled {_DENSE.value} (step {step}) into {_WORKDIR.value}/checkpoints/0; train it with "
-        f"python -m moejax.main --config=... --workdir={_WORKDIR.value}")
+  dense, workdir = names["dense_workdir"].value, names["workdir"].value
+  step = upcycle_run(dense, names["config"].value, workdir, names["noise"].value)
+  print(f"upcycled {dense} (step {step}) into {workdir}/checkpoints/0; train it with "
+        f"python -m moejax.main --config=... --workdir={workdir}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _names = _define_flags()
+  app.run(lambda argv: main(argv, _names))

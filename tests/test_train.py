@@ -288,6 +288,7 @@ def test_upcycled_checkpoint_trains_from_the_dense_weights(tmp_path):
   """experiments/upcycle.py: a dense run's weights become step 0 of a MoE run (experts = the dense
   MLP), which the trainer then resumes and trains."""
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import moejax.main  # noqa: F401  Its absl flags are defined: importing the script must not clash.
   import upcycle as upcycle_cli  # pylint: disable=import-outside-toplevel
   dense_config = _config(**{"model.moe_every": 0, "num_train_steps": 2, "checkpoint_every": 2})
   train.train_and_evaluate(dense_config, str(tmp_path / "dense"))
