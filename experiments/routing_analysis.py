@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax import analysis, checkpoint, sharding, train  # noqa: E402  pylint: disable=wrong-import-position
+from moejax import analysis, checkpoint, sharding, study, train  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import data as data_lib  # noqa: E402  pylint: disable=wrong-import-position
 from moejax.moe import MoELayer  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -160,10 +160,8 @@ def plot_all(result: dict, out: str) -> list[str]:
     ax.set_xlabel("expert (first choice)")
     ax.set_title(f"layer {layer}: p(expert | domain) / p(expert)")
     fig.colorbar(image, ax=ax, label="log2 lift")
-    fig.tight_layout()
     files.append(f"heatmap_layer{layer}.png")
-    fig.savefig(os.path.join(out, files[-1]), dpi=110)
-    plt.close(fig)
+    study.save_figure(fig, out, files[-1])
 
   fig, ax = plt.subplots(figsize=(7, 3.6))
   width = 0.8 / len(layers)
@@ -177,10 +175,8 @@ def plot_all(result: dict, out: str) -> list[str]:
   ax.set_ylabel("share of H(expert), bias-corrected")
   ax.set_title("What explains the first-choice expert (error bar: split-half spread)")
   ax.legend(fontsize=8)
-  fig.tight_layout()
   files.append("information.png")
-  fig.savefig(os.path.join(out, files[-1]), dpi=110)
-  plt.close(fig)
+  study.save_figure(fig, out, files[-1])
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
   groups = ["all", *[str(d) for d in range(len(names))]]
@@ -199,10 +195,8 @@ def plot_all(result: dict, out: str) -> list[str]:
     ax.set_title("same first choice" if key == "first" else "any shared top-k expert")
   axes[0].set_ylabel("fraction of neighbouring token pairs")
   axes[0].legend(fontsize=7)
-  fig.tight_layout()
   files.append("consecutive.png")
-  fig.savefig(os.path.join(out, files[-1]), dpi=110)
-  plt.close(fig)
+  study.save_figure(fig, out, files[-1])
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for layer, r in layers.items():
@@ -212,9 +206,8 @@ def plot_all(result: dict, out: str) -> list[str]:
     axes[0].plot(centres, [np.nan if v is None else v for v in d["by_position"]], marker="o",
                  label=f"layer {layer}")
     by_domain = d.get("by_domain", {})
-    axes[1].plot(range(len(names)), [by_domain.get(str(i), by_domain.get(i, np.nan))
-                                     for i in range(len(names))], marker="o",
-                 label=f"layer {layer}")
+    axes[1].plot(range(len(names)), [by_domain.get(str(i), np.nan) for i in range(len(names))],
+                 marker="o", label=f"layer {layer}")
   for ax in axes:
     ax.set_ylim(bottom=0)
   axes[0].set_xlabel("position in the sequence")
@@ -223,26 +216,21 @@ def plot_all(result: dict, out: str) -> list[str]:
   axes[1].set_xticks(range(len(names)), [n[:16] for n in names], fontsize=7, rotation=30)
   axes[1].set_title("drops by domain")
   axes[0].legend(fontsize=8)
-  fig.tight_layout()
   files.append("drops.png")
-  fig.savefig(os.path.join(out, files[-1]), dpi=110)
-  plt.close(fig)
+  study.save_figure(fig, out, files[-1])
 
   fig, ax = plt.subplots(figsize=(6, 3.6))
   for layer, agreement in result["stability"].items():
-    steps = sorted(int(s) for s in agreement)
-    ax.plot(steps, [agreement[str(s)] if str(s) in agreement else agreement[s] for s in steps],
-            marker="o", label=f"layer {layer}")
+    steps = sorted(agreement)
+    ax.plot(steps, [agreement[s] for s in steps], marker="o", label=f"layer {layer}")
   ax.axhline(1 / result["num_experts"], color="grey", ls=":", label="chance (1/E)")
   ax.set_xlabel("training step of the checkpoint")
   ax.set_ylabel("top-1 equal to the final checkpoint's")
   ax.set_ylim(0, 1.02)
   ax.legend(fontsize=8)
   ax.set_title("When is routing decided?")
-  fig.tight_layout()
   files.append("stability.png")
-  fig.savefig(os.path.join(out, files[-1]), dpi=110)
-  plt.close(fig)
+  study.save_figure(fig, out, files[-1])
   return files
 
 

@@ -355,10 +355,8 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                     second_expert_threshold=cfg.second_expert_threshold, priority=cfg.priority,
                     overflow=cfg.overflow, score=cfg.score,
                     routed_scaling_factor=cfg.routed_scaling_factor, choice=cfg.choice,
-                    **({"num_expert_groups": cfg.num_expert_groups,
-                        "topk_groups": cfg.topk_groups} if cfg.num_expert_groups > 1 else {}),
-                    **({"selection_bias_E": selection_bias_E}
-                       if selection_bias_E is not None else {}))
+                    num_expert_groups=cfg.num_expert_groups, topk_groups=cfg.topk_groups,
+                    selection_bias_E=selection_bias_E)
   x_GECD = dispatch_lib.dispatch(x_GSD, r, E, C, cfg.dispatch)
   x_EXD = x_GECD.transpose(1, 0, 2, 3).reshape(E, G * C, D)
   expert_ids_E, group_ids_G = jnp.arange(E), jnp.arange(G)

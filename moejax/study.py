@@ -705,7 +705,7 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
   _zoom_to_tail(ax, records, study.curve_metric, done)
   ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
-  paths.append(_save(fig, out_dir, "curves.png"))
+  paths.append(save_figure(fig, out_dir, "curves.png"))
 
   for spec in study.plots:
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -720,7 +720,7 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
     ax.set_title(f"{study.name}: mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    paths.append(_save(fig, out_dir, spec.filename))
+    paths.append(save_figure(fig, out_dir, spec.filename))
   return paths
 
 
@@ -778,7 +778,8 @@ def _zoom_to_tail(ax, records, metric, done) -> None:
     ax.set_ylim(lo - pad, hi + pad)
 
 
-def _save(fig, out_dir: str, name: str) -> str:
+def save_figure(fig, out_dir: str, name: str) -> str:
+  """Lays out, writes `out_dir/name` (PNG, 110 dpi) and closes `fig`; returns the path."""
   path = os.path.join(out_dir, name)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -1,7 +1,7 @@
 """Sparse upcycling (Komatsuzaki et al. 2022): start a MoE model from a trained dense one.
 
 Every parameter of the dense model is copied into the MoE model of the same architecture; in each
-MoE layer every expert starts as a copy of that block's dense MLP (`w_up_DF` -> `wi[e]`,
+MoE layer every expert starts as a copy of that block's dense MLP (`DENSE_OF`: `w_up_DF` -> `wi[e]`,
 `w_gate_DF` -> `wi_gate[e]`, `w_down_FD` -> `wo[e]`), optionally times `1 + noise * N(0, 1)` per
 weight so the experts can diverge; routers keep their fresh initialisation, shared experts (if
 any) start with a zero output projection, and the optimizer
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Dense MLP parameter -> expert parameter of the MoE layer that replaces it.
-EXPERT_OF = {"w_up_DF": "wi", "w_gate_DF": "wi_gate", "w_down_FD": "wo"}
+# Expert parameter of a MoE layer -> the dense MLP parameter it starts from.
+DENSE_OF = {"wi": "w_up_DF", "wi_gate": "w_gate_DF", "wo": "w_down_FD"}
 
 
 def _path(path) -> str:
@@ -49,7 +49,7 @@ def upcycle(dense: nnx.Module, moe: nnx.Module, *, noise: float = 0.0,
     parts = name.split("/")
     in_moe = len(parts) >= 4 and parts[0] == "blocks" and int(parts[1]) in moe_layers
     if in_moe and parts[2] == "ffn":
-      source_name = next((d for d, e in EXPERT_OF.items() if e == parts[3]), None)
+      source_name = DENSE_OF.get(parts[3])
       if parts[3] == "shared_wo":  # Shared experts start silent: the function stays exact.
         updated.append((path, var.replace(jnp.zeros_like(target))))
         continue

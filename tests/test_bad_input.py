@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import tiny  # noqa: E402
-from moejax import train  # noqa: E402
+from moejax import study, train  # noqa: E402
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -32,12 +32,7 @@ def _config(**overrides):
   c = tiny.get_config("runlocal")
   c.mesh.data, c.mesh.expert = 2, 4
   c.num_train_steps, c.checkpoint_every, c.log_every, c.eval_every, c.eval_steps = 4, 2, 2, 4, 1
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  study.apply_overrides(c, overrides)
   return c
 
 
