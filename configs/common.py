@@ -66,8 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Seed for params, routing noise and data order. Same seed + same device count = same run.
   c.seed = 0
-  # Mesh axis sizes; -1 = the rest of the devices. Experts are sharded over `expert`.
-  c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1})
+  # Mesh axis sizes; -1 = the rest of the devices (moejax/sharding.py): `data` replicates the
+  # parameters, `fsdp` shards them and their optimizer state (ZeRO-3), `expert` shards the
+  # experts (all_to_all), `model` splits heads, MLP / expert width and vocabulary (tensor
+  # parallelism). The batch is split over data x fsdp x expert.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "model": 1})
 
   c.model = m = ml_collections.ConfigDict()
   # Vocabulary size: >= the tokenizer's (byte tokenizer: 259), or 0 = the tokenizer's rounded up to

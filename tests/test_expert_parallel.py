@@ -142,7 +142,7 @@ def test_groups_not_divisible_by_devices_is_a_clear_error():
     ({"data": 3, "expert": 4}, r"multiply to 12, but 8 devices"),
     ({"data": -1, "expert": 3}, r"does not divide the 8 available devices"),
     ({"data": -1, "expert": -1}, r"at most one axis may be -1"),
-    ({"data": 8, "model": 1}, r"unknown axis name\(s\) \['model'\]"),
+    ({"data": 8, "tensor": 1}, r"unknown axis name\(s\) \['tensor'\]"),
     ({"data": 0, "expert": 8}, r"mesh.data=0"),
 ])
 def test_mesh_errors(shape, match):
@@ -152,8 +152,9 @@ def test_mesh_errors(shape, match):
 
 def test_mesh_fills_in_the_rest():
   mesh = sharding.make_mesh({"data": -1, "expert": 2})
-  assert dict(mesh.shape) == {"data": 4, "expert": 2}
-  with pytest.raises(ValueError, match=r"batch_size=12 must be divisible by data x expert = 8"):
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 2, "model": 1}
+  with pytest.raises(ValueError,
+                     match=r"batch_size=12 must be divisible by data x fsdp x expert = 8"):
     sharding.check_batch_divisible(12, mesh)
 
 
