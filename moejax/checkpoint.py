@@ -84,6 +84,23 @@ def saved_steps(directory: str) -> list[int]:
                 if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
+# Parameters renamed since checkpoints were first written (last path component, old -> new): a
+# checkpoint of an older moejax restores under the new names.
+RENAMED = {"wk_DKd": "wk_DNd", "wv_DKd": "wv_DNd"}  # moejax before commit e9b1e34
+
+
+def _stored_names(names, stored) -> dict[str, str]:
+  """Each of `names` -> its name in a checkpoint holding `stored` (its old name if it was renamed
+  and only the old name is there)."""
+  old_of = {new: old for old, new in RENAMED.items()}
+  out = {}
+  for name in names:
+    head, sep, last = name.rpartition("/")
+    old = head + sep + old_of[last] if last in old_of else None
+    out[name] = old if name not in stored and old in stored else name
+  return out
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for (NNX state, data state, metadata)."""
 
@@ -128,14 +145,15 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(_abstract, flatten_state(target))
-    self.check_restorable(step, {name: x.shape for name, x in abstract.items()})
+    stored_name = self.check_restorable(step, {name: x.shape for name, x in abstract.items()})
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore({stored_name[n]: x for n, x in abstract.items()}),
+          data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     except (FileNotFoundError, json.JSONDecodeError) as e:  # Missing or cut-short files.
       raise self._unreadable(step, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-    return unflatten_into(target, restored["state"]), restored["data"], restored["meta"]
+    state = {name: restored["state"][stored_name[name]] for name in abstract}
+    return unflatten_into(target, state), restored["data"], restored["meta"]
 
   def restore_data(self, step: int) -> tuple[Any, dict[str, Any]]:
     """Only the JSON items of `step`: (data iterator state, meta). Cheap; no arrays are read."""
@@ -157,9 +175,10 @@ class Checkpointer:
                   f"{earlier[-1]}." if earlier else "No earlier checkpoint exists; move it away "
                   "to start from scratch."))
 
-  def check_restorable(self, step: int, shapes: dict[str, tuple[int, ...]]) -> None:
+  def check_restorable(self, step: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
     """Before anything is compiled: every item of `step` is there, and its arrays have the names
-    and shapes of `shapes` (the model's flat state). Clear errors, not orbax tracebacks."""
+    and shapes of `shapes` (the model's flat state). Clear errors, not orbax tracebacks. Returns
+    each name's name in the checkpoint (older moejax versions wrote some under `RENAMED` names)."""
     path = os.path.join(self.directory, str(step))
     for item, required in (("state", "_METADATA"), ("data", "metadata"), ("meta", "metadata")):
       if not os.path.exists(os.path.join(path, item, required)):
@@ -172,6 +191,8 @@ class Checkpointer:
       raise self._unreadable(step, f"state metadata: {type(e).__name__}: {e}") from e
     finally:
       reader.close()
+    stored_name = _stored_names(shapes, stored)
+    shapes = {stored_name[name]: shape for name, shape in shapes.items()}
     missing = sorted(set(shapes) - set(stored))
     extra = sorted(set(stored) - set(shapes))
     for name in sorted(set(shapes) & set(stored)):
@@ -186,6 +207,7 @@ class Checkpointer:
                        f"{extra[:3]}{'...' if len(extra) > 3 else ''} (another config, or a "
                        "moejax version with other parameter names, wrote this checkpoint; use "
                        "another workdir).")
+    return stored_name
 
   def wait(self) -> None:
     try:

@@ -68,3 +68,29 @@ def test_a_full_disk_names_the_last_complete_checkpoint(tmp_path):
     assert checkpoint.saved_steps(str(disk / "checkpoints")) == [1]
   finally:
     subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_checkpoint_with_renamed_parameters_restores_under_the_new_names(tmp_path, monkeypatch):
+  """Older moejax wrote attention keys as `wk_DKd`: such a checkpoint restores into `wk_DNd`."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from moejax import checkpoint
+
+  class Attn(nnx.Module):
+    def __init__(self, seed):
+      self.wk_DNd = nnx.Param(jax.random.normal(jax.random.key(seed), (3, 2)))
+      self.wq_DHd = nnx.Param(jax.random.normal(jax.random.key(seed + 1), (3, 2)))
+
+  saved, target = nnx.state(Attn(0)), nnx.state(Attn(5))
+  flatten = checkpoint.flatten_state
+  monkeypatch.setattr(checkpoint, "flatten_state", lambda state: {
+      name.replace("wk_DNd", "wk_DKd"): x for name, x in flatten(state).items()})
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=1, async_save=False)
+  ckpt.save(1, saved)
+  monkeypatch.undo()
+  restored, _, _ = ckpt.restore(target, 1)
+  ckpt.close()
+  for name in ("wk_DNd", "wq_DHd"):
+    np.testing.assert_array_equal(restored[name].get_value(), saved[name].get_value())
+  assert not np.array_equal(saved["wk_DNd"].get_value(), target["wk_DNd"].get_value())
