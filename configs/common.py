@@ -108,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Attention kernel: 'einsum' (explicit softmax) or 'dot_product' (jax.nn.dot_product_attention:
   # XLA here, cuDNN on GPUs where the mask allows; same numbers to float tolerance).
   m.attention = "einsum"
+  # Rematerialisation of each block in the backward pass (moejax.model.REMATS): 'none' keeps every
+  # activation; 'full' keeps only block inputs (least memory, one more forward of compute);
+  # 'dots' / 'dots_no_batch' keep matmul outputs and recompute the cheap elementwise rest.
+  m.remat = "none"
   # The MoE layer (moejax.moe.MoEConfig); used only when some layer is MoE.
   m.moe = moe_config_dict()
 

@@ -39,6 +39,12 @@ from moejax.sharding import BATCH_AXES, constrain, param
 
 DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("einsum", "dot_product")
+# Rematerialisation policy per block (`jax.checkpoint` policies): what the backward pass keeps
+# from the forward pass; everything else is recomputed. "none" keeps every activation.
+REMATS = {"none": None,
+          "full": jax.checkpoint_policies.nothing_saveable,  # only each block's input
+          "dots": jax.checkpoint_policies.dots_saveable,  # matmul outputs; recompute the rest
+          "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 # The residual stream between blocks: batch split over the batch axes, d_model whole (the
 # compiler would otherwise be free to split it over `fsdp` like the weights that produced it).
 ACTIVATION = ("batch", None, None)
@@ -64,6 +70,7 @@ class TransformerConfig:
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   attention: str = "einsum"      # Or "dot_product": jax.nn.dot_product_attention (see _attend).
+  remat: str = "none"            # Rematerialisation of each block in the backward pass: REMATS.
 
   def __post_init__(self):
     def fail(field, value, allowed):
@@ -91,6 +98,8 @@ class TransformerConfig:
         fail(field, getattr(self, field), DTYPES)
     if self.attention not in ATTENTIONS:
       fail("attention", self.attention, ATTENTIONS)
+    if self.remat not in REMATS:
+      fail("remat", self.remat, tuple(REMATS))
     object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
     # Stored as sorted (key, value) pairs: the config is a static (hashed) attribute of the model.
     moe = dict(self.moe or {})
@@ -283,6 +292,10 @@ class Block(nnx.Module):
     return x_BTD + y_BTD, k_BMNd, v_BMNd
 
 
+def _call_block(block: Block, x_BLD, positions_BL, segment_ids_BL, mask_BL):
+  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL)
+
+
 @struct.dataclass
 class KVCache:
   """Keys and values of every attention layer for incremental decoding (`Transformer.decode`).
@@ -325,8 +338,11 @@ class Transformer(nnx.Module):
       segment_ids_BL = jnp.ones((B, L), jnp.int32)
     x_BLD = constrain(jnp.take(self._embedding_table(), tokens_BL, axis=0).astype(dt), ACTIVATION)
     moe_aux = {}
+    run = _call_block
+    if self.cfg.remat != "none":  # Recompute the block in the backward pass, by the policy.
+      run = nnx.remat(_call_block, policy=REMATS[self.cfg.remat], prevent_cse=True)
     for i, block in enumerate(self.blocks):
-      x_BLD, aux = block(x_BLD, positions_BL, segment_ids_BL, mask_BL)
+      x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL)
       x_BLD = constrain(x_BLD, ACTIVATION)
       if aux is not None:
         moe_aux[i] = aux

@@ -139,6 +139,8 @@ def _check_layout(model_cfg: TransformerConfig, mesh_shape: dict[str, int], fail
     if size % ways:
       what = (f"a value that, times num_shared_experts, is a multiple of mesh.{axis}={ways}"
               if field.endswith("shared_d_ff") else f"multiples of mesh.{axis}={ways}")
+      if field == "model.vocab_size":
+        what += " or 0 (the tokenizer's, rounded up to a multiple of 128)"
       fail(field, f"{what} (mesh.{axis} splits it: sharding.LOGICAL_AXIS_RULES); "
            f"now {size}")
 

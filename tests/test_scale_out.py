@@ -170,3 +170,89 @@ def test_rules_drop_axes_a_users_mesh_does_not_have():
   assert sharding.logical_to_mesh_axes(("expert", "embed", "mlp"), ("data", "expert")) == (
       "expert", None, None)
   assert sharding.logical_to_mesh_axes(("batch", None)) == (("data", "fsdp", "expert"), None)
+
+
+def test_bench_train_reports_and_fsdp_gathers_only_weights():
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import bench_train  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  study.apply_overrides(config, {"mesh.data": 1, "mesh.fsdp": 4, "mesh.model": 2,
+                                 "model.vocab_size": 0})
+  out = bench_train.benchmark(config, steps=2, warmup=1, peak_tflops_per_device=1.0, audit=True)
+  assert out["devices"] == 8 and out["step_s"] > 0 and out["compile_s"] > 0
+  assert out["tokens_per_s"] == pytest.approx(config.batch_size * config.seq_len / out["step_s"])
+  assert out["mfu"] == pytest.approx(out["flops_per_token"] * out["tokens_per_s"] / 8e12)
+  assert np.isfinite(out["loss"]) and out["argument_bytes"] > 0
+  kinds = {(kind, cls) for kind, cls, _ in out["collectives"]}
+  # ZeRO-3: weights are gathered; tensor parallelism all-reduces activations; no activation is
+  # ever all-gathered.
+  assert ("all-gather", "weights") in kinds and ("all-reduce", "activations") in kinds, kinds
+  assert ("all-gather", "activations") not in kinds, out["audit_table"]
+  assert "MFU: " in bench_train.format_report(config, out)
+
+
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("TPU v5 lite", 197.0),
+                                        ("TPU v5p", 459.0), ("TPU v4", 275.0), ("cpu", None)])
+def test_peak_flops_by_device_kind(kind, peak):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import bench_train  # pylint: disable=import-outside-toplevel
+  assert bench_train.peak_tflops(kind) == peak
+
+
+def test_remat_policies_recompute_what_they_say_and_change_no_number():
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from moejax.model import REMATS  # pylint: disable=import-outside-toplevel
+  tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, CFG.vocab_size)
+  results = {}
+  for policy in REMATS:
+    model = Transformer(dataclasses.replace(CFG, remat=policy),
+                        rngs=nnx.Rngs(params=0, routing=1, dropout=2))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def grad_fn(params, rest, tokens_BL):
+      return jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p, rest, copy=True),
+                                                tokens_BL)[0])(params)
+
+    compiled = jax.jit(grad_fn).lower(params, rest, tokens).compile()
+    loss, grads = compiled(params, rest, tokens)
+    results[policy] = (float(loss), jax.tree.leaves(grads), compiled.as_text().count(" dot("))
+  loss, grads, dots = results["none"]
+  for policy, (loss_p, grads_p, _) in results.items():
+    assert loss_p == loss, policy  # Recomputation redraws nothing: jitter, dropout identical.
+    for g, g_p in zip(grads, grads_p):
+      np.testing.assert_allclose(g_p, g, rtol=1e-5, atol=1e-7, err_msg=policy)
+  # Matmuls in the compiled backward pass: "dots" saves them all, "dots_no_batch" recomputes
+  # the batched ones (attention scores and mixing), "full" recomputes every forward matmul.
+  count = {policy: r[2] for policy, r in results.items()}
+  assert count["dots"] == count["none"] < count["dots_no_batch"] < count["full"], count
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_bfloat16_parameters_train_with_float32_optimizer_state(optimizer):
+  config = _config(**{"model.param_dtype": "bfloat16", "model.dtype": "bfloat16",
+                      "optim.name": optimizer, "optim.learning_rate": 1e-2, "mesh.data": 2,
+                      "mesh.fsdp": 4})
+  model_cfg = train.validate_config(config)
+  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  graphdef, state = nnx.split(train.create_model_and_optimizer(model_cfg, tx, mesh, 0))
+  model, optimizer = nnx.merge(graphdef, state)
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("bfloat16")}
+  floats = lambda tree: {x.dtype for x in jax.tree.leaves(tree)
+                         if jnp.issubdtype(x.dtype, jnp.floating)}
+  assert floats(nnx.state(optimizer.opt_state)) == {jnp.dtype("float32")}
+  tokens = np.random.default_rng(0).integers(0, 200, (8, 17), dtype=np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)),
+           "segment_ids": np.ones((8, 16), np.int32), "mask": np.ones((8, 16), np.int32)}
+  batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+  with jax.set_mesh(mesh):
+    step = jax.jit(train.make_train_step(graphdef, 1, schedule))
+    losses = []
+    for _ in range(6):  # One batch, again and again: the loss must fall.
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.3, losses
+  model, optimizer = nnx.merge(graphdef, state)
+  assert floats(nnx.state(model, nnx.Param)) == {jnp.dtype("bfloat16")}
+  assert floats(nnx.state(optimizer.opt_state)) == {jnp.dtype("float32")}
