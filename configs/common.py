@@ -66,8 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Seed for params, routing noise and data order. Same seed + same device count = same run.
   c.seed = 0
-  # Mesh axis sizes; -1 = the rest of the devices. Experts are sharded over `expert`.
-  c.mesh = ml_collections.ConfigDict({"data": -1, "expert": 1})
+  # Mesh axis sizes; -1 = the rest of the devices (moejax/sharding.py): `data` replicates the
+  # parameters, `fsdp` shards them and their optimizer state (ZeRO-3), `expert` shards the
+  # experts (all_to_all), `model` splits heads, MLP / expert width and vocabulary (tensor
+  # parallelism). The batch is split over data x fsdp x expert.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "model": 1})
 
   c.model = m = ml_collections.ConfigDict()
   # Vocabulary size: >= the tokenizer's (byte tokenizer: 259), or 0 = the tokenizer's rounded up to
@@ -105,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Attention kernel: 'einsum' (explicit softmax) or 'dot_product' (jax.nn.dot_product_attention:
   # XLA here, cuDNN on GPUs where the mask allows; same numbers to float tolerance).
   m.attention = "einsum"
+  # Rematerialisation of each block in the backward pass (moejax.model.REMATS): 'none' keeps every
+  # activation; 'full' keeps only block inputs (least memory, one more forward of compute);
+  # 'dots' / 'dots_no_batch' keep matmul outputs and recompute the cheap elementwise rest.
+  m.remat = "none"
   # The MoE layer (moejax.moe.MoEConfig); used only when some layer is MoE.
   m.moe = moe_config_dict()
 

@@ -88,8 +88,55 @@ def summarize(found: list[Collective]) -> dict[str, dict[str, int]]:
   return out
 
 
-def format_table(found: list[Collective]) -> str:
-  lines = [f"{'collective':<20} {'count':>5} {'bytes/device':>14}"]
-  for kind, entry in sorted(summarize(found).items()):
-    lines.append(f"{kind:<20} {entry['count']:>5} {entry['bytes']:>14,}")
+def format_table(found: list[Collective], classes: list[str] | None = None) -> str:
+  """Count and bytes per collective kind; with `classes` (from `classify`), per (kind, class)."""
+  if classes is None:
+    lines = [f"{'collective':<20} {'count':>5} {'bytes/device':>14}"]
+    for kind, entry in sorted(summarize(found).items()):
+      lines.append(f"{kind:<20} {entry['count']:>5} {entry['bytes']:>14,}")
+    return "\n".join(lines)
+  rows: dict[tuple[str, str], list[int]] = {}
+  for c, cls in zip(found, classes):
+    row = rows.setdefault((c.kind, cls), [0, 0])
+    row[0] += 1
+    row[1] += c.bytes
+  lines = [f"{'collective':<20} {'of':<12} {'count':>5} {'bytes/device':>14}"]
+  for (kind, cls), (count, size) in sorted(rows.items()):
+    lines.append(f"{kind:<20} {cls:<12} {count:>5} {size:>14,}")
   return "\n".join(lines)
+
+
+def weight_shapes(state: Any, mesh: Any) -> set[tuple[int, ...]]:
+  """Per-device shapes a parameter or optimizer moment can have in a collective: its shard (a
+  gradient all-reduce or reduce-scatter), and its shard gathered over `fsdp` (ZeRO-3's gather)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  out = set()
+  for x in jax.tree.leaves(state):
+    spec = tuple(x.sharding.spec) + (None,) * x.ndim
+    for gathered in ((), ("fsdp",)):
+      dims = []
+      for size, axes in zip(x.shape, spec[:x.ndim]):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        dims.append(size // math.prod(mesh.shape[a] for a in axes if a not in gathered))
+      out.add(tuple(dims))
+  return out
+
+
+def classify(found: list[Collective], weight_shapes_: set[tuple[int, ...]],
+             small_bytes: int = 4096) -> list[str]:
+  """Each collective as `weights` (every array shaped like a parameter's shard or fsdp-gathered
+  shard: ZeRO-3 gathers, gradient reductions), else `statistics` (at most `small_bytes`: losses,
+  routing counts) or `activations` (the rest). A shape match is a heuristic: an activation that
+  happens to have a weight's shape would count as a weight."""
+  def dims(shape: str) -> tuple[int, ...]:
+    inner = shape[shape.index("[") + 1:shape.index("]")]
+    return tuple(int(d) for d in inner.split(",") if d)
+  out = []
+  for c in found:
+    if c.shapes and all(dims(a) and dims(a) in weight_shapes_ for a in c.shapes):
+      out.append("weights")
+    elif c.bytes <= small_bytes:
+      out.append("statistics")
+    else:
+      out.append("activations")
+  return out

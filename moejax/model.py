@@ -15,8 +15,10 @@
 - Decoding: `init_cache` + `decode` run T new tokens of every row against a `KVCache` (keys and
   values of earlier columns); with no-drop MoE routing it gives the logits `__call__` gives on the
   whole row. Sampling on top of it: `moejax.generate`.
-- Sharding: the MoE layer's parameters carry `out_sharding` metadata (experts over `expert`, the
-  router replicated); everything created in this file is replicated.
+- Sharding: every parameter names its logical axes (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`,
+  `expert`, ...); `moejax.sharding.LOGICAL_AXIS_RULES` maps them to the mesh (`fsdp` shards
+  `embed`, `model` shards heads, MLP width and vocabulary). The compiler propagates the layout to
+  activations; only the batch layout is constrained explicitly.
 
 Shape letters: see `moejax/__init__.py` (attention: N kv heads, R = H / N query heads per kv
 head, M key positions).
@@ -33,10 +35,19 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer, is_int
-from moejax.sharding import BATCH_AXES
+from moejax.sharding import BATCH_AXES, constrain, param
 
 DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("einsum", "dot_product")
+# Rematerialisation policy per block (`jax.checkpoint` policies): what the backward pass keeps
+# from the forward pass; everything else is recomputed. "none" keeps every activation.
+REMATS = {"none": None,
+          "full": jax.checkpoint_policies.nothing_saveable,  # only each block's input
+          "dots": jax.checkpoint_policies.dots_saveable,  # matmul outputs; recompute the rest
+          "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# The residual stream between blocks: batch split over the batch axes, d_model whole (the
+# compiler would otherwise be free to split it over `fsdp` like the weights that produced it).
+ACTIVATION = ("batch", None, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +70,7 @@ class TransformerConfig:
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   attention: str = "einsum"      # Or "dot_product": jax.nn.dot_product_attention (see _attend).
+  remat: str = "none"            # Rematerialisation of each block in the backward pass: REMATS.
 
   def __post_init__(self):
     def fail(field, value, allowed):
@@ -86,6 +98,8 @@ class TransformerConfig:
         fail(field, getattr(self, field), DTYPES)
     if self.attention not in ATTENTIONS:
       fail("attention", self.attention, ATTENTIONS)
+    if self.remat not in REMATS:
+      fail("remat", self.remat, tuple(REMATS))
     object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
     # Stored as sorted (key, value) pairs: the config is a static (hashed) attribute of the model.
     moe = dict(self.moe or {})
@@ -132,7 +146,7 @@ class RMSNorm(nnx.Module):
   """RMSNorm computed in float32 (bfloat16 mean-of-squares loses too many bits)."""
 
   def __init__(self, d: int, eps: float, dtype, param_dtype):
-    self.scale = nnx.Param(jnp.ones((d,), param_dtype))
+    self.scale = param(jnp.ones((d,), param_dtype), ("norm",))
     self.eps, self.dtype = eps, dtype
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -158,10 +172,14 @@ class Attention(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     D, H, N, d = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dh
     pd = jnp.dtype(cfg.param_dtype)
-    self.wq_DHd = nnx.Param(_dense_init((0,))(rngs.params(), (D, H, d), pd))
-    self.wk_DNd = nnx.Param(_dense_init((0,))(rngs.params(), (D, N, d), pd))
-    self.wv_DNd = nnx.Param(_dense_init((0,))(rngs.params(), (D, N, d), pd))
-    self.wo_HdD = nnx.Param(_dense_init((0, 1))(rngs.params(), (H, d, D), pd))
+    self.wq_DHd = param(_dense_init((0,))(rngs.params(), (D, H, d), pd),
+                        ("embed", "heads", "head_dim"))
+    self.wk_DNd = param(_dense_init((0,))(rngs.params(), (D, N, d), pd),
+                        ("embed", "kv_heads", "head_dim"))
+    self.wv_DNd = param(_dense_init((0,))(rngs.params(), (D, N, d), pd),
+                        ("embed", "kv_heads", "head_dim"))
+    self.wo_HdD = param(_dense_init((0, 1))(rngs.params(), (H, d, D), pd),
+                        ("heads", "head_dim", "embed"))
     self.cfg = cfg
 
   def _project(self, x_BLD, positions_BL):
@@ -223,10 +241,10 @@ class MLP(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     D, F, pd = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype)
     self.act, self.gated = ACTIVATIONS[cfg.activation]
-    self.w_up_DF = nnx.Param(_dense_init((0,))(rngs.params(), (D, F), pd))
+    self.w_up_DF = param(_dense_init((0,))(rngs.params(), (D, F), pd), ("embed", "mlp"))
     if self.gated:
-      self.w_gate_DF = nnx.Param(_dense_init((0,))(rngs.params(), (D, F), pd))
-    self.w_down_FD = nnx.Param(_dense_init((0,))(rngs.params(), (F, D), pd))
+      self.w_gate_DF = param(_dense_init((0,))(rngs.params(), (D, F), pd), ("embed", "mlp"))
+    self.w_down_FD = param(_dense_init((0,))(rngs.params(), (F, D), pd), ("mlp", "embed"))
     self.dtype = jnp.dtype(cfg.dtype)
 
   def __call__(self, x_BLD, mask_BL=None):
@@ -274,6 +292,10 @@ class Block(nnx.Module):
     return x_BTD + y_BTD, k_BMNd, v_BMNd
 
 
+def _call_block(block: Block, x_BLD, positions_BL, segment_ids_BL, mask_BL):
+  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL)
+
+
 @struct.dataclass
 class KVCache:
   """Keys and values of every attention layer for incremental decoding (`Transformer.decode`).
@@ -296,12 +318,14 @@ class Transformer(nnx.Module):
     dt, pd = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     # N(0, 1) embeddings: the first RMSNorm rescales them anyway; the tied head divides by
     # sqrt(D) so initial logits are O(1) (T5 convention).
-    self.embed_VD = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pd))
+    self.embed_VD = param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pd),
+                          ("vocab", "embed"))
     moe_layers = set(cfg.moe_layer_indices)
     self.blocks = nnx.List([Block(cfg, i in moe_layers, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt, pd)
     if not cfg.tie_embeddings:
-      self.head_DV = nnx.Param(_dense_init((0,))(rngs.params(), (cfg.d_model, cfg.vocab_size), pd))
+      self.head_DV = param(_dense_init((0,))(rngs.params(), (cfg.d_model, cfg.vocab_size), pd),
+                           ("embed", "vocab"))
 
   def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None, mask_BL: jax.Array | None = None):
@@ -312,13 +336,22 @@ class Transformer(nnx.Module):
       positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones((B, L), jnp.int32)
-    x_BLD = jnp.take(self.embed_VD[...], tokens_BL, axis=0).astype(dt)
+    x_BLD = constrain(jnp.take(self._embedding_table(), tokens_BL, axis=0).astype(dt), ACTIVATION)
     moe_aux = {}
+    run = _call_block
+    if self.cfg.remat != "none":  # Recompute the block in the backward pass, by the policy.
+      run = nnx.remat(_call_block, policy=REMATS[self.cfg.remat], prevent_cse=True)
     for i, block in enumerate(self.blocks):
-      x_BLD, aux = block(x_BLD, positions_BL, segment_ids_BL, mask_BL)
+      x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL)
+      x_BLD = constrain(x_BLD, ACTIVATION)
       if aux is not None:
         moe_aux[i] = aux
     return self._logits(x_BLD), moe_aux
+
+  def _embedding_table(self) -> jax.Array:
+    """`embed_VD` gathered over `fsdp` before the lookup (ZeRO-3), still split over `vocab`: a
+    lookup straight from the fsdp-split table would give rows split over d_model."""
+    return constrain(self.embed_VD[...], ("vocab", None))
 
   def _logits(self, x_BLD):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -359,7 +392,7 @@ class Transformer(nnx.Module):
     index = cache.index
     segment_ids_BM = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BM, segment_ids_BT,
                                                          index, 1)
-    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    x_BTD = jnp.take(self._embedding_table(), tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
     k_cache, v_cache = [], []
     for block, k_BMNd, v_BMNd in zip(self.blocks, cache.k, cache.v):
       x_BTD, k_BMNd, v_BMNd = block.decode(x_BTD, positions_BT, segment_ids_BT, segment_ids_BM,

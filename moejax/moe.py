@@ -333,7 +333,7 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                dropout_key: jax.Array | None, selection_bias_E: jax.Array | None = None, *,
                cfg: MoEConfig, capacity: int,
                second_expert_policy: str, expert_axis: str | None = None,
-               reduce_axes: tuple[str, ...] = ()
+               reduce_axes: tuple[str, ...] = (), model_axis: str | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
   """The MoE computation on G groups: `(y_GSD, routing sums, record)`, where `record` holds the
   router's top-k experts before policy and capacity (`router_topk`, int32 [G, S, K]), whether
@@ -342,7 +342,10 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
 
   With `expert_axis` set it runs per device inside `jax.shard_map`: `weights['wi']` etc. hold the
   local E/ep experts, and two `all_to_all`s over `expert_axis` move the capacity buffer to the
-  experts and back. `reduce_axes` are psum-ed over for the routing sums.
+  experts and back. `reduce_axes` are psum-ed over for the routing sums. With `model_axis` set
+  (tensor parallelism) the expert weights hold a slice of the hidden width F: each device computes
+  a partial expert output, psum-ed over `model_axis` (Megatron's all-reduce after the row-parallel
+  matmul) before the return `all_to_all`, so routing and combine stay invariant over `model`.
   """
   G, S, D = x_GSD.shape
   E, C = cfg.num_experts, capacity
@@ -375,10 +378,16 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
     group_ids_G = (blocks_ep[:, None] * G + jnp.arange(G)).reshape(-1)
   keep_EXF = None
   if dropout_key is not None and cfg.expert_dropout > 0:
+    F = weights["wi"].shape[-1]  # The local slice of the hidden width under tensor parallelism.
+    tp = 1 if model_axis is None else jax.lax.axis_size(model_axis)
     keep_EXF = expert_dropout_mask(dropout_key, cfg.expert_dropout, expert_ids_E, group_ids_G,
-                                   C, weights["wi"].shape[-1])
+                                   C, F * tp)
+    if model_axis is not None:  # The global mask's columns of this device's hidden units.
+      keep_EXF = jax.lax.dynamic_slice_in_dim(keep_EXF, jax.lax.axis_index(model_axis) * F, F, -1)
   y_EXD = expert_ffn(x_EXD, weights, activation=cfg.activation, dropout_rate=cfg.expert_dropout,
                      keep_EXF=keep_EXF)
+  if model_axis is not None:  # Partial sums over this device's hidden units -> the full output.
+    y_EXD = jax.lax.psum(y_EXD, model_axis)
   if expert_axis is not None:
     # ... and the results back to the devices holding the tokens: [E/ep, ep*gC, D] -> [E, gC, D].
     y_EXD = jax.lax.all_to_all(y_EXD, expert_axis, split_axis=1, concat_axis=0, tiled=True)
@@ -395,12 +404,6 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
 class ExpertBias(nnx.Variable):
   """The per-expert selection bias of auxiliary-loss-free balancing: state, not a parameter (no
   gradient, no optimizer moment), updated by `MoELayer.update_selection_bias`, checkpointed."""
-
-
-def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
-  """A Param with `out_sharding` metadata, sharded at creation when a mesh is set."""
-  return nnx.Param(value, out_sharding=names,
-                   eager_sharding=not jax.sharding.get_abstract_mesh().empty)
 
 
 class MoELayer(nnx.Module):
@@ -421,24 +424,26 @@ class MoELayer(nnx.Module):
     expert_init = jax.nn.initializers.variance_scaling(
         cfg.expert_init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
         batch_axis=(0,))
-    self.router = _param(router_init(rngs.params(), (D, E), param_dtype), (None, None))
-    self.wi = _param(expert_init(rngs.params(), (E, D, F), param_dtype),
-                     (sharding.EXPERT, None, None))
+    # The router's expert axis is not sharded: every device routes its tokens over all experts.
+    self.router = sharding.param(router_init(rngs.params(), (D, E), param_dtype),
+                                 ("embed", None))
+    self.wi = sharding.param(expert_init(rngs.params(), (E, D, F), param_dtype),
+                             ("expert", "embed", "mlp"))
     if ACTIVATIONS[cfg.activation][1]:  # gated
-      self.wi_gate = _param(expert_init(rngs.params(), (E, D, F), param_dtype),
-                            (sharding.EXPERT, None, None))
-    self.wo = _param(expert_init(rngs.params(), (E, F, D), param_dtype),
-                     (sharding.EXPERT, None, None))
+      self.wi_gate = sharding.param(expert_init(rngs.params(), (E, D, F), param_dtype),
+                                    ("expert", "embed", "mlp"))
+    self.wo = sharding.param(expert_init(rngs.params(), (E, F, D), param_dtype),
+                             ("expert", "mlp", "embed"))
     if cfg.num_shared_experts:  # One dense FFN as wide as all shared experts together (equal to
-      # their sum: concatenating hidden units adds the outputs). Replicated, like a dense MLP.
+      # their sum: concatenating hidden units adds the outputs). Laid out like a dense MLP.
       Fs = cfg.num_shared_experts * (cfg.shared_d_ff or F)
-      self.shared_wi = _param(expert_init(rngs.params(), (1, D, Fs), param_dtype),
-                              (None, None, None))
+      self.shared_wi = sharding.param(expert_init(rngs.params(), (1, D, Fs), param_dtype),
+                                      (None, "embed", "mlp"))
       if ACTIVATIONS[cfg.activation][1]:
-        self.shared_wi_gate = _param(expert_init(rngs.params(), (1, D, Fs), param_dtype),
-                                     (None, None, None))
-      self.shared_wo = _param(expert_init(rngs.params(), (1, Fs, D), param_dtype),
-                              (None, None, None))
+        self.shared_wi_gate = sharding.param(expert_init(rngs.params(), (1, D, Fs), param_dtype),
+                                             (None, "embed", "mlp"))
+      self.shared_wo = sharding.param(expert_init(rngs.params(), (1, Fs, D), param_dtype),
+                                      (None, "mlp", "embed"))
     if cfg.bias_update_rate > 0:
       self.expert_bias = ExpertBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,),
                                     eager_sharding=not jax.sharding.get_abstract_mesh().empty)
@@ -530,18 +535,25 @@ class MoELayer(nnx.Module):
 
 
 def _sharded(run, mesh, *, G: int, num_experts: int):
-  """Wraps `moe_groups` in `jax.shard_map`: groups over (data, expert), experts over expert."""
-  ep = mesh.shape[sharding.EXPERT]
+  """Wraps `moe_groups` in `jax.shard_map`: groups over the batch axes (data, fsdp, expert),
+  experts over `expert`, their hidden width over `model` (tensor parallelism). The weights enter
+  gathered over `fsdp` (the compiler inserts the all-gather: ZeRO-3)."""
   token_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
-  shards = math.prod(mesh.shape[a] for a in token_axes)
   problem = sharding.moe_layout_problem(num_experts, G, dict(mesh.shape))
   if problem:
     raise ValueError(f"MoE layer: {problem[0]}; allowed: {problem[1]}.")
   groups = P(token_axes)  # leading G axis of x_GSD, valid_GS, jitter_GSD, uniform_GSK
-  body = functools.partial(run, expert_axis=sharding.EXPERT, reduce_axes=token_axes)
+  model_axis = (sharding.MODEL if sharding.MODEL in mesh.axis_names
+                and mesh.shape[sharding.MODEL] > 1 else None)
+  body = functools.partial(run, expert_axis=sharding.EXPERT, reduce_axes=token_axes,
+                           model_axis=model_axis)
+  # wi, wi_gate [E, D, F], wo [E, F, D]: experts over `expert`, F over `model`.
+  weight_spec = {"router": P(), "wi": P(sharding.EXPERT, None, model_axis),
+                 "wi_gate": P(sharding.EXPERT, None, model_axis),
+                 "wo": P(sharding.EXPERT, model_axis, None)}
 
   def sharded_run(x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E):
-    weight_specs = {name: P() if name == "router" else P(sharding.EXPERT) for name in weights}
+    weight_specs = {name: weight_spec[name] for name in weights}
     def optional(arg, spec):  # optional inputs (training-only ones in eval) get no spec
       return None if arg is None else spec
 

@@ -7,6 +7,11 @@
 matrices only (not norms' scales). (optax.adafactor's own `weight_decay_rate` is not multiplied by
 the learning rate and decays every parameter, so it is not used.)
 Both are preceded by global-norm gradient clipping (`grad_clip_norm`, 0 disables it).
+Optimizer state is float32 whatever the parameters' dtype (`float32_state`): with
+`model.param_dtype="bfloat16"` the parameters take half the memory and the moments keep full
+precision. The update is still added to bfloat16 parameters (no float32 master copy, no stochastic
+rounding), so updates below a parameter's bfloat16 resolution are lost: fine for memory-bound
+runs, a quality risk for long ones.
 
 Schedules: linear warmup over `warmup_steps`, then
 - `rsqrt`:    lr * sqrt(warmup / step)                       (T5 / Switch "inverse square root"),
@@ -80,4 +85,20 @@ def make_optimizer(optim, num_train_steps: int) -> tuple[optax.GradientTransform
     raise ValueError(f"config.optim.name={optim.name!r}: allowed values are {OPTIMIZERS}.")
   if optim.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(float(optim.grad_clip_norm)), tx)
-  return tx, schedule
+  return float32_state(tx), schedule
+
+
+def float32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` run in float32: its state is created from float32 copies of the parameters, gradients
+  and parameters enter it in float32, and its updates leave in the gradients' dtype. The
+  identity for float32 parameters."""
+  to_f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+  def init(params):
+    return tx.init(to_f32(params))
+
+  def update(updates, state, params=None):
+    new, state = tx.update(to_f32(updates), state, None if params is None else to_f32(params))
+    return jax.tree.map(lambda u, g: u.astype(jnp.asarray(g).dtype), new, updates), state
+
+  return optax.GradientTransformation(init, update)

@@ -1,15 +1,23 @@
 """Device mesh and the sharding decisions, in one place.
 
-moejax uses a 2-D mesh with named axes (`data`, `expert`), the GShard / t5x MoE layout:
+The mesh has four named axes, outermost first (the innermost gets the fastest links):
 
-- token batches (and hence routing groups) are sharded over *both* axes, so every device holds
-  distinct tokens;
-- expert weights `[E, ...]` are sharded over `expert`; everything else (attention, dense MLPs,
-  embeddings, the router) is replicated.
+- `data`: pure data parallelism; parameters replicated over it.
+- `fsdp`: data parallelism with parameters and optimizer state sharded over it (ZeRO-3); the
+  compiler all-gathers a layer's weights where they are used and reduce-scatters their gradients.
+- `expert`: expert parallelism (GShard): expert weights `[E, ...]` are sharded over it and the MoE
+  layer moves the capacity buffer with `all_to_all` inside `jax.shard_map` (`moejax.moe`).
+- `model`: tensor parallelism (Megatron): attention heads, the hidden width of dense MLPs and of
+  every expert, and the vocabulary of the embedding / LM head are split over it.
 
-A tensor/`model` axis is not implemented yet. Layers name mesh axes directly in their parameters'
-`out_sharding` metadata (the MoE layer: experts over `expert`, the router replicated); logical axis
-names with a rules table (t5x style) are not built yet.
+Token batches (and hence routing groups) are split over `BATCH_AXES = (data, fsdp, expert)`, so
+every device of a `model` group holds the same tokens and every other device distinct ones. Axes
+of size 1 cost nothing; `make_mesh({"data": -1})` is plain data parallelism.
+
+Parameters do not name mesh axes. They carry *logical* axis names (`embed`, `heads`, `mlp`,
+`vocab`, `expert`, ...; `param(value, logical_axes)`), and `LOGICAL_AXIS_RULES` maps each logical
+name to a mesh axis (t5x style) — the whole layout is that one table. A dimension whose size the
+mesh axis does not divide is an error that names the parameter dimension and both sizes.
 """
 
 from __future__ import annotations
@@ -18,14 +26,87 @@ import math
 from collections.abc import Sequence
 
 import jax
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+FSDP = "fsdp"
 EXPERT = "expert"
-MESH_AXES = (DATA, EXPERT)
+MODEL = "model"
+MESH_AXES = (DATA, FSDP, EXPERT, MODEL)
 
-# The batch dimension of every token tensor is split over both axes (GShard / t5x MoE layout).
-BATCH_AXES = (DATA, EXPERT)
+# The batch dimension of every token tensor is split over these (GShard / t5x MoE layout).
+BATCH_AXES = (DATA, FSDP, EXPERT)
+
+# Logical axis name -> mesh axis (None: replicated). Names not listed are replicated.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", FSDP),     # d_model of every weight matrix: ZeRO-3 sharding.
+    ("vocab", MODEL),    # embedding table and LM head
+    ("heads", MODEL),    # query heads
+    ("kv_heads", MODEL),  # key/value heads (grouped-query attention: must divide too)
+    ("mlp", MODEL),      # hidden width of the dense MLP and of each expert
+    ("expert", EXPERT),  # the stacked expert weights
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def logical_to_mesh_axes(logical_axes: Sequence[str | None],
+                         mesh_axis_names: Sequence[str] | None = None,
+                         rules=LOGICAL_AXIS_RULES) -> tuple[str | tuple[str, ...] | None, ...]:
+  """Mesh axes of each dimension, by `rules`; mesh axes absent from `mesh_axis_names` (when given,
+  e.g. a user's own 2-axis mesh) are dropped, and a mesh axis is used by one dimension at most."""
+  table = dict(rules)
+  used, out = set(), []
+  for name in logical_axes:
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used
+                 and (mesh_axis_names is None or a in mesh_axis_names))
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return tuple(out)
+
+
+def spec_problem(shape: Sequence[int], logical_axes: Sequence[str | None],
+                 mesh_shape: dict[str, int]) -> str | None:
+  """Why `shape` cannot be laid out on a mesh of `mesh_shape` by the rules, or None."""
+  for dim, (size, name, axes) in enumerate(zip(
+      shape, logical_axes, logical_to_mesh_axes(logical_axes, tuple(mesh_shape)))):
+    axes = (axes,) if isinstance(axes, str) else axes or ()
+    ways = math.prod(mesh_shape[a] for a in axes)
+    if size % ways:
+      return (f"dimension {dim} ({name!r}, size {size}) is split over mesh axis "
+              f"{'x'.join(axes)} of size {ways}, which does not divide it")
+  return None
+
+
+def param(value: jax.Array, logical_axes: tuple[str | None, ...]) -> nnx.Param:
+  """An `nnx.Param` laid out by `LOGICAL_AXIS_RULES`: its `out_sharding` metadata holds the mesh
+  axes, `logical_axes` the names; created sharded when a mesh is set (`jax.set_mesh`)."""
+  if len(logical_axes) != value.ndim:
+    raise ValueError(f"logical_axes {logical_axes} has {len(logical_axes)} names for a "
+                     f"parameter of shape {tuple(value.shape)}; allowed: one name per dimension.")
+  mesh = jax.sharding.get_abstract_mesh()
+  names = None if mesh.empty else mesh.axis_names
+  if names is not None:
+    problem = spec_problem(value.shape, logical_axes, dict(mesh.shape))
+    if problem:
+      raise ValueError(f"parameter of shape {tuple(value.shape)}, logical axes {logical_axes}: "
+                       f"{problem}; allowed: sizes divisible by the mesh axis (change the "
+                       f"model or the mesh {dict(mesh.shape)}).")
+  return nnx.Param(value, out_sharding=logical_to_mesh_axes(logical_axes, names),
+                   logical_axes=tuple(logical_axes), eager_sharding=names is not None)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+  """`with_sharding_constraint` by logical names under a set mesh; the identity without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*logical_to_mesh_axes(logical_axes,
+                                                                     mesh.axis_names)))
 
 
 def initialize_distributed(coordinator_address: str | None = None,
@@ -83,7 +164,8 @@ def resolve_mesh_shape(shape: dict[str, int], num_devices: int) -> dict[str, int
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  """`"data=-1,expert=4"` -> `{"data": -1, "expert": 4}` (command-line `--mesh`)."""
+  """`"data=-1,expert=4"` -> `{"data": -1, "expert": 4}` (command-line `--mesh`); axes not
+  named have size 1."""
   out = {}
   for item in filter(None, (part.strip() for part in text.split(","))):
     axis, _, size = item.partition("=")
@@ -96,7 +178,8 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def make_mesh(shape: dict[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (`data`, `expert`) mesh; `shape` like `{'data': -1, 'expert': 4}`.
+  """Builds the (`data`, `fsdp`, `expert`, `model`) mesh; `shape` like `{'data': -1, 'expert': 4}`
+  (axes not named have size 1).
 
   Works unchanged on 1 CPU, fake CPU devices, a GPU, a TPU slice or several hosts (it uses
   `jax.devices()`, the global device list). Axes are `Auto`: layers state shardings through
@@ -120,7 +203,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def num_batch_shards(mesh: Mesh) -> int:
-  """How many ways the batch dimension is split (data x expert)."""
+  """How many ways the batch dimension is split (data x fsdp x expert)."""
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
@@ -128,7 +211,7 @@ def moe_layout_problem(num_experts: int, num_groups: int, mesh_shape: dict[str, 
                        ) -> tuple[str, str] | None:
   """The one check that experts and routing groups tile the mesh (used by the MoE layer at trace
   time and by `train.validate_config` before compiling). Returns (what is wrong, what is allowed)
-  or None: experts must split evenly over `expert`, groups over data x expert."""
+  or None: experts must split evenly over `expert`, groups over data x fsdp x expert."""
   ep = mesh_shape.get(EXPERT, 1)
   shards = math.prod(mesh_shape.get(axis, 1) for axis in BATCH_AXES)
   if num_experts % ep:
@@ -137,7 +220,7 @@ def moe_layout_problem(num_experts: int, num_groups: int, mesh_shape: dict[str, 
   if num_groups % shards:
     return (f"G={num_groups} routing groups, not divisible by the {shards} devices of mesh axes "
             f"{BATCH_AXES}", "batch and group sizes such that the number of groups is a multiple "
-            "of data x expert")
+            "of data x fsdp x expert")
   return None
 
 
@@ -146,5 +229,5 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "batch_size"
   shards = num_batch_shards(mesh)
   if batch_size % shards:
     raise ValueError(
-        f"{field}={batch_size} must be divisible by data x expert = {shards} "
+        f"{field}={batch_size} must be divisible by data x fsdp x expert = {shards} "
         f"(mesh {dict(mesh.shape)}): every device holds an equal slice of the batch.")

@@ -528,6 +528,7 @@ def _train_timed(train_fn: Callable, config, run_dir: str, key: str) -> float:
 # (every earlier run had that behaviour); set away from it, it joins the key as usual.
 KEY_NEUTRAL_DEFAULTS = {
     ("model", "attention"): "einsum", ("data", "tfds", "domain_key"): "",
+    ("mesh", "fsdp"): 1, ("mesh", "model"): 1, ("model", "remat"): "none",
     **{("model", "moe", name): default for name, default in (
         ("choice", "token"), ("score", "softmax"), ("routed_scaling_factor", 1.0),
         ("num_expert_groups", 1), ("topk_groups", 1), ("bias_update_rate", 0.0),

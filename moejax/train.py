@@ -100,8 +100,9 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
   shards = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
   micro_batch = config.batch_size // config.grad_accum_steps
   if micro_batch % shards:
-    fail("batch_size", f"multiples of grad_accum_steps x data x expert = "
+    fail("batch_size", f"multiples of grad_accum_steps x data x fsdp x expert = "
          f"{config.grad_accum_steps} x {shards} (mesh {mesh_shape})")
+  _check_layout(model_cfg, mesh_shape, fail)
   if model_cfg.moe_layer_indices:
     moe = model_cfg.moe_config()
     try:
@@ -114,8 +115,34 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
       fail("model.moe.num_experts", f"multiples of mesh.expert={mesh_shape[sharding.EXPERT]}")
     if problem:
       fail("model.moe.group_size", f"sizes giving a number of routing groups per micro-batch "
-           f"({groups} now) divisible by data x expert = {shards}")
+           f"({groups} now) divisible by data x fsdp x expert = {shards}")
   return model_cfg
+
+
+def _check_layout(model_cfg: TransformerConfig, mesh_shape: dict[str, int], fail) -> None:
+  """Every parameter dimension that `sharding.LOGICAL_AXIS_RULES` splits over `fsdp` or `model`
+  must divide by that axis: checked here, by config field, before anything is built."""
+  fsdp, tp = mesh_shape[sharding.FSDP], mesh_shape[sharding.MODEL]
+  checks = [("model.d_model", model_cfg.d_model, "fsdp", fsdp),  # `embed`
+            ("model.num_heads", model_cfg.num_heads, "model", tp),
+            ("model.num_kv_heads", model_cfg.kv_heads, "model", tp),
+            ("model.vocab_size", model_cfg.vocab_size, "model", tp)]
+  if len(model_cfg.moe_layer_indices) < model_cfg.num_layers:
+    checks.append(("model.d_ff", model_cfg.d_ff, "model", tp))
+  if model_cfg.moe_layer_indices:
+    moe = model_cfg.moe_config()
+    checks.append(("model.moe.d_ff", moe.d_ff, "model", tp))
+    if moe.num_shared_experts:
+      checks.append(("model.moe.shared_d_ff",
+                     moe.num_shared_experts * (moe.shared_d_ff or moe.d_ff), "model", tp))
+  for field, size, axis, ways in checks:
+    if size % ways:
+      what = (f"a value that, times num_shared_experts, is a multiple of mesh.{axis}={ways}"
+              if field.endswith("shared_d_ff") else f"multiples of mesh.{axis}={ways}")
+      if field == "model.vocab_size":
+        what += " or 0 (the tokenizer's, rounded up to a multiple of 128)"
+      fail(field, f"{what} (mesh.{axis} splits it: sharding.LOGICAL_AXIS_RULES); "
+           f"now {size}")
 
 
 def _moe_metrics(moe_aux: dict[int, Any]) -> dict[str, jax.Array]:
@@ -129,6 +156,90 @@ def _moe_metrics(moe_aux: dict[int, Any]) -> dict[str, jax.Array]:
       if jnp.ndim(value) == 0:
         out[f"moe/{name}"] = out.get(f"moe/{name}", 0.0) + value / len(moe_aux)
   return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The train and eval steps: pure functions of the (model, optimizer) state, jitted by the caller
+# with the mesh's shardings (`train_and_evaluate`, `experiments/bench_train.py`).
+# --------------------------------------------------------------------------------------------------
+
+
+def _loss_fn(params, rest, model_graphdef, batch, num_targets, grad_accum_steps: int):
+  """Mean token CE over the whole batch's `num_targets` + this micro-batch's share of the MoE
+  auxiliary losses; aux: (non-param state, CE sum, correct count, MoE metrics)."""
+  # copy=True: fresh Variables in this trace (the routing RNG counters are mutated here).
+  model = nnx.merge(model_graphdef, params, rest, copy=True)
+  logits_BLV, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                              batch["mask"])
+  mask_BL = batch["mask"].astype(jnp.float32)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+  ce_sum = jnp.sum(ce_BL * mask_BL)
+  correct = jnp.sum((jnp.argmax(logits_BLV, -1) == batch["targets"]) * mask_BL)
+  stats = _moe_metrics(moe_aux)
+  loss = ce_sum / num_targets + stats.get("moe/aux_loss", 0.0) / grad_accum_steps
+  return loss, (nnx.state(model, nnx.Not(nnx.Param)), ce_sum, correct, stats)
+
+
+def make_train_step(graphdef, grad_accum_steps: int, schedule):
+  """`train_step(state, batch) -> (state, metrics)` for the `nnx.split((model, optimizer))`
+  graphdef: gradients accumulated over `grad_accum_steps` micro-batches, one optimizer update,
+  the auxiliary-loss-free selection bias updated from the step's counts."""
+  A = grad_accum_steps
+
+  def train_step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    num_targets = jnp.maximum(jnp.sum(batch["mask"]), 1).astype(jnp.float32)
+    micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+
+    def accumulate(carry, micro_batch):
+      grads, rest, sums = carry
+      (_, (rest, ce_sum, correct, stats)), g = jax.value_and_grad(_loss_fn, has_aux=True)(
+          params, rest, model_graphdef, micro_batch, num_targets, A)
+      # Stats are means over micro-batches, except counts, which are summed (exactly).
+      sums = jax.tree.map(jnp.add, sums, {"ce_sum": ce_sum, "correct": correct, **{
+          k: v if k.endswith("selection_count") else v / A for k, v in stats.items()}})
+      return (jax.tree.map(jnp.add, grads, g), rest, sums), None
+
+    _, (_, _, _, moe_stats_shapes) = jax.eval_shape(
+        _loss_fn, params, rest, model_graphdef, jax.tree.map(lambda x: x[0], micro),
+        num_targets, A)
+    zero_sums = {"ce_sum": jnp.zeros(()), "correct": jnp.zeros(()),
+                 **jax.tree.map(jnp.zeros_like, moe_stats_shapes)}
+    (grads, rest, sums), _ = jax.lax.scan(
+        accumulate, (jax.tree.map(jnp.zeros_like, params), rest, zero_sums), micro)
+    nnx.update(model, rest)
+    # A copy of the values: `optimizer.update` mutates the Variables behind `params` in place.
+    old_params = jax.tree.map(jnp.copy, nnx.to_pure_dict(params))
+    optimizer.update(model, grads)
+    for i, block in enumerate(model.blocks):  # Auxiliary-loss-free balancing (DeepSeek-V3):
+      if block.is_moe:  # from the step's counts (summed over micro-batches; global on a mesh).
+        block.ffn.update_selection_bias(sums[f"moe/layer{i}/selection_count"])
+    new_params = nnx.state(model, nnx.Param)
+    ce = sums.pop("ce_sum") / num_targets
+    metrics = {"loss": ce + sums.get("moe/aux_loss", 0.0), "ce": ce,
+               "accuracy": sums.pop("correct") / num_targets, **sums,
+               "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(new_params),
+               "update_norm": optax.tree.norm(jax.tree.map(
+                   jnp.subtract, nnx.to_pure_dict(new_params), old_params)),
+               "lr": schedule(optimizer.step[...] - 1)}
+    return nnx.state((model, optimizer)), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  """`eval_step(state, batch, model_graphdef) -> sums` (CE, correct, targets, MoE metrics);
+  `model_graphdef` picks the eval variant (eval capacity factor, no-drop, a fixed factor)."""
+
+  def eval_step(state, batch, model_graphdef):
+    _, params, rest = nnx.split(nnx.merge(graphdef, state)[0], nnx.Param, ...)
+    num_targets = jnp.maximum(jnp.sum(batch["mask"]), 1).astype(jnp.float32)
+    _, (_, ce_sum, correct, stats) = _loss_fn(params, rest, model_graphdef, batch, num_targets, 1)
+    return {"ce_sum": ce_sum, "correct": correct, "num_targets": num_targets, **stats}
+
+  return eval_step
 
 
 def _new_model_and_optimizer(model_cfg: TransformerConfig, tx: optax.GradientTransformation,
@@ -253,7 +364,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
                              "run's, to resume it).")
 
   # ----------------------------------------------------------------------------------------------
-  # Mesh: batch over (data, expert), experts over expert.
+  # Mesh: batch over (data, fsdp, expert); parameters laid out by sharding.LOGICAL_AXIS_RULES.
   # ----------------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(dict(config.mesh))
   batch_sharding = sharding.batch_sharding(mesh, 2)
@@ -338,71 +449,13 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     logging.info("resumed from %s at step %d", checkpointer.directory, step)
 
   # ----------------------------------------------------------------------------------------------
-  # Train and eval steps (pure functions of the state; jitted with the mesh's shardings).
+  # Train and eval steps, jitted with the mesh's shardings.
   # ----------------------------------------------------------------------------------------------
-  A = config.grad_accum_steps
-
-  def loss_fn(params, rest, model_graphdef, batch, num_targets):
-    # copy=True: fresh Variables in this trace (the routing RNG counters are mutated here).
-    model = nnx.merge(model_graphdef, params, rest, copy=True)
-    logits_BLV, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                batch["mask"])
-    mask_BL = batch["mask"].astype(jnp.float32)
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
-    ce_sum = jnp.sum(ce_BL * mask_BL)
-    correct = jnp.sum((jnp.argmax(logits_BLV, -1) == batch["targets"]) * mask_BL)
-    stats = _moe_metrics(moe_aux)
-    loss = ce_sum / num_targets + stats.get("moe/aux_loss", 0.0) / A
-    return loss, (nnx.state(model, nnx.Not(nnx.Param)), ce_sum, correct, stats)
-
-  def train_step(state, batch):
-    model, optimizer = nnx.merge(graphdef, state)
-    model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    num_targets = jnp.maximum(jnp.sum(batch["mask"]), 1).astype(jnp.float32)
-    micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
-
-    def accumulate(carry, micro_batch):
-      grads, rest, sums = carry
-      (_, (rest, ce_sum, correct, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, rest, model_graphdef, micro_batch, num_targets)
-      # Stats are means over micro-batches, except counts, which are summed (exactly).
-      sums = jax.tree.map(jnp.add, sums, {"ce_sum": ce_sum, "correct": correct, **{
-          k: v if k.endswith("selection_count") else v / A for k, v in stats.items()}})
-      return (jax.tree.map(jnp.add, grads, g), rest, sums), None
-
-    _, (_, _, _, moe_stats_shapes) = jax.eval_shape(
-        loss_fn, params, rest, model_graphdef, jax.tree.map(lambda x: x[0], micro), num_targets)
-    zero_sums = {"ce_sum": jnp.zeros(()), "correct": jnp.zeros(()),
-                 **jax.tree.map(jnp.zeros_like, moe_stats_shapes)}
-    (grads, rest, sums), _ = jax.lax.scan(
-        accumulate, (jax.tree.map(jnp.zeros_like, params), rest, zero_sums), micro)
-    nnx.update(model, rest)
-    # A copy of the values: `optimizer.update` mutates the Variables behind `params` in place.
-    old_params = jax.tree.map(jnp.copy, nnx.to_pure_dict(params))
-    optimizer.update(model, grads)
-    for i, block in enumerate(model.blocks):  # Auxiliary-loss-free balancing (DeepSeek-V3):
-      if block.is_moe:  # from the step's counts (summed over micro-batches; global on a mesh).
-        block.ffn.update_selection_bias(sums[f"moe/layer{i}/selection_count"])
-    new_params = nnx.state(model, nnx.Param)
-    ce = sums.pop("ce_sum") / num_targets
-    metrics = {"loss": ce + sums.get("moe/aux_loss", 0.0), "ce": ce,
-               "accuracy": sums.pop("correct") / num_targets, **sums,
-               "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(new_params),
-               "update_norm": optax.tree.norm(jax.tree.map(
-                   jnp.subtract, nnx.to_pure_dict(new_params), old_params)),
-               "lr": schedule(optimizer.step[...] - 1)}
-    return nnx.state((model, optimizer)), metrics
-
-  def eval_step(state, batch, model_graphdef):
-    _, params, rest = nnx.split(nnx.merge(graphdef, state)[0], nnx.Param, ...)
-    num_targets = jnp.maximum(jnp.sum(batch["mask"]), 1).astype(jnp.float32)
-    _, (_, ce_sum, correct, stats) = loss_fn(params, rest, model_graphdef, batch, num_targets)
-    return {"ce_sum": ce_sum, "correct": correct, "num_targets": num_targets, **stats}
-
+  eval_step = make_eval_step(graphdef)
   batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
   with jax.set_mesh(mesh):
-    train_step = jax.jit(train_step, in_shardings=(state_sharding, batch_shardings),
+    train_step = jax.jit(make_train_step(graphdef, config.grad_accum_steps, schedule),
+                         in_shardings=(state_sharding, batch_shardings),
                          out_shardings=(state_sharding, None), donate_argnums=(0,))
     variants = [("eval", eval_graphdef)]
     if model_cfg.moe_layer_indices:

@@ -148,7 +148,7 @@ CASES = {
                                            r"allowed values are multiples of mesh\.expert=4"),
     "batch not divisible by shards": Case({"batch_size": 12}, ValueError,
                                           r"config\.batch_size=12: .*multiples of "
-                                          r"grad_accum_steps x data x expert = 1 x 8"),
+                                          r"grad_accum_steps x data x fsdp x expert = 1 x 8"),
     # Data.
     "data.source": Case({"data.source": "hdfs"}, ValueError,
                         r"data\.source='hdfs' is not supported; allowed values are"),

@@ -1,0 +1,150 @@
+"""Benchmark: the real train step of a config on any mesh — tokens/s, step time, compile time,
+memory and model FLOPs utilisation (MFU).
+
+    python experiments/bench_train.py --config=configs/switch.py --steps=10
+    python experiments/bench_train.py --config=configs/switch.py --config.mesh.fsdp=2 \
+        --config.mesh.data=-1 --config.model.dtype=bfloat16 --steps=20 --peak_tflops=989
+
+It builds the model and optimizer exactly as `train_and_evaluate` does (`train.make_train_step`,
+the state donated, shardings from `sharding.LOGICAL_AXIS_RULES`), feeds random tokens (no data
+pipeline: what is timed is the step), and reports:
+
+- compile time (lower + compile of the step, once);
+- step time: the median over `--steps` steps after `--warmup`, each timed to its result;
+- tokens/s = batch_size x seq_len / step time (global, all devices);
+- memory: the compiled step's arguments (parameters + optimizer state + batch), temporaries
+  and outputs per device (`compiled.memory_analysis()`), and the device's peak bytes in use
+  where the runtime reports it (GPU, TPU);
+- MFU = model FLOPs/token (`count_params(...).flops_per_token`, PaLM's 6N + attention formula:
+  capacity padding, the router and dispatch are *not* counted, as MFU conventions require) x
+  tokens/s / (peak FLOP/s per device x devices). The peak is looked up from the device kind
+  (dense bfloat16: H100/H200 989, A100 312, TPU v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s) or
+  given with `--peak_tflops`; on a CPU there is none and MFU is not printed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Dense bfloat16 peak TFLOP/s per chip, by a substring of `jax.Device.device_kind` (lower case);
+# the first match wins, so the longer names come first.
+PEAK_TFLOPS = (("h100", 989.0), ("h200", 989.0), ("gh200", 989.0), ("a100", 312.0),
+               ("tpu v6 lite", 918.0), ("tpu v6e", 918.0), ("tpu v5 lite", 197.0),
+               ("tpu v5e", 197.0), ("tpu v5p", 459.0), ("tpu v5", 459.0), ("tpu v4", 275.0))
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  return next((peak for name, peak in PEAK_TFLOPS if name in kind), None)
+
+
+def benchmark(config, steps: int = 10, warmup: int = 2,
+              peak_tflops_per_device: float | None = None, audit: bool = False) -> dict[str, Any]:
+  """Times the train step of `config` (see the module docstring); returns the numbers. With
+  `audit`, also the step's collectives (`moejax.audit`: kind x weights / activations /
+  statistics) as `collectives` [(kind, class, bytes)] and the printable `audit_table`."""
+  from moejax import audit as audit_lib  # pylint: disable=import-outside-toplevel
+  from moejax import optim, sharding, train  # pylint: disable=import-outside-toplevel
+  from moejax.model import count_params  # pylint: disable=import-outside-toplevel
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"steps={steps}, warmup={warmup}; allowed: steps >= 1, warmup >= 0.")
+  model_cfg = train.validate_config(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
+  graphdef, state = nnx.split(train.create_model_and_optimizer(model_cfg, tx, mesh, config.seed))
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  B, L = config.batch_size, config.seq_len
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, model_cfg.vocab_size, (B, L + 1), dtype=np.int32)
+  host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)),
+                "segment_ids": np.ones((B, L), np.int32), "mask": np.ones((B, L), np.int32)}
+  batch_sharding = sharding.batch_sharding(mesh, 2)
+  batch = {k: jax.device_put(v, batch_sharding) for k, v in host_batch.items()}
+  with jax.set_mesh(mesh):
+    step_fn = jax.jit(train.make_train_step(graphdef, config.grad_accum_steps, schedule),
+                      in_shardings=(state_sharding, {k: batch_sharding for k in batch}),
+                      out_shardings=(state_sharding, None), donate_argnums=(0,))
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    if audit:
+      found = audit_lib.collectives(compiled)
+      classes = audit_lib.classify(found, audit_lib.weight_shapes(state, mesh))
+    times = []
+    for i in range(warmup + steps):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics["loss"])
+      if i >= warmup:
+        times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  counts = count_params(model_cfg, L)
+  out = {"devices": jax.device_count(), "compile_s": compile_s, "step_s": step_s,
+         "tokens_per_s": B * L / step_s, "flops_per_token": counts.flops_per_token,
+         "active_params": counts.active, "total_params": counts.total,
+         "loss": float(metrics["loss"])}
+  if audit:
+    out["collectives"] = [(c.kind, cls, c.bytes) for c, cls in zip(found, classes)]
+    out["audit_table"] = audit_lib.format_table(found, classes)
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    out.update(argument_bytes=memory.argument_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+               output_bytes=memory.output_size_in_bytes)
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+  peak = peak_tflops_per_device or peak_tflops(jax.devices()[0].device_kind)
+  if peak:
+    out["peak_tflops_per_device"] = peak
+    out["mfu"] = counts.flops_per_token * out["tokens_per_s"] / (peak * 1e12 * out["devices"])
+  return out
+
+
+def format_report(config, out: dict[str, float]) -> str:
+  gib = lambda b: f"{b / 2**30:.3f} GiB"
+  lines = [f"device: {jax.devices()[0].device_kind} x {out['devices']}, mesh {dict(config.mesh)}",
+           f"model: {out['total_params'] / 1e6:,.1f}M params, {out['active_params'] / 1e6:,.1f}M "
+           f"active, {out['flops_per_token'] / 1e6:,.1f} MFLOPs/token (train); batch "
+           f"{config.batch_size} x {config.seq_len}, dtype {config.model.dtype}",
+           f"compile: {out['compile_s']:.1f} s",
+           f"step: {out['step_s'] * 1e3:.1f} ms (median), {out['tokens_per_s']:,.0f} tokens/s",
+           f"loss after the timed steps: {out['loss']:.4f}"]
+  if "argument_bytes" in out:
+    lines.append(f"memory per device: arguments {gib(out['argument_bytes'])}, temporaries "
+                 f"{gib(out['temp_bytes'])}, outputs {gib(out['output_bytes'])}")
+  if "peak_bytes_in_use" in out:
+    lines.append(f"device peak bytes in use: {gib(out['peak_bytes_in_use'])}")
+  lines.append(f"MFU: {out['mfu']:.1%} of {out['peak_tflops_per_device']:g} TFLOP/s per device"
+               if "mfu" in out else "MFU: no peak FLOP/s known for this device (--peak_tflops)")
+  if "audit_table" in out:
+    lines += ["collectives of one train step (per device):", out["audit_table"]]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  out = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _PEAK.value, _AUDIT.value)
+  print(format_report(_CONFIG.value, out))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, ".")
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py[:arg]",
+                                            lock_config=True)
+  _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the warm-up).")
+  _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+  _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (default: by kind).")
+  _AUDIT = flags.DEFINE_bool("audit", False, "Also print the step's collectives.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
