@@ -109,6 +109,11 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
       group_size = moe.group_size_for(micro_batch, config.seq_len)
     except ValueError as e:
       raise ValueError(str(e).replace("MoEConfig.", "config.model.moe.", 1)) from None
+    if moe.balance_loss_scope == "batch" and config.grad_accum_steps > 1:
+      fail("model.moe.balance_loss_scope", "'group' when grad_accum_steps > 1: the 'batch' scope "
+           "measures f over one forward pass, so with gradient accumulation it would be each "
+           "micro-batch's, not the step's (an exact version needs a routing pre-pass over all "
+           "micro-batches, not built yet)")
     groups = micro_batch * config.seq_len // group_size
     problem = sharding.moe_layout_problem(moe.num_experts, groups, mesh_shape)
     if problem and problem[0].startswith("num_experts"):
