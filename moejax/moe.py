@@ -467,8 +467,9 @@ class MoELayer(nnx.Module):
     """DeepSeek-V3's update after an optimizer step: b_e += rate * sign(mean load - load_e), from
     the step's global selection counts (`aux.metrics["selection_count"]` summed over the step)."""
     if self.cfg.bias_update_rate > 0:
-      count_E = selection_count_E.astype(jnp.float32)
-      self.expert_bias[...] += self.cfg.bias_update_rate * jnp.sign(jnp.mean(count_E) - count_E)
+      count_E = selection_count_E.astype(jnp.float32)  # [E], or [layers, E] when scanned
+      self.expert_bias[...] += self.cfg.bias_update_rate * jnp.sign(
+          jnp.mean(count_E, axis=-1, keepdims=True) - count_E)
 
   def weights(self) -> dict[str, jax.Array]:
     names = ("router", "wi", "wi_gate", "wo")
