@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   # activation; 'full' keeps only block inputs (least memory, one more forward of compute);
   # 'dots' / 'dots_no_batch' keep matmul outputs and recompute the cheap elementwise rest.
   m.remat = "none"
+  # Scan over the layers (weights stacked per repeating unit: moe_every blocks) instead of an
+  # unrolled loop: compile time independent of depth; the same numbers as unrolled. Checkpoints
+  # of one layout do not load into the other (a clear error says so).
+  m.scan_layers = False
   # The MoE layer (moejax.moe.MoEConfig); used only when some layer is MoE.
   m.moe = moe_config_dict()
 

@@ -52,6 +52,7 @@ OPTIONS = {
     "selection bias": {"bias_update_rate": 1e-3},
     "1 shared expert": {"num_shared_experts": 1},
     "balance any": {"balance_loss_choices": "any"},
+    "global-batch balance": {"balance_loss_scope": "batch"},
 }
 
 

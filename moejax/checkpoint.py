@@ -202,11 +202,14 @@ class Checkpointer:
                          f"shape {shape} in the checkpoint and {tuple(shapes[name])} in the model "
                          "(another config wrote this checkpoint; use another workdir).")
     if missing or extra:
+      scanned = lambda names: any("/units/" in f"/{name}" for name in names)
+      why = ("one side has scanned layers (`units/...`, model.scan_layers=True) and the other "
+             "not (`blocks/...`): restore with the model.scan_layers the run was trained with"
+             if scanned(missing) != scanned(extra) else "another config, or a moejax version "
+             "with other parameter names, wrote this checkpoint; use another workdir")
       raise ValueError(f"checkpoint {path} does not fit this model: "
                        f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                       f"{extra[:3]}{'...' if len(extra) > 3 else ''} (another config, or a "
-                       "moejax version with other parameter names, wrote this checkpoint; use "
-                       "another workdir).")
+                       f"{extra[:3]}{'...' if len(extra) > 3 else ''} ({why}).")
     return stored_name
 
   def wait(self) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
 from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer, is_int
 from moejax.sharding import BATCH_AXES, constrain, param
@@ -71,6 +72,7 @@ class TransformerConfig:
   norm_eps: float = 1e-6
   attention: str = "einsum"      # Or "dot_product": jax.nn.dot_product_attention (see _attend).
   remat: str = "none"            # Rematerialisation of each block in the backward pass: REMATS.
+  scan_layers: bool = False      # Stack the layers' weights and run them with jax.lax.scan.
 
   def __post_init__(self):
     def fail(field, value, allowed):
@@ -100,6 +102,8 @@ class TransformerConfig:
       fail("attention", self.attention, ATTENTIONS)
     if self.remat not in REMATS:
       fail("remat", self.remat, tuple(REMATS))
+    if self.scan_layers not in (True, False):
+      fail("scan_layers", self.scan_layers, "True or False")
     object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
     # Stored as sorted (key, value) pairs: the config is a static (hashed) attribute of the model.
     moe = dict(self.moe or {})
@@ -110,11 +114,23 @@ class TransformerConfig:
       fail("moe_layers", self.moe_layers, f"layer indices in [0, {self.num_layers})")
     if self.moe_layer_indices and not self.moe:
       fail("moe", self.moe, "a dict of MoEConfig fields when any layer is MoE")
+    if self.scan_layers and (not self.scan_period or self.num_layers % self.scan_period):
+      fail("scan_layers", self.scan_layers,
+           "False unless the layers repeat: a dense model, or moe_every dividing num_layers="
+           f"{self.num_layers} (explicit moe_layers are not scanned)")
     if self.moe_layer_indices:
       try:
         self.moe_config()  # MoEConfig validates its own fields (ValueError).
       except ValueError as e:  # Name the field as the user writes it on the command line.
         raise ValueError(str(e).replace("MoEConfig.", "config.model.moe.", 1)) from None
+
+  @property
+  def scan_period(self) -> int:
+    """Blocks per scanned unit: 1 for a dense model or MoE in every layer, `moe_every` for
+    every-n-th-layer MoE (each unit = n-1 dense blocks + 1 MoE block)."""
+    if not self.moe_layer_indices:
+      return 1
+    return 0 if self.moe_layers else self.moe_every  # 0: explicit moe_layers, not scannable
 
   @property
   def kv_heads(self) -> int:
@@ -292,6 +308,28 @@ class Block(nnx.Module):
     return x_BTD + y_BTD, k_BMNd, v_BMNd
 
 
+def _stack_units(blocks: list[Block], period: int) -> nnx.List:
+  """`period` blocks whose every Variable holds the values of layers j, j+period, j+2*period,
+  ... stacked on a new leading axis (sharding metadata gets a leading None). Each unit's RNG
+  streams are folded with the unit index, so the layers draw distinct routing noise."""
+  units = [nnx.List(blocks[u:u + period]) for u in range(0, len(blocks), period)]
+  graphdef = nnx.graphdef(units[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(unit) for unit in units))
+  out = nnx.merge(graphdef, stacked)
+  mesh = jax.sharding.get_abstract_mesh()
+  for _, node in nnx.iter_graph(out):
+    if isinstance(node, nnx.RngKey):
+      node.set_value(jax.vmap(jax.random.fold_in)(node.get_value(), jnp.arange(len(units))))
+    elif isinstance(node, nnx.Variable) and node.get_metadata().get("out_sharding"):
+      spec = (None, *node.get_metadata()["out_sharding"])
+      node.set_metadata("out_sharding", spec)
+      if "logical_axes" in node.get_metadata():
+        node.set_metadata("logical_axes", ("layers", *node.get_metadata()["logical_axes"]))
+      if not mesh.empty:
+        node.set_value(jax.lax.with_sharding_constraint(node.get_value(), P(*spec)))
+  return out
+
+
 def _call_block(block: Block, x_BLD, positions_BL, segment_ids_BL, mask_BL):
   return block(x_BLD, positions_BL, segment_ids_BL, mask_BL)
 
@@ -321,7 +359,11 @@ class Transformer(nnx.Module):
     self.embed_VD = param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pd),
                           ("vocab", "embed"))
     moe_layers = set(cfg.moe_layer_indices)
-    self.blocks = nnx.List([Block(cfg, i in moe_layers, rngs=rngs) for i in range(cfg.num_layers)])
+    blocks = [Block(cfg, i in moe_layers, rngs=rngs) for i in range(cfg.num_layers)]
+    if cfg.scan_layers:  # The same weights as unrolled, stacked: `units[j]` is layers j, j+p, ...
+      self.units = _stack_units(blocks, cfg.scan_period)
+    else:
+      self.blocks = nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt, pd)
     if not cfg.tie_embeddings:
       self.head_DV = param(_dense_init((0,))(rngs.params(), (cfg.d_model, cfg.vocab_size), pd),
@@ -337,16 +379,68 @@ class Transformer(nnx.Module):
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones((B, L), jnp.int32)
     x_BLD = constrain(jnp.take(self._embedding_table(), tokens_BL, axis=0).astype(dt), ACTIVATION)
-    moe_aux = {}
     run = _call_block
     if self.cfg.remat != "none":  # Recompute the block in the backward pass, by the policy.
       run = nnx.remat(_call_block, policy=REMATS[self.cfg.remat], prevent_cse=True)
+    if cfg.scan_layers:
+      x_BLD, moe_aux = self._scan_units(run, x_BLD, positions_BL, segment_ids_BL, mask_BL)
+      return self._logits(x_BLD), moe_aux
+    moe_aux = {}
     for i, block in enumerate(self.blocks):
       x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL)
       x_BLD = constrain(x_BLD, ACTIVATION)
       if aux is not None:
         moe_aux[i] = aux
     return self._logits(x_BLD), moe_aux
+
+  def _scan_units(self, run, x_BLD, positions_BL, segment_ids_BL, mask_BL):
+    """The layers as one `jax.lax.scan` over the stacked units (traced and compiled once, not
+    once per layer); the units' updated state (routing RNG counters) is written back."""
+    if any(layer.record_routing for layer in self.moe_layers()):
+      raise ValueError("record_routing needs model.scan_layers=False: a scanned model's layers "
+                       "run inside jax.lax.scan, where sown values cannot be collected.")
+    graphdef, params, rest = nnx.split(self.units, nnx.Param, ...)
+
+    def body(x_BLD, unit_state):
+      unit = nnx.merge(graphdef, *unit_state)
+      auxes = {}
+      for j, block in enumerate(unit):
+        x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL)
+        x_BLD = constrain(x_BLD, ACTIVATION)
+        if aux is not None:
+          auxes[j] = aux
+      return x_BLD, (nnx.state(unit, nnx.Not(nnx.Param)), auxes)
+
+    x_BLD, (rest, auxes) = jax.lax.scan(body, x_BLD, (params, rest))
+    nnx.update(self.units, rest)  # Parameters are read, never written.
+    p, n = len(self.units), self.cfg.num_layers // len(self.units)
+    moe_aux = {u * p + j: jax.tree.map(lambda a, u=u: a[u], aux)
+               for j, aux in auxes.items() for u in range(n)}
+    return x_BLD, dict(sorted(moe_aux.items()))
+
+  def layer_blocks(self) -> list[Block]:
+    """One `Block` per layer, in order. For a scanned model these are read-only views of the
+    stacked weights (what decoding uses; state they change is not written back)."""
+    if not self.cfg.scan_layers:
+      return list(self.blocks)
+    graphdef, state = nnx.split(self.units)
+    n = self.cfg.num_layers // len(self.units)
+    return [block for u in range(n)
+            for block in nnx.merge(graphdef, jax.tree.map(lambda a, u=u: a[u], state))]
+
+  def update_selection_biases(self, selection_count: dict[int, jax.Array]) -> None:
+    """Auxiliary-loss-free balancing after an optimizer step, from each MoE layer's step-wide
+    selection counts `{layer index: [E]}` (see `MoELayer.update_selection_bias`)."""
+    if not self.cfg.scan_layers:
+      for i, block in enumerate(self.blocks):
+        if block.is_moe:
+          block.ffn.update_selection_bias(selection_count[i])
+      return
+    p, n = len(self.units), self.cfg.num_layers // len(self.units)
+    for j, block in enumerate(self.units):
+      if block.is_moe:  # The stacked layer's bias [n, E] from the counts of layers j, j+p, ...
+        block.ffn.update_selection_bias(jnp.stack([selection_count[u * p + j]
+                                                   for u in range(n)]))
 
   def _embedding_table(self) -> jax.Array:
     """`embed_VD` gathered over `fsdp` before the lookup (ZeRO-3), still split over `vocab`: a
@@ -366,7 +460,8 @@ class Transformer(nnx.Module):
     """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + generated)."""
     cfg = self.cfg
     zeros = lambda: jnp.zeros((batch, max_len, cfg.kv_heads, cfg.dh), jnp.dtype(cfg.dtype))
-    return KVCache(k=tuple(zeros() for _ in self.blocks), v=tuple(zeros() for _ in self.blocks),
+    layers = range(cfg.num_layers)
+    return KVCache(k=tuple(zeros() for _ in layers), v=tuple(zeros() for _ in layers),
                    segment_ids_BM=jnp.zeros((batch, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 
@@ -394,7 +489,7 @@ class Transformer(nnx.Module):
                                                          index, 1)
     x_BTD = jnp.take(self._embedding_table(), tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
     k_cache, v_cache = [], []
-    for block, k_BMNd, v_BMNd in zip(self.blocks, cache.k, cache.v):
+    for block, k_BMNd, v_BMNd in zip(self.layer_blocks(), cache.k, cache.v):
       x_BTD, k_BMNd, v_BMNd = block.decode(x_BTD, positions_BT, segment_ids_BT, segment_ids_BM,
                                            k_BMNd, v_BMNd, index, B * T // shards)
       k_cache.append(k_BMNd)
@@ -405,7 +500,8 @@ class Transformer(nnx.Module):
 
   def moe_layers(self) -> list[nnx.Module]:
     """The MoE FFN modules, in layer order."""
-    return [b.ffn for b in self.blocks if b.is_moe]
+    blocks = self.units if self.cfg.scan_layers else self.blocks  # scanned: stacked layers
+    return [b.ffn for b in blocks if b.is_moe]
 
   def set_capacity_factor_override(self, value: float | None) -> None:
     """`math.inf` = no-drop evaluation; None = the configured (train/eval) capacity factor."""

@@ -116,6 +116,10 @@ class MoEConfig:
   overflow: str = "drop"
   # Which router choices count in the Switch balance loss's f: first (Switch) or all K (Megatron).
   balance_loss_choices: str = "first"
+  # Where f and P of both balance losses are measured: per routing group, then averaged ("group",
+  # Switch / GShard), or over every token of the batch on every device at once ("batch": the
+  # global-batch loss of Megatron / Qwen, which lets single groups specialise).
+  balance_loss_scope: str = "group"
   # Coefficient of the Switch load-balance loss (alpha, 1e-2 in Switch).
   balance_loss_weight: float = 1e-2
   # Coefficient of the GShard-form balance loss (its uniform value is 1/E^2, not 1).
@@ -219,6 +223,7 @@ class MoEConfig:
     check_choice("priority", routing.PRIORITIES)
     check_choice("overflow", routing.OVERFLOWS)
     check_choice("balance_loss_choices", routing.BALANCE_LOSS_CHOICES)
+    check_choice("balance_loss_scope", routing.BALANCE_LOSS_SCOPES)
     check_choice("dispatch", dispatch_lib.DISPATCHES)
     check_choice("router_dtype", ("float32", "bfloat16", "float16", None))
     if self.gate != "softmax" and self.top_k == 1:
@@ -462,8 +467,9 @@ class MoELayer(nnx.Module):
     """DeepSeek-V3's update after an optimizer step: b_e += rate * sign(mean load - load_e), from
     the step's global selection counts (`aux.metrics["selection_count"]` summed over the step)."""
     if self.cfg.bias_update_rate > 0:
-      count_E = selection_count_E.astype(jnp.float32)
-      self.expert_bias[...] += self.cfg.bias_update_rate * jnp.sign(jnp.mean(count_E) - count_E)
+      count_E = selection_count_E.astype(jnp.float32)  # [E], or [layers, E] when scanned
+      self.expert_bias[...] += self.cfg.bias_update_rate * jnp.sign(
+          jnp.mean(count_E, axis=-1, keepdims=True) - count_E)
 
   def weights(self) -> dict[str, jax.Array]:
     names = ("router", "wi", "wi_gate", "wo")
@@ -527,7 +533,7 @@ class MoELayer(nnx.Module):
                 if hasattr(self, f"shared_{name}")}
       y_BLD = y_BLD + expert_ffn(x_GSD.reshape(1, B * L, D), shared,
                                  activation=cfg.activation).reshape(B, L, D).astype(self.dtype)
-    metrics = routing.finalize_sums(sums)
+    metrics = routing.finalize_sums(sums, balance_loss_scope=cfg.balance_loss_scope)
     loss = (cfg.balance_loss_weight * metrics["balance_loss"]
             + cfg.gshard_loss_weight * metrics["gshard_loss"]
             + cfg.z_loss_weight * metrics["z_loss"])

@@ -70,6 +70,7 @@ SECOND_EXPERT_POLICIES = ("all", "random", "threshold")
 PRIORITIES = ("position", "token", "probability")
 OVERFLOWS = ("drop", "reroute")
 BALANCE_LOSS_CHOICES = ("first", "all", "any")
+BALANCE_LOSS_SCOPES = ("group", "batch")
 CAPACITY_CONVENTIONS = ("switch", "mesh_tf", "flaxformer", "vmoe", "praxis", "maxtext")
 
 
@@ -376,6 +377,9 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *, balance_loss_choices: str =
   f_GE = jax.lax.stop_gradient(f_GE)
   f_first_GE = jax.lax.stop_gradient(f_first_GE)
   balance_G = E * jnp.sum(f_GE * P_GE, axis=-1)
+  # The batch-scope losses' numerators: counts and probability mass of every token (finalised
+  # after the sums are psum-ed over the mesh, so f and P are the whole batch's).
+  n_G1 = n_G[:, None]
   gshard_G = jnp.mean(f_first_GE * P_GE, axis=-1)
 
   logz_GS = jax.nn.logsumexp(r.logits_SE.astype(jnp.float32), axis=-1)
@@ -390,6 +394,9 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *, balance_loss_choices: str =
 
   return {
       "balance_loss": jnp.sum(jnp.where(has_tokens_G, balance_G, 0.0)),
+      "f_count": jnp.sum(f_GE * n_G1, axis=0),
+      "f_first_count": jnp.sum(f_first_GE * n_G1, axis=0),
+      "prob_mass": jnp.sum(probs_GSE, axis=(0, 1)),
       "gshard_loss": jnp.sum(jnp.where(has_tokens_G, gshard_G, 0.0)),
       "groups_with_tokens": jnp.sum(has_tokens_G.astype(jnp.float32)),
       "z_loss": masked_sum(jnp.square(logz_GS)),
@@ -405,10 +412,13 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *, balance_loss_choices: str =
   }
 
 
-def finalize_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def finalize_sums(sums: dict[str, jax.Array], *,
+                  balance_loss_scope: str = "group") -> dict[str, jax.Array]:
   """Turns `routing_sums` (possibly psum-ed over a mesh) into losses and statistics.
 
-  - `balance_loss`, `gshard_loss`: mean over groups with tokens (unweighted by coefficients).
+  - `balance_loss`, `gshard_loss`: scope `group`: mean over groups with tokens of each group's
+    loss (unweighted by coefficients); scope `batch`: the same formulas with f and P measured over
+    all valid tokens of the sums (`E sum_e f_e P_e`, `(1/E) sum_e f1_e P_e`).
   - `z_loss`: mean over valid tokens of logsumexp(logits)^2 (ST-MoE eq. 5).
   - `router_entropy`: mean over valid tokens of the router distribution's entropy (nats).
   - `dropped_fraction` [K]: fraction of valid tokens whose j-th choice wanted a slot and found
@@ -425,9 +435,18 @@ def finalize_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   E = sums["expert_load"].shape[-1]
   expert_load_E = sums["expert_load"] / jnp.maximum(jnp.sum(sums["expert_load"]), 1.0)
   groups = jnp.maximum(sums["groups_with_tokens"], 1.0)
+  if balance_loss_scope == "batch":
+    P_E = sums["prob_mass"] / tokens
+    balance = E * jnp.sum(sums["f_count"] / tokens * P_E)
+    gshard = jnp.mean(sums["f_first_count"] / tokens * P_E)
+  elif balance_loss_scope == "group":
+    balance, gshard = sums["balance_loss"] / groups, sums["gshard_loss"] / groups
+  else:
+    raise ValueError(f"balance_loss_scope={balance_loss_scope!r}; allowed: "
+                     f"{BALANCE_LOSS_SCOPES}.")
   return {
-      "balance_loss": sums["balance_loss"] / groups,
-      "gshard_loss": sums["gshard_loss"] / groups,
+      "balance_loss": balance,
+      "gshard_loss": gshard,
       "z_loss": sums["z_loss"] / tokens,
       "router_entropy": sums["router_entropy"] / tokens,
       "dropped_fraction": sums["dropped_fraction"] / tokens,

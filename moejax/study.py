@@ -529,10 +529,11 @@ def _train_timed(train_fn: Callable, config, run_dir: str, key: str) -> float:
 KEY_NEUTRAL_DEFAULTS = {
     ("model", "attention"): "einsum", ("data", "tfds", "domain_key"): "",
     ("mesh", "fsdp"): 1, ("mesh", "model"): 1, ("model", "remat"): "none",
+    ("model", "scan_layers"): False,
     **{("model", "moe", name): default for name, default in (
         ("choice", "token"), ("score", "softmax"), ("routed_scaling_factor", 1.0),
         ("num_expert_groups", 1), ("topk_groups", 1), ("bias_update_rate", 0.0),
-        ("num_shared_experts", 0), ("shared_d_ff", None))},
+        ("num_shared_experts", 0), ("shared_d_ff", None), ("balance_loss_scope", "group"))},
 }
 
 

@@ -109,6 +109,11 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
       group_size = moe.group_size_for(micro_batch, config.seq_len)
     except ValueError as e:
       raise ValueError(str(e).replace("MoEConfig.", "config.model.moe.", 1)) from None
+    if moe.balance_loss_scope == "batch" and config.grad_accum_steps > 1:
+      fail("model.moe.balance_loss_scope", "'group' when grad_accum_steps > 1: the 'batch' scope "
+           "measures f over one forward pass, so with gradient accumulation it would be each "
+           "micro-batch's, not the step's (an exact version needs a routing pre-pass over all "
+           "micro-batches, not built yet)")
     groups = micro_batch * config.seq_len // group_size
     problem = sharding.moe_layout_problem(moe.num_experts, groups, mesh_shape)
     if problem and problem[0].startswith("num_experts"):
@@ -212,9 +217,10 @@ def make_train_step(graphdef, grad_accum_steps: int, schedule):
     # A copy of the values: `optimizer.update` mutates the Variables behind `params` in place.
     old_params = jax.tree.map(jnp.copy, nnx.to_pure_dict(params))
     optimizer.update(model, grads)
-    for i, block in enumerate(model.blocks):  # Auxiliary-loss-free balancing (DeepSeek-V3):
-      if block.is_moe:  # from the step's counts (summed over micro-batches; global on a mesh).
-        block.ffn.update_selection_bias(sums[f"moe/layer{i}/selection_count"])
+    # Auxiliary-loss-free balancing (DeepSeek-V3), from the step's counts (summed over
+    # micro-batches; global on a mesh).
+    model.update_selection_biases({i: sums[f"moe/layer{i}/selection_count"]
+                                   for i in model.cfg.moe_layer_indices})
     new_params = nnx.state(model, nnx.Param)
     ce = sums.pop("ce_sum") / num_targets
     metrics = {"loss": ce + sums.get("moe/aux_loss", 0.0), "ce": ce,

@@ -36,6 +36,9 @@ def upcycle(dense: nnx.Module, moe: nnx.Module, *, noise: float = 0.0,
   """
   if noise and key is None:
     raise ValueError(f"upcycle: noise={noise} needs a PRNG key.")
+  if dense.cfg.scan_layers or moe.cfg.scan_layers:
+    raise ValueError("upcycle: both models need model.scan_layers=False (it copies layer by "
+                     "layer).")
   dense_params = {_path(p): v for p, v in nnx.to_flat_state(nnx.state(dense, nnx.Param))}
   moe_params = dict(nnx.to_flat_state(nnx.state(moe, nnx.Param)))
   moe_layers = {i for i, block in enumerate(moe.blocks) if block.is_moe}

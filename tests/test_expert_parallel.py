@@ -24,7 +24,8 @@ CASES = {
     # k, plus the routing features whose global semantics sharding must not change.
     "top1": dict(top_k=1, capacity_factor=0.5, router_jitter=0.1),
     "top2_bpr": dict(top_k=2, gate="gshard", capacity_factor=0.75, priority="probability",
-                     second_expert_policy="random", z_loss_weight=1e-3),
+                     second_expert_policy="random", z_loss_weight=1e-3,
+                     balance_loss_scope="batch", gshard_loss_weight=0.1),
     # DeepSeek-style: sigmoid scores, gates normalised and scaled, shared experts, any-K loss.
     "top3_sigmoid_shared": dict(top_k=3, score="sigmoid", gate="gshard", capacity_factor=0.75,
                                 routed_scaling_factor=2.5, num_shared_experts=2, shared_d_ff=3,

@@ -220,6 +220,45 @@ def test_aux_losses_match_the_paper_formulas(choices):
   assert float(m["tokens"]) == float(jnp.sum(valid))
 
 
+@pytest.mark.parametrize("choices", ["first", "all", "any"])
+def test_batch_scope_balance_losses_are_the_losses_of_one_group_holding_every_token(choices):
+  """Scope `batch` over G groups = scope `group` over the same tokens as a single group: values
+  and gradients (padding, a group without tokens, K=2 included)."""
+  G, S, E, K = 3, 13, 5, 2
+  logits = 2.0 * jax.random.normal(jax.random.key(1), (G, S, E))
+  valid = jax.random.bernoulli(jax.random.key(2), 0.7, (G, S)).at[2].set(False)
+
+  def losses(logits, valid, scope):
+    r = routing.route(logits, valid, top_k=K, capacity=3)
+    m = routing.finalize_sums(routing.routing_sums(r, valid, balance_loss_choices=choices),
+                              balance_loss_scope=scope)
+    return m["balance_loss"] + 10.0 * m["gshard_loss"], m
+
+  (batch, m), g_batch = jax.value_and_grad(losses, has_aux=True)(logits, valid, "batch")
+  (one, m_one), g_one = jax.value_and_grad(losses, has_aux=True)(
+      logits.reshape(1, G * S, E), valid.reshape(1, G * S), "group")
+  bal, gsh, _ = reference_losses(logits.reshape(1, G * S, E), valid.reshape(1, G * S), K, choices)
+  np.testing.assert_allclose(m["balance_loss"], bal, rtol=1e-5)
+  np.testing.assert_allclose(m["gshard_loss"], gsh, rtol=1e-5)
+  np.testing.assert_allclose(batch, one, rtol=1e-6)
+  np.testing.assert_allclose(g_batch, g_one.reshape(G, S, E), rtol=1e-5, atol=1e-8)
+
+
+def test_batch_scope_lets_groups_specialise_where_group_scope_penalises_them():
+  # Group 0 sends every token to e0 (p = 0.9), group 1 every token to e1: each group on its own is
+  # collapsed (Switch loss E * 1 * 0.9 = 1.8), the batch is perfectly balanced (1.0).
+  probs = np.array([[[0.9, 0.1]] * 4, [[0.1, 0.9]] * 4])
+  valid = jnp.ones((2, 4), bool)
+  r = routing.route(logits_from_probs(probs), valid, top_k=1, capacity=4)
+  sums = routing.routing_sums(r, valid)
+  np.testing.assert_allclose(routing.finalize_sums(sums)["balance_loss"], 1.8, rtol=1e-6)
+  np.testing.assert_allclose(
+      routing.finalize_sums(sums, balance_loss_scope="batch")["balance_loss"], 1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"balance_loss_scope='sequence'; allowed: \('group', "
+                                       r"'batch'\)"):
+    routing.finalize_sums(sums, balance_loss_scope="sequence")
+
+
 def test_balance_loss_is_one_when_routing_is_uniform():
   # 8 tokens, 4 experts, each expert the argmax of two tokens, probabilities evenly spread.
   E, S = 4, 8

@@ -2,6 +2,7 @@
 numbers, checkpoints move between meshes, and per-device parameter + optimizer bytes shrink as
 `sharding.LOGICAL_AXIS_RULES` says."""
 
+import dataclasses
 import json
 import math
 import os
@@ -200,7 +201,6 @@ def test_peak_flops_by_device_kind(kind, peak):
 
 
 def test_remat_policies_recompute_what_they_say_and_change_no_number():
-  import dataclasses  # pylint: disable=import-outside-toplevel
   from moejax.model import REMATS  # pylint: disable=import-outside-toplevel
   tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, CFG.vocab_size)
   results = {}
@@ -256,3 +256,89 @@ def test_bfloat16_parameters_train_with_float32_optimizer_state(optimizer):
   model, optimizer = nnx.merge(graphdef, state)
   assert floats(nnx.state(model, nnx.Param)) == {jnp.dtype("bfloat16")}
   assert floats(nnx.state(optimizer.opt_state)) == {jnp.dtype("float32")}
+
+
+def _scanned(cfg, **overrides):
+  return dataclasses.replace(cfg, **overrides)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"fsdp": 2, "model": 2, "expert": 2}],
+                         ids=["one-device", "fsdp2-model2-expert2"])
+def test_scanned_layers_give_the_unrolled_loss_metrics_and_gradients(mesh_shape):
+  # Deterministic routing (no jitter / dropout): scanned units draw their own noise streams.
+  cfg = _scanned(CFG, num_layers=4, moe={**dict(CFG.moe), "expert_dropout": 0.0})
+  tokens = jax.random.randint(jax.random.key(0), (8, 12), 0, cfg.vocab_size)
+  (loss, metrics), grads = STEP(Transformer(cfg, rngs=nnx.Rngs(0)), tokens)
+  make = lambda: Transformer(_scanned(cfg, scan_layers=True, remat="full"), rngs=nnx.Rngs(0))
+  if mesh_shape is None:
+    model = make()
+    (loss_s, metrics_s), grads_s = STEP(model, tokens)
+  else:
+    mesh = sharding.make_mesh(mesh_shape)
+    with jax.set_mesh(mesh):
+      model = nnx.jit(make)()
+      (loss_s, metrics_s), grads_s = STEP(model, jax.device_put(tokens,
+                                                                 sharding.batch_sharding(mesh)))
+    assert model.units[1].ffn.wi[...].sharding.spec[:4] == (None, "expert", "fsdp", "model")
+  assert sorted(metrics_s) == sorted(metrics) == [1, 3]
+  assert loss_s == pytest.approx(float(loss), rel=1e-5)
+  for layer in metrics:
+    for name, value in metrics[layer].items():
+      np.testing.assert_allclose(metrics_s[layer][name], value, rtol=1e-5, atol=1e-6)
+  # units[j] holds layers j, j + 2: its gradient, unstacked, is theirs.
+  for layer in range(4):
+    unrolled = dict(nnx.to_flat_state(nnx.state(grads.blocks[layer], nnx.Param)))
+    scanned = nnx.to_flat_state(nnx.state(grads_s.units[layer % 2], nnx.Param))
+    for path, g in scanned:
+      np.testing.assert_allclose(g.get_value()[layer // 2], unrolled[path].get_value(),
+                                 rtol=1e-4, atol=1e-6, err_msg=f"layer {layer} {path}")
+
+
+def test_a_scanned_model_compiles_one_unit_whatever_its_depth():
+  def hlo_size(num_layers, scan):
+    cfg = _scanned(CFG, num_layers=num_layers, scan_layers=scan)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    graphdef, state = nnx.split(model)
+    return len(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0]).lower(state, tokens).as_text())
+  assert hlo_size(8, True) < 1.2 * hlo_size(2, True)  # The body is traced once.
+  assert hlo_size(8, False) > 2 * hlo_size(2, False)  # Unrolled: one copy per layer.
+
+
+def test_scanned_models_decode_like_unrolled_ones():
+  cfg = _scanned(CFG, num_layers=4, moe={**dict(CFG.moe), "expert_dropout": 0.0})
+  prompts = jax.random.randint(jax.random.key(1), (2, 5), 1, cfg.vocab_size)
+  outs = []
+  for scan in (False, True):
+    model = Transformer(_scanned(cfg, scan_layers=scan), rngs=nnx.Rngs(0))
+    model.eval()
+    cache = model.init_cache(2, 9)
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    logits, cache = model.decode(prompts, positions, jnp.ones((2, 5), jnp.int32), cache)
+    step_logits, _ = model.decode(jnp.argmax(logits[:, -1:], -1), positions[:, -1:] + 1,
+                                  jnp.ones((2, 1), jnp.int32), cache)
+    outs.append((logits, step_logits))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_training_updates_the_stacked_selection_bias(tmp_path):
+  config = _config(**{"model.scan_layers": True, "model.moe.bias_update_rate": 1e-2,
+                      "model.moe_every": 1, "num_train_steps": 2, "checkpoint_every": 2})
+  train.train_and_evaluate(config, str(tmp_path))
+  model, _, _ = train.load_model(train.load_run_config(str(tmp_path)), str(tmp_path))
+  bias = np.asarray(model.units[0].ffn.expert_bias[...])
+  assert bias.shape == (2, 8)  # two layers, each its own bias, moved by its own counts
+  assert np.any(bias[0] != 0) and np.any(bias[1] != 0) and not np.array_equal(bias[0], bias[1])
+  with pytest.raises(ValueError, match=r"scanned layers .* the model.scan_layers the run"):
+    train.load_model(_config(), str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"moe_layers": (1, 2)}, r"scan_layers=True: .*explicit moe_layers are not scanned"),
+    ({"moe_every": 3}, r"scan_layers=True: .*moe_every dividing num_layers=4"),
+])
+def test_layouts_that_do_not_repeat_cannot_be_scanned(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    _scanned(CFG, scan_layers=True, num_layers=4 if "moe_every" in overrides else 3,
+             **overrides)
