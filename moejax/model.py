@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
+from moejax import routing
 from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer, is_int
 from moejax.sharding import BATCH_AXES, constrain, param
 
@@ -287,9 +288,12 @@ class Block(nnx.Module):
     else:
       self.ffn = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL, mask_BL):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None):
     x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
-    y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL)
+    if step_balance is None:
+      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL)
+    else:  # Only an MoE FFN takes the step's balance counts.
+      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL, step_balance=step_balance)
     return x_BLD + y_BLD, aux
 
   def decode(self, x_BTD, positions_BT, segment_ids_BT, cache_segment_ids_BM, k_BMNd, v_BMNd,
@@ -330,8 +334,8 @@ def _stack_units(blocks: list[Block], period: int) -> nnx.List:
   return out
 
 
-def _call_block(block: Block, x_BLD, positions_BL, segment_ids_BL, mask_BL):
-  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL)
+def _call_block(block: Block, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None):
+  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance)
 
 
 @struct.dataclass
@@ -370,8 +374,11 @@ class Transformer(nnx.Module):
                            ("embed", "vocab"))
 
   def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
-               segment_ids_BL: jax.Array | None = None, mask_BL: jax.Array | None = None):
-    """`mask_BL` marks real tokens for the MoE layers (padding takes no capacity, no loss)."""
+               segment_ids_BL: jax.Array | None = None, mask_BL: jax.Array | None = None, *,
+               moe_step_balance: dict[int, routing.StepBalance] | None = None):
+    """`mask_BL` marks real tokens for the MoE layers (padding takes no capacity, no loss).
+    `moe_step_balance` `{layer index: StepBalance}`: the optimizer step's f for each MoE layer's
+    `batch`-scope balance losses (gradient accumulation; `moejax.train` counts it)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, L = tokens_BL.shape
     if positions_BL is None:
@@ -382,38 +389,47 @@ class Transformer(nnx.Module):
     run = _call_block
     if self.cfg.remat != "none":  # Recompute the block in the backward pass, by the policy.
       run = nnx.remat(_call_block, policy=REMATS[self.cfg.remat], prevent_cse=True)
+    step_balance = moe_step_balance or {}
     if cfg.scan_layers:
-      x_BLD, moe_aux = self._scan_units(run, x_BLD, positions_BL, segment_ids_BL, mask_BL)
+      x_BLD, moe_aux = self._scan_units(run, x_BLD, positions_BL, segment_ids_BL, mask_BL,
+                                        step_balance)
       return self._logits(x_BLD), moe_aux
     moe_aux = {}
     for i, block in enumerate(self.blocks):
-      x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL)
+      x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance.get(i))
       x_BLD = constrain(x_BLD, ACTIVATION)
       if aux is not None:
         moe_aux[i] = aux
     return self._logits(x_BLD), moe_aux
 
-  def _scan_units(self, run, x_BLD, positions_BL, segment_ids_BL, mask_BL):
+  def _scan_units(self, run, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance):
     """The layers as one `jax.lax.scan` over the stacked units (traced and compiled once, not
-    once per layer); the units' updated state (routing RNG counters) is written back."""
+    once per layer); the units' updated state (routing RNG counters) is written back.
+    `step_balance` `{layer: StepBalance}` enters the scan stacked like the weights."""
     if any(layer.record_routing for layer in self.moe_layers()):
       raise ValueError("record_routing needs model.scan_layers=False: a scanned model's layers "
                        "run inside jax.lax.scan, where sown values cannot be collected.")
     graphdef, params, rest = nnx.split(self.units, nnx.Param, ...)
+    p, n = len(self.units), self.cfg.num_layers // len(self.units)
+    # {position j in the unit: the StepBalance of layers j, j+p, ... stacked}.
+    balance_by_j = {j: jax.tree.map(lambda *xs: jnp.stack(xs),
+                                    *(step_balance[u * p + j] for u in range(n)))
+                    for j in range(p) if j in step_balance}  # layer j is MoE iff j + p is
 
-    def body(x_BLD, unit_state):
-      unit = nnx.merge(graphdef, *unit_state)
+    def body(x_BLD, xs):
+      unit_params, unit_rest, unit_balance = xs
+      unit = nnx.merge(graphdef, unit_params, unit_rest)
       auxes = {}
       for j, block in enumerate(unit):
-        x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL)
+        x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL,
+                         unit_balance.get(j))
         x_BLD = constrain(x_BLD, ACTIVATION)
         if aux is not None:
           auxes[j] = aux
       return x_BLD, (nnx.state(unit, nnx.Not(nnx.Param)), auxes)
 
-    x_BLD, (rest, auxes) = jax.lax.scan(body, x_BLD, (params, rest))
+    x_BLD, (rest, auxes) = jax.lax.scan(body, x_BLD, (params, rest, balance_by_j))
     nnx.update(self.units, rest)  # Parameters are read, never written.
-    p, n = len(self.units), self.cfg.num_layers // len(self.units)
     moe_aux = {u * p + j: jax.tree.map(lambda a, u=u: a[u], aux)
                for j, aux in auxes.items() for u in range(n)}
     return x_BLD, dict(sorted(moe_aux.items()))

@@ -294,9 +294,12 @@ def is_real(value) -> bool:
 
 @struct.dataclass
 class MoEAux:
-  """What one MoE layer reports: `loss` (weighted aux losses, add to the task loss), `metrics`."""
+  """What one MoE layer reports: `loss` (weighted aux losses, add to the task loss), `metrics`,
+  and `balance_counts` (the raw counts `routing.StepBalance` is built from: summed over a step's
+  micro-batches they give the step's f for the `batch`-scope losses)."""
   loss: jax.Array
   metrics: dict[str, jax.Array]
+  balance_counts: dict[str, jax.Array]
 
 
 def expert_ffn(x_EXD: jax.Array, weights: dict[str, jax.Array], *, activation: str,
@@ -476,10 +479,12 @@ class MoELayer(nnx.Module):
     return {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
 
   def __call__(self, x_BLD: jax.Array, mask_BL: jax.Array | None = None, *,
-               deterministic: bool | None = None,
-               group_size: int | None = None) -> tuple[jax.Array, MoEAux]:
+               deterministic: bool | None = None, group_size: int | None = None,
+               step_balance: routing.StepBalance | None = None) -> tuple[jax.Array, MoEAux]:
     """`group_size` (tokens per routing group) overrides the config's grouping for this call;
-    `Transformer.decode` uses it to route the new tokens of a decoding step together."""
+    `Transformer.decode` uses it to route the new tokens of a decoding step together.
+    `step_balance` (`balance_loss_scope="batch"` only): the whole optimizer step's f, so that a
+    micro-batch's balance losses are its exact share of the step's (gradient accumulation)."""
     cfg = self.cfg
     if x_BLD.ndim != 3 or x_BLD.shape[-1] != self.d_model:
       raise ValueError(f"MoELayer input shape {tuple(x_BLD.shape)}; allowed: rank 3 "
@@ -533,11 +538,13 @@ class MoELayer(nnx.Module):
                 if hasattr(self, f"shared_{name}")}
       y_BLD = y_BLD + expert_ffn(x_GSD.reshape(1, B * L, D), shared,
                                  activation=cfg.activation).reshape(B, L, D).astype(self.dtype)
-    metrics = routing.finalize_sums(sums, balance_loss_scope=cfg.balance_loss_scope)
+    metrics = routing.finalize_sums(sums, balance_loss_scope=cfg.balance_loss_scope,
+                                    step_balance=step_balance)
     loss = (cfg.balance_loss_weight * metrics["balance_loss"]
             + cfg.gshard_loss_weight * metrics["gshard_loss"]
             + cfg.z_loss_weight * metrics["z_loss"])
-    return y_BLD, MoEAux(loss=loss, metrics=metrics)
+    counts = {name: jax.lax.stop_gradient(sums[name]) for name in routing.BALANCE_COUNTS}
+    return y_BLD, MoEAux(loss=loss, metrics=metrics, balance_counts=counts)
 
 
 def _sharded(run, mesh, *, G: int, num_experts: int):

@@ -412,13 +412,41 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *, balance_loss_choices: str =
   }
 
 
-def finalize_sums(sums: dict[str, jax.Array], *,
-                  balance_loss_scope: str = "group") -> dict[str, jax.Array]:
+class StepBalance(NamedTuple):
+  """A whole optimizer step's routing counts for the `batch`-scope balance losses under gradient
+  accumulation (a routing pre-pass over every micro-batch counts them; see `moejax.train`).
+
+  With A micro-batches and N valid tokens in the step, a micro-batch's losses are
+  `E sum_e f_e P^m_e` and `(1/E) sum_e f1_e P^m_e` with the step's f (`f_E`, `f_first_E`) and
+  `P^m_e = prob_mass^m_e / (N / A)`: their mean over the A micro-batches is exactly the loss of
+  one forward pass over the whole step (values and gradients: f carries none).
+  """
+  f_E: jax.Array          # the step's f: counted choices per expert / the step's valid tokens
+  f_first_E: jax.Array    # the same for first choices only (GShard's f)
+  tokens_share: jax.Array  # N / A: each micro-batch's share of the step's valid tokens
+
+  @classmethod
+  def from_counts(cls, counts: dict[str, jax.Array], micro_batches: int) -> StepBalance:
+    """From the step's summed `balance_counts` of one layer (`f_count`, `f_first_count`,
+    `tokens`, as `routing_sums` names them)."""
+    tokens = jnp.maximum(counts["tokens"], 1.0)
+    return cls(jax.lax.stop_gradient(counts["f_count"] / tokens),
+               jax.lax.stop_gradient(counts["f_first_count"] / tokens),
+               jax.lax.stop_gradient(tokens / micro_batches))
+
+
+BALANCE_COUNTS = ("f_count", "f_first_count", "tokens")  # what a StepBalance is counted from
+
+
+def finalize_sums(sums: dict[str, jax.Array], *, balance_loss_scope: str = "group",
+                  step_balance: StepBalance | None = None) -> dict[str, jax.Array]:
   """Turns `routing_sums` (possibly psum-ed over a mesh) into losses and statistics.
 
   - `balance_loss`, `gshard_loss`: scope `group`: mean over groups with tokens of each group's
     loss (unweighted by coefficients); scope `batch`: the same formulas with f and P measured over
-    all valid tokens of the sums (`E sum_e f_e P_e`, `(1/E) sum_e f1_e P_e`).
+    all valid tokens of the sums (`E sum_e f_e P_e`, `(1/E) sum_e f1_e P_e`), or, given
+    `step_balance`, with the whole step's f and this call's P over its share of the step's
+    tokens (see `StepBalance`; only the `batch` scope takes it).
   - `z_loss`: mean over valid tokens of logsumexp(logits)^2 (ST-MoE eq. 5).
   - `router_entropy`: mean over valid tokens of the router distribution's entropy (nats).
   - `dropped_fraction` [K]: fraction of valid tokens whose j-th choice wanted a slot and found
@@ -435,10 +463,17 @@ def finalize_sums(sums: dict[str, jax.Array], *,
   E = sums["expert_load"].shape[-1]
   expert_load_E = sums["expert_load"] / jnp.maximum(jnp.sum(sums["expert_load"]), 1.0)
   groups = jnp.maximum(sums["groups_with_tokens"], 1.0)
-  if balance_loss_scope == "batch":
+  if balance_loss_scope == "batch" and step_balance is not None:
+    P_E = sums["prob_mass"] / step_balance.tokens_share
+    balance = E * jnp.sum(step_balance.f_E * P_E)
+    gshard = jnp.mean(step_balance.f_first_E * P_E)
+  elif balance_loss_scope == "batch":
     P_E = sums["prob_mass"] / tokens
     balance = E * jnp.sum(sums["f_count"] / tokens * P_E)
     gshard = jnp.mean(sums["f_first_count"] / tokens * P_E)
+  elif step_balance is not None:
+    raise ValueError(f"step_balance is for balance_loss_scope='batch'; got "
+                     f"{balance_loss_scope!r}.")
   elif balance_loss_scope == "group":
     balance, gshard = sums["balance_loss"] / groups, sums["gshard_loss"] / groups
   else:

@@ -39,6 +39,7 @@ from moejax import checkpoint as ckpt_lib
 from moejax import data as data_lib
 from moejax import metrics as metrics_lib
 from moejax import optim
+from moejax import routing
 from moejax import sharding
 from moejax.model import Transformer, TransformerConfig, count_params
 from moejax.moe import is_int, is_real
@@ -109,11 +110,6 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
       group_size = moe.group_size_for(micro_batch, config.seq_len)
     except ValueError as e:
       raise ValueError(str(e).replace("MoEConfig.", "config.model.moe.", 1)) from None
-    if moe.balance_loss_scope == "batch" and config.grad_accum_steps > 1:
-      fail("model.moe.balance_loss_scope", "'group' when grad_accum_steps > 1: the 'batch' scope "
-           "measures f over one forward pass, so with gradient accumulation it would be each "
-           "micro-batch's, not the step's (an exact version needs a routing pre-pass over all "
-           "micro-batches, not built yet)")
     groups = micro_batch * config.seq_len // group_size
     problem = sharding.moe_layout_problem(moe.num_experts, groups, mesh_shape)
     if problem and problem[0].startswith("num_experts"):
@@ -169,13 +165,14 @@ def _moe_metrics(moe_aux: dict[int, Any]) -> dict[str, jax.Array]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _loss_fn(params, rest, model_graphdef, batch, num_targets, grad_accum_steps: int):
+def _loss_fn(params, rest, model_graphdef, batch, num_targets, grad_accum_steps: int,
+             step_balance=None):
   """Mean token CE over the whole batch's `num_targets` + this micro-batch's share of the MoE
   auxiliary losses; aux: (non-param state, CE sum, correct count, MoE metrics)."""
   # copy=True: fresh Variables in this trace (the routing RNG counters are mutated here).
   model = nnx.merge(model_graphdef, params, rest, copy=True)
   logits_BLV, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                              batch["mask"])
+                              batch["mask"], moe_step_balance=step_balance)
   mask_BL = batch["mask"].astype(jnp.float32)
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
   ce_sum = jnp.sum(ce_BL * mask_BL)
@@ -185,10 +182,30 @@ def _loss_fn(params, rest, model_graphdef, batch, num_targets, grad_accum_steps:
   return loss, (nnx.state(model, nnx.Not(nnx.Param)), ce_sum, correct, stats)
 
 
+def _step_balance(params, rest, model_graphdef, micro) -> dict[int, routing.StepBalance]:
+  """The routing pre-pass of the `batch`-scope balance losses under gradient accumulation: a
+  forward pass over every micro-batch (from the same RNG state as the gradient pass that follows,
+  so the same routing decisions) summing each MoE layer's f counts over the whole step."""
+  A = jax.tree.leaves(micro)[0].shape[0]
+
+  def count(rest, micro_batch):
+    model = nnx.merge(model_graphdef, params, rest, copy=True)
+    _, moe_aux = model(micro_batch["inputs"], micro_batch["positions"],
+                       micro_batch["segment_ids"], micro_batch["mask"])
+    return nnx.state(model, nnx.Not(nnx.Param)), {i: a.balance_counts for i, a in moe_aux.items()}
+
+  _, counts = jax.lax.scan(count, rest, micro)  # The RNG state it advanced is thrown away.
+  return {i: routing.StepBalance.from_counts(jax.tree.map(lambda c: jnp.sum(c, axis=0), c), A)
+          for i, c in counts.items()}
+
+
 def make_train_step(graphdef, grad_accum_steps: int, schedule):
   """`train_step(state, batch) -> (state, metrics)` for the `nnx.split((model, optimizer))`
   graphdef: gradients accumulated over `grad_accum_steps` micro-batches, one optimizer update,
-  the auxiliary-loss-free selection bias updated from the step's counts."""
+  the auxiliary-loss-free selection bias updated from the step's counts. With
+  `balance_loss_scope="batch"` and more than one micro-batch, a routing pre-pass
+  (`_step_balance`, one extra forward pass per micro-batch) first counts the step's f, so each
+  micro-batch's balance losses are its exact share of the whole step's."""
   A = grad_accum_steps
 
   def train_step(state, batch):
@@ -196,11 +213,15 @@ def make_train_step(graphdef, grad_accum_steps: int, schedule):
     model_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     num_targets = jnp.maximum(jnp.sum(batch["mask"]), 1).astype(jnp.float32)
     micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+    step_balance = None
+    if (A > 1 and model.cfg.moe_layer_indices
+        and model.cfg.moe_config().balance_loss_scope == "batch"):
+      step_balance = _step_balance(params, rest, model_graphdef, micro)
 
     def accumulate(carry, micro_batch):
       grads, rest, sums = carry
       (_, (rest, ce_sum, correct, stats)), g = jax.value_and_grad(_loss_fn, has_aux=True)(
-          params, rest, model_graphdef, micro_batch, num_targets, A)
+          params, rest, model_graphdef, micro_batch, num_targets, A, step_balance)
       # Stats are means over micro-batches, except counts, which are summed (exactly).
       sums = jax.tree.map(jnp.add, sums, {"ce_sum": ce_sum, "correct": correct, **{
           k: v if k.endswith("selection_count") else v / A for k, v in stats.items()}})
@@ -208,7 +229,7 @@ def make_train_step(graphdef, grad_accum_steps: int, schedule):
 
     _, (_, _, _, moe_stats_shapes) = jax.eval_shape(
         _loss_fn, params, rest, model_graphdef, jax.tree.map(lambda x: x[0], micro),
-        num_targets, A)
+        num_targets, A, step_balance)
     zero_sums = {"ce_sum": jnp.zeros(()), "correct": jnp.zeros(()),
                  **jax.tree.map(jnp.zeros_like, moe_stats_shapes)}
     (grads, rest, sums), _ = jax.lax.scan(

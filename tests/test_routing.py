@@ -244,6 +244,40 @@ def test_batch_scope_balance_losses_are_the_losses_of_one_group_holding_every_to
   np.testing.assert_allclose(g_batch, g_one.reshape(G, S, E), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("choices", ["first", "all"])
+def test_step_balance_makes_micro_batch_losses_the_exact_share_of_the_step(choices):
+  """Gradient accumulation with the `batch` scope: micro-batches holding unequally many valid
+  tokens (padding), each with the step's f (`StepBalance`): the mean of their losses and the sum
+  of their gradients equal one pass over the whole step. Each micro-batch's own f does not."""
+  G, S, E, K, A = 4, 11, 5, 2, 2
+  logits = 2.0 * jax.random.normal(jax.random.key(3), (G, S, E))
+  valid = jax.random.bernoulli(jax.random.key(4), 0.8, (G, S)).at[3, 2:].set(False)
+
+  def sums(logits, valid):
+    r = routing.route(logits, valid, top_k=K, capacity=4)
+    return routing.routing_sums(r, valid, balance_loss_choices=choices)
+
+  def loss(logits, valid, step_balance=None):
+    m = routing.finalize_sums(sums(logits, valid), balance_loss_scope="batch",
+                              step_balance=step_balance)
+    return m["balance_loss"] + 10.0 * m["gshard_loss"]
+
+  one, g_one = jax.value_and_grad(loss)(logits, valid)
+  micro_logits, micro_valid = logits.reshape(A, G // A, S, E), valid.reshape(A, G // A, S)
+  assert len({float(jnp.sum(v)) for v in micro_valid}) == A  # unequal token counts
+  counts = [sums(lg, v) for lg, v in zip(micro_logits, micro_valid)]
+  step = routing.StepBalance.from_counts(
+      {k: sum(c[k] for c in counts) for k in routing.BALANCE_COUNTS}, A)
+  per_micro = [jax.value_and_grad(loss)(lg, v, step) for lg, v in zip(micro_logits, micro_valid)]
+  np.testing.assert_allclose(np.mean([v for v, _ in per_micro]), one, rtol=1e-6)
+  np.testing.assert_allclose(jnp.concatenate([g for _, g in per_micro]) / A, g_one,
+                             rtol=1e-5, atol=1e-8)
+  own_f = np.mean([loss(lg, v) for lg, v in zip(micro_logits, micro_valid)])
+  assert abs(own_f - one) > 1e-3 * one
+  with pytest.raises(ValueError, match="step_balance is for balance_loss_scope='batch'"):
+    routing.finalize_sums(counts[0], step_balance=step)
+
+
 def test_batch_scope_lets_groups_specialise_where_group_scope_penalises_them():
   # Group 0 sends every token to e0 (p = 0.9), group 1 every token to e1: each group on its own is
   # collapsed (Switch loss E * 1 * 0.9 = 1.8), the batch is perfectly balanced (1.0).

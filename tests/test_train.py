@@ -146,10 +146,15 @@ def test_restore_onto_another_mesh(straight_run, tmp_path, data, expert):
     assert resumed[s] == pytest.approx(losses[s], rel=1e-4), (s, resumed[s], losses[s])
 
 
-def test_gradient_accumulation_matches_full_batch(tmp_path):
+@pytest.mark.parametrize("scope, scan", [("group", False), ("batch", False), ("batch", True)],
+                         ids=["group", "batch", "batch-scanned"])
+def test_gradient_accumulation_matches_full_batch(tmp_path, scope, scan):
+  """Also for the global-batch balance loss, whose f must be the whole step's (the routing
+  pre-pass), not each micro-batch's (that version fails this test: 0.01542 vs 0.01534)."""
   # Deterministic routing: random draws would differ between one batch and two halves.
   common = {"batch_size": 16, "num_train_steps": 3, "checkpoint_every": 100,
-            "model.moe.second_expert_policy": "all", "model.moe.router_jitter": 0.0}
+            "model.moe.second_expert_policy": "all", "model.moe.router_jitter": 0.0,
+            "model.moe.balance_loss_scope": scope, "model.scan_layers": scan}
   train.train_and_evaluate(_config(**common), str(tmp_path / "full"))
   train.train_and_evaluate(_config(grad_accum_steps=2, **common), str(tmp_path / "accum"))
   full, accum = _train_losses(str(tmp_path / "full"))[0], _train_losses(str(tmp_path / "accum"))[0]
