@@ -39,32 +39,13 @@ def _define_flags():
 
 
 def upcycle_run(dense_workdir: str, config, workdir: str, noise: float = 0.0) -> int:
-  """Writes `workdir/checkpoints/0`: `config`'s model upcycled from the dense run. Returns the
-  dense run's step."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moejax import checkpoint, optim, sharding, train, upcycle  # pylint: disable=import-outside-toplevel
-  if checkpoint.saved_steps(os.path.join(workdir, "checkpoints")):
-    raise FileExistsError(f"--workdir={workdir} already holds a checkpoint; upcycle into a new "
-                          "directory.")
-  model_cfg = train.validate_config(config)
-  if not model_cfg.moe_layer_indices:
+  """Writes `workdir/checkpoints/0`: `config`'s model upcycled from the dense run
+  (`moejax.upcycle.start_run`). Returns the dense run's step."""
+  from moejax import train, upcycle  # pylint: disable=import-outside-toplevel
+  if not train.validate_config(config).moe_layer_indices:
     raise ValueError("--config has no MoE layer to upcycle into (set model.moe_every or "
                      "model.moe_layers).")
-  mesh = sharding.make_mesh(dict(config.mesh))
-  dense, _, dense_step = train.load_model(train.load_run_config(dense_workdir), dense_workdir,
-                                          mesh_shape=dict(config.mesh))
-  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
-  model, optimizer = train.create_model_and_optimizer(model_cfg, tx, mesh, config.seed)
-  with jax.set_mesh(mesh):
-    upcycle.upcycle(dense, model, noise=noise, key=jax.random.key(config.seed))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1,
-                                 async_save=False)
-  ckpt.save(0, nnx.state((model, optimizer)), None,
-            meta={"upcycled_from": os.path.abspath(dense_workdir), "dense_step": dense_step},
-            force=True)
-  ckpt.close()
-  return dense_step
+  return upcycle.start_run(dense_workdir, config, workdir, noise=noise)
 
 
 def main(argv, names):

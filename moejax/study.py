@@ -54,6 +54,10 @@ class Arm:
   x: float | None = None  # Position on the study's key axis (E, CF, ...); None = reference line.
   series: str = ""  # Curve the arm belongs to in the key plot (e.g. "top-1").
   paper: str = ""  # The paper's figure for this arm, shown beside ours in the table.
+  # The name of an earlier arm of the study: this arm's run starts from that arm's final
+  # checkpoint of the same seed (`moejax.upcycle.start_run`: upcycled when this arm has MoE
+  # layers the source lacks, else copied; fresh optimizer; the source's data position).
+  start_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +186,10 @@ class Study:
     names = [a.name for a in self.arms]
     if len(set(names)) != len(names):
       raise ValueError(f"study {self.name}: arm names must be unique, got {names}")
+    for i, arm in enumerate(self.arms):
+      if arm.start_from and arm.start_from not in names[:i]:
+        raise ValueError(f"study {self.name}: arm {arm.name!r} starts from {arm.start_from!r}, "
+                         f"which must be an arm listed before it; arms are {names}")
     xs = {a.name: a.x for a in self.arms}
     claims = []
     for c in self.claims:
@@ -398,14 +406,18 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
   overrides = data_overrides(data, tokenizer)
   plan = [(seed, arm) for seed in seeds for arm in study.arms]
   configs = {(a.name, s): arm_config(study, a, s, scale, overrides) for s, a in plan}
+  keys: dict[tuple[str, int], str] = {}
+  for s, a in plan:  # A run started from another run's checkpoint is keyed by both.
+    keys[(a.name, s)] = config_key(configs[(a.name, s)]) + (
+        f"+from:{keys[(a.start_from, s)]}" if a.start_from else "")
   # Validate every run's config before training any: a typo fails now, not after an hour.
   from moejax import train as train_lib  # pylint: disable=import-outside-toplevel
   for arm in study.arms:
     train_lib.validate_config(configs[(arm.name, seeds[0])])
   finished = [r for r in read_results(results_path) if r.get("final")]
   for r in finished:  # A finished run counts only if it ran the config the study asks for now.
-    config = configs.get((r["arm"], r["seed"]))
-    if config is not None and r.get("config_key", config_key(config)) != config_key(config):
+    key = keys.get((r["arm"], r["seed"]))
+    if key is not None and r.get("config_key", key) != key:
       raise ValueError(f"{results_path}: {r['arm']!r} seed {r['seed']} finished with another "
                        f"config than the study now defines (edited arm?); use another --workdir "
                        f"or remove its records and runs/ directory.")
@@ -419,7 +431,7 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
     log(f"[{study.name}] run {len(plan) - len(todo) + i + 1}/{len(plan)}: {arm.name} seed {seed}"
         + (f" (ETA {eta / 60:.0f} min)" if eta else ""))
     config = configs[(arm.name, seed)]
-    key = config_key(config)
+    key = keys[(arm.name, seed)]
     same = _finished_elsewhere(workdir, key)
     extras = _extra_measurements(study, config)
     source_dir, missing = "", []
@@ -438,6 +450,8 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
         records[-1]["metrics"].update(measure(source_dir))
     else:
       run_dir = os.path.join(study_dir, "runs", _slug(arm.name), f"seed{seed}")
+      if arm.start_from:
+        _start_from(workdir, study_dir, arm, seed, keys[(arm.start_from, seed)], config, run_dir)
       wall = _train_timed(train_fn, config, run_dir, key)
       durations.append(wall)
       records = [{**r, "config_key": key}
@@ -448,6 +462,27 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
     with open(results_path, "a") as f:  # One write: a run's records land together.
       f.write(lines)
   return read_results(results_path)
+
+
+def _start_from(workdir: str, study_dir: str, arm: Arm, seed: int, source_key: str, config,
+                run_dir: str) -> None:
+  """Writes step 0 of `arm`'s run from its source arm's final checkpoint (once: a run that has a
+  checkpoint already resumes from it)."""
+  from moejax import checkpoint, upcycle  # pylint: disable=import-outside-toplevel
+  if checkpoint.saved_steps(os.path.join(run_dir, "checkpoints")):
+    return
+  source_dir = os.path.join(study_dir, "runs", _slug(arm.start_from), f"seed{seed}")
+  same = _finished_elsewhere(workdir, source_key)
+  if same and same[-1]["study"] != os.path.basename(study_dir):  # Reused from another study.
+    source_dir = os.path.join(workdir, same[-1]["study"], "runs", _slug(same[-1]["arm"]),
+                              f"seed{seed}")
+  if not checkpoint.saved_steps(os.path.join(source_dir, "checkpoints")):
+    raise FileNotFoundError(
+        f"arm {arm.name!r} seed {seed} starts from {arm.start_from!r}, whose checkpoint is not in "
+        f"{source_dir}/checkpoints (its records were committed, its runs/ were not); remove its "
+        f"records from results.jsonl to train it again.")
+  os.makedirs(run_dir, exist_ok=True)
+  upcycle.start_run(source_dir, config, run_dir, continue_data=True)
 
 
 def _is_moe(config) -> bool:

@@ -9,11 +9,15 @@ state starts fresh (the caller builds it). With gates that sum to one over the s
 (`gate="gshard"`) and no drops, the upcycled model computes exactly the dense model's function
 at step 0 (tested). Works on any mesh: values are placed with each target parameter's sharding.
 
-`experiments/upcycle.py` writes an upcycled checkpoint at step 0 into a new workdir, which
-`moejax.main` then trains like any run.
+`start_run` (and its CLI, `experiments/upcycle.py`) writes that model as step 0 of a new run,
+which `moejax.main` then trains like any run; it also starts a dense run from a dense one (every
+parameter copied: the "continue the dense model" arm of the upcycling study), and can carry the
+source run's data position over, so the new run reads the documents after those its source read.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -81,3 +85,37 @@ def upcycle(dense: nnx.Module, moe: nnx.Module, *, noise: float = 0.0,
     updated.append((path, var.replace(jax.device_put(value.astype(target.dtype),
                                                      target.sharding))))
   nnx.update(moe, nnx.from_flat_state(updated))
+
+
+def start_run(source_workdir: str, config, workdir: str, *, noise: float = 0.0,
+              continue_data: bool = False) -> int:
+  """Writes `workdir/checkpoints/0`: `config`'s model started from the latest checkpoint of the
+  run in `source_workdir` (upcycled when `config` has MoE layers the source lacks, copied
+  otherwise), with a fresh optimizer state. `continue_data`: the new run's data iterator starts
+  where the source's stopped (both configs must read the same data with the same seed, sequence
+  length and batch size; the trainer checks it on resume). Returns the source run's step."""
+  from moejax import checkpoint, optim, sharding, train  # pylint: disable=import-outside-toplevel
+  target_dir = os.path.join(workdir, "checkpoints")
+  if checkpoint.saved_steps(target_dir):
+    raise FileExistsError(f"{workdir} already holds a checkpoint; start the run in a new "
+                          "directory.")
+  model_cfg = train.validate_config(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  source, _, source_step = train.load_model(train.load_run_config(source_workdir),
+                                            source_workdir, mesh_shape=dict(config.mesh))
+  data_state = None
+  if continue_data:
+    source_ckpt = checkpoint.Checkpointer(os.path.join(source_workdir, "checkpoints"),
+                                          save_every=1, keep=1, async_save=False)
+    data_state, _ = source_ckpt.restore_data(source_step)
+    source_ckpt.close()
+  tx, _ = optim.make_optimizer(config.optim, config.num_train_steps)
+  model, optimizer = train.create_model_and_optimizer(model_cfg, tx, mesh, config.seed)
+  with jax.set_mesh(mesh):
+    upcycle(source, model, noise=noise, key=jax.random.key(config.seed))
+  ckpt = checkpoint.Checkpointer(target_dir, save_every=1, keep=1, async_save=False)
+  ckpt.save(0, nnx.state((model, optimizer)), data_state or None,
+            meta={"started_from": os.path.abspath(source_workdir), "source_step": source_step,
+                  "upcycled": bool(model_cfg.moe_layer_indices)}, force=True)
+  ckpt.close()
+  return source_step

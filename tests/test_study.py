@@ -238,6 +238,56 @@ def test_runner_measures_the_causal_leak_of_each_moe_run(tmp_path):
   assert "router_dtype_disagreement" not in final[("dense", 0)]
 
 
+def test_arms_that_start_from_another_arms_checkpoint(tmp_path):
+  """`Arm.start_from`: the continued dense run starts from the base run's parameters, the
+  upcycled one with every expert = the base's MLP, both at the base's data position; their keys
+  name their source, and a rerun trains nothing."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from moejax import checkpoint  # pylint: disable=import-outside-toplevel
+  arms = (study.Arm("base", "configs/dense.py:runlocal"),
+          study.Arm("continued", "configs/dense.py:runlocal", start_from="base"),
+          study.Arm("upcycled", "configs/switch.py:runlocal,experts=4", start_from="base"))
+  s = dataclasses.replace(_load_micro(), name="start", arms=arms, claims=(), plots=(), seeds=(0,))
+  starts = {}
+
+  def train_fn(config, run_dir):
+    directory = os.path.join(run_dir, "checkpoints")
+    if checkpoint.saved_steps(directory):  # Step 0 written by the runner: what it holds.
+      model_at_0, _, step = train.load_model(config, run_dir)
+      ckpt = checkpoint.Checkpointer(directory, save_every=1, keep=1, async_save=False)
+      starts[os.path.basename(os.path.dirname(run_dir))] = (step, model_at_0,
+                                                             ckpt.restore_data(0)[0])
+      ckpt.close()
+    train.train_and_evaluate(config, run_dir)
+
+  records = study.run_study(s, str(tmp_path), train_fn=train_fn, log=lambda _: None)
+  base_dir = os.path.join(tmp_path, "start", "runs", "base", "seed0")
+  base, _, base_step = train.load_model(train.load_run_config(base_dir), base_dir)
+  ckpt = checkpoint.Checkpointer(os.path.join(base_dir, "checkpoints"), save_every=1, keep=1,
+                                 async_save=False)
+  base_data = ckpt.restore_data(base_step)[0]
+  ckpt.close()
+  assert sorted(starts) == ["continued", "upcycled"] and base_step == 6
+  for name, (step, start, data_state) in starts.items():
+    assert step == 0 and data_state == base_data and data_state, name
+    np.testing.assert_array_equal(start.embed_VD[...], base.embed_VD[...])
+  upcycled = starts["upcycled"][1]
+  for e in range(4):
+    np.testing.assert_array_equal(upcycled.blocks[1].ffn.wi[...][e],
+                                  base.blocks[1].ffn.w_up_DF[...])
+  keys = {r["arm"]: r["config_key"] for r in records if r.get("final")}
+  assert keys["continued"].endswith("+from:" + keys["base"]) and "+from:" not in keys["base"]
+
+  def no_training(config, run_dir):
+    raise AssertionError(f"retrained {run_dir}")
+
+  assert len(study.run_study(s, str(tmp_path), train_fn=no_training, log=lambda _: None)) == len(
+      records)
+  with pytest.raises(ValueError, match="'later', which must be an arm listed before it"):
+    dataclasses.replace(s, arms=(study.Arm("x", "configs/dense.py", start_from="later"),
+                                 study.Arm("later", "configs/dense.py")))
+
+
 # --- the committed studies -----------------------------------------------------------------------
 
 
