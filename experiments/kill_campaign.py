@@ -7,8 +7,9 @@
    steps, async saves, an eval every 10) without interruption: the reference.
 2. Trains the same config in another workdir, and `--kills` times: waits until the process has
    logged its first training step (start-up and compilation done), then sends the next signal of
-   `--signals` (cycled) at a moment drawn uniformly over the first four fifths of the time the
-   reference took for the steps left (the rest is the final eval and save), so kills land during
+   `--signals` (cycled) at a moment drawn uniformly over four fifths of the time the reference
+   took for the next 2 x steps / kills steps, at most the steps left (the rest is the final eval
+   and save): on average a kill every steps / kills steps, so kills land during
    steps, async saves and evals; then restarts the same command. SIGKILL tests crash safety,
    SIGTERM the preemption path (finish the step, save, exit 0). Finally it runs the command once
    more to the end.
@@ -122,8 +123,11 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
     if not _wait_for_first_step(proc, killed_log, since):
       break  # Finished (or failed) before logging a step: nothing left to kill.
     first = _steps_logged(killed_log, since)[0]
-    # Uniform over the first four fifths of what is left (the end is the final eval and save).
-    time.sleep(rng.uniform(0, 0.8 * train_time * (steps - first + 1) / steps))
+    # Uniform over four fifths of the time of the next 2 * steps / kills steps (on average
+    # steps / kills per attempt, so the kills spread over the whole run), at most what is left
+    # (the end is the final eval and save).
+    window_steps = min(steps - first + 1, 2 * steps / kills)
+    time.sleep(rng.uniform(0, 0.8 * train_time * window_steps / steps))
     if proc.poll() is not None:
       log(f"kill {i + 1}: the run finished before the signal")
       break
