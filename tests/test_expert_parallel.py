@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import processes
-from moejax import audit, sharding
+from moejax import audit, routing, sharding
 from moejax.moe import MoEConfig, MoELayer
 
 B, L, D = 8, 12, 7
@@ -107,8 +107,16 @@ def test_forward_moves_only_the_capacity_buffer():
   assert summary["all-to-all"] == {"count": 2, "bytes": 2 * buffer_bytes}, summary
   assert [c.bytes for c in found if c.kind == "all-to-all"] == [buffer_bytes, buffer_bytes]
   assert "all-gather" not in summary
-  # The only all-reduce carries routing statistics: O(E + K) floats, never token activations.
-  assert summary.get("all-reduce", {"bytes": 0})["bytes"] <= 4 * (2 * E + 2 * 2 + 16)
+  # The only all-reduce carries the routing sums (O(E + K) floats), never token activations: at
+  # most one copy of `routing.routing_sums`' output, and far below one sequence's activations.
+  def sums_of(logits_GSE):
+    valid_GS = jnp.ones(logits_GSE.shape[:2], bool)
+    r = routing.route(logits_GSE, valid_GS, top_k=2, capacity=C_expected)
+    return routing.routing_sums(r, valid_GS)
+  sums = jax.eval_shape(sums_of, jax.ShapeDtypeStruct((1, 24, E), jnp.float32))
+  sums_bytes = sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(sums))
+  assert sums_bytes < 24 * d_model * 4
+  assert summary.get("all-reduce", {"bytes": 0})["bytes"] <= sums_bytes
 
 
 def test_audit_parses_hlo_shapes():

@@ -3,12 +3,13 @@ prioritized) and Switch's No-Token-Left-Behind rerouting, each with its causal l
 
 Top-2 arms: `configs/switch.py` with top_k=2, GShard gates renormalised over the two choices,
 experts F/2 (FLOP-matched to top-1), E=8, train CF 1.0 unless named. Top-1 arms: `switch.py` at CF
-1.0. Every run is evaluated at eval CF {0.5, 1, 1.25, 2, inf} (as `capacity`, whose `top-2 CF 1`,
-`top-2 CF 0.5` and `top-1 CF 1` runs are these `position` and `drop` arms: reused) and its routing
+1.0. Every run is evaluated at eval CF {0.5, 1, 1.25, 2, inf} (as `capacity`) and its routing
 leak is measured on 128 positions (`moejax.causal`: causal minus teacher-forced CE at the eval CF
 2.0; zero for causal-safe routing).
 
-CPU scale: 1,200 steps x 2,048 tokens; 30 runs, 9 reused from `capacity`, ~6 min each on 2 cores.
+CPU scale: 600 steps x 2,048 tokens (half of `capacity`'s 1,200, so that 10 arms x 3 seeds fit
+the ~2 h budget of a study; nothing is reused, since the leak needs each run's checkpoint); 30
+runs of ~3.5 min on 2 cores.
 
     python experiments/reproduce.py --study=routing_policies --workdir=experiments/results \
         --data=../shared/data/linux_kernel_docs.txt,../shared/data/python_docs.txt
@@ -64,7 +65,7 @@ STUDY = Study(
         Better("random second expert costs nothing vs all (inconclusive = no cost)",
                "top-2 random CF 1", "top-2 position CF 1"),
     ),
-    scales={"cpu": scales.cpu(1200), "tpu": scales.TPU},
+    scales={"cpu": scales.cpu(600), "tpu": scales.TPU},
     columns=(("nodrop/ce", "no-drop eval CE"), ("cf1/ce", "eval CE at CF 1"),
              ("train_drop", "dropped in training"), ("leak", "causal leak (nats)"),
              ("moe/skipped_fraction", "2nd choices skipped")),
