@@ -721,6 +721,7 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
 
   final = final_records(records)
   done = {(a, s) for a, s in final}
+  offsets = start_steps(study, records)
   paths = []
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for arm in study.arms:
@@ -728,7 +729,8 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
     for r in records:
       if r["arm"] == arm.name and (r["arm"], r["seed"]) in done and study.curve_metric in r[
           "metrics"]:
-        by_step.setdefault(r["step"], []).append(r["metrics"][study.curve_metric])
+        by_step.setdefault(offsets[arm.name] + r["step"], []).append(
+            r["metrics"][study.curve_metric])
     if not by_step:
       continue
     steps = sorted(by_step)
@@ -736,7 +738,8 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
     line, = ax.plot(steps, mean, marker=".", label=f"{arm.name} (n={len(by_step[steps[-1]])})")
     ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                     color=line.get_color(), alpha=0.2)
-  ax.set_xlabel("training step")
+  ax.set_xlabel("training step" + (" (an arm started from another continues its step count)"
+                                    if any(offsets.values()) else ""))
   ax.set_ylabel(study.curve_metric + " (nats per token)")
   ax.set_title(f"{study.name}: eval loss (mean over seeds, band = min..max)")
   _zoom_to_tail(ax, records, study.curve_metric, done)
@@ -759,6 +762,20 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     paths.append(save_figure(fig, out_dir, spec.filename))
   return paths
+
+
+def start_steps(study: Study, records: Sequence[dict]) -> dict[str, int]:
+  """Per arm, the optimizer steps its weights had seen before its own step 0: 0 for an arm trained
+  from scratch; the source's own offset plus its last recorded step for `start_from` arms."""
+  last: dict[str, int] = {}
+  for r in records:
+    last[r["arm"]] = max(last.get(r["arm"], 0), r["step"])
+  by_name = {a.name: a for a in study.arms}
+  def offset(arm: Arm) -> int:
+    if not arm.start_from:
+      return 0
+    return offset(by_name[arm.start_from]) + last.get(arm.start_from, 0)
+  return {a.name: offset(a) for a in study.arms}
 
 
 def _values(final, arm: str, metric: str) -> list[float]:

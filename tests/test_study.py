@@ -277,6 +277,8 @@ def test_arms_that_start_from_another_arms_checkpoint(tmp_path):
                                   base.blocks[1].ffn.w_up_DF[...])
   keys = {r["arm"]: r["config_key"] for r in records if r.get("final")}
   assert keys["continued"].endswith("+from:" + keys["base"]) and "+from:" not in keys["base"]
+  # Plots put a continuation at the total steps its weights have seen: after the base's 6.
+  assert study.start_steps(s, records) == {"base": 0, "continued": 6, "upcycled": 6}
 
   def no_training(config, run_dir):
     raise AssertionError(f"retrained {run_dir}")
