@@ -47,7 +47,8 @@ def dense_ffn_step(d_model: int, d_ff: int, tokens: int):
 OPTIONS = {
     "plain": {},
     "sigmoid+scale": {"score": "sigmoid", "routed_scaling_factor": 2.5},
-    "expert choice": {"choice": "expert", "gate": "softmax"},
+    # Its capacity is part of the model: eval uses the train CF (MoEConfig refuses otherwise).
+    "expert choice": {"choice": "expert", "gate": "softmax", "eval_capacity_factor": None},
     "4 groups, 2/token": {"num_expert_groups": 4, "topk_groups": 2},
     "selection bias": {"bias_update_rate": 1e-3},
     "1 shared expert": {"num_shared_experts": 1},
@@ -58,6 +59,8 @@ OPTIONS = {
 
 def moe_step(d_model: int, d_ff: int, tokens: int, groups: int, experts: int, top_k: int,
              capacity_factor: float, dispatch: str, **options):
+  if "eval_capacity_factor" in options and options["eval_capacity_factor"] is None:
+    options = {**options, "eval_capacity_factor": capacity_factor}
   cfg = MoEConfig(num_experts=experts, top_k=top_k, d_ff=d_ff, capacity_factor=capacity_factor,
                   num_groups=groups, dispatch=dispatch,
                   **{"gate": "softmax" if top_k == 1 else "gshard", **options})
@@ -85,6 +88,20 @@ def time_it(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def interleaved_times(steps: dict, repeats: int) -> dict[str, list[float]]:
+  """Times every step once per round, `repeats` rounds: a change of machine load (other jobs on
+  a shared host) lands on every variant alike instead of on whichever ran during it."""
+  for fn in steps.values():
+    jax.block_until_ready(fn())  # compile + warm-up
+  times = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, fn in steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tokens", type=int, default=8192)
@@ -97,7 +114,8 @@ def main():
   parser.add_argument("--dispatch", default="sort,onehot")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--options", action="store_true",
-                      help="time each routing option of OPTIONS at the first E, k and dispatch")
+                      help="time each routing option of OPTIONS at the first E, k and dispatch "
+                           "(interleaved rounds, median)")
   args = parser.parse_args()
   if args.options:
     e, k = int(args.experts.split(",")[0]), int(args.top_k.split(",")[0])
@@ -105,12 +123,14 @@ def main():
     print(f"# fwd+bwd, T={args.tokens} D={args.d_model} F={args.d_ff} G={args.groups} "
           f"CF={args.capacity_factor} E={e} k={k} {dispatch}, median of {args.repeats}, "
           f"{jax.devices()[0].platform}")
-    base = None
-    for name, options in OPTIONS.items():
-      t = time_it(moe_step(args.d_model, args.d_ff, args.tokens, args.groups, e, k,
-                           args.capacity_factor, dispatch, **options), args.repeats)
-      base = base or t
-      print(f"{name:>18} {1e3 * t:>9.1f} ms {t / base:>6.2f}x", flush=True)
+    steps = {name: moe_step(args.d_model, args.d_ff, args.tokens, args.groups, e, k,
+                            args.capacity_factor, dispatch, **options)
+             for name, options in OPTIONS.items()}
+    times = interleaved_times(steps, args.repeats)
+    base = statistics.median(times["plain"])
+    for name, ts in times.items():
+      t = statistics.median(ts)
+      print(f"{name:>20} {1e3 * t:>9.1f} ms {t / base:>6.2f}x", flush=True)
     return
   experts = [int(e) for e in args.experts.split(",")]
   print(f"# fwd+bwd, T={args.tokens} D={args.d_model} F={args.d_ff} G={args.groups} "

@@ -2,6 +2,8 @@
 
 import dataclasses
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -451,3 +453,14 @@ def test_capacity_options_reach_the_layer(kw, S, C):
   _, aux = layer(x)
   kept_first = (1 - float(aux.metrics["dropped_fraction"][0])) * S
   assert kept_first == pytest.approx(C), (kept_first, C)
+
+
+
+def test_layer_benchmark_builds_every_routing_option():
+  """`experiments/bench_moe.py --options` times each of its OPTIONS: each must be a valid layer
+  with finite gradients (expert choice once broke it: its capacity is part of the model)."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+  import bench_moe  # pylint: disable=import-outside-toplevel
+  for name, options in bench_moe.OPTIONS.items():
+    grads = bench_moe.moe_step(8, 16, 32, 2, 4, 2, 1.25, "sort", **options)()
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads)), name
