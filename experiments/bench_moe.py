@@ -47,8 +47,7 @@ def dense_ffn_step(d_model: int, d_ff: int, tokens: int):
 OPTIONS = {
     "plain": {},
     "sigmoid+scale": {"score": "sigmoid", "routed_scaling_factor": 2.5},
-    # Its capacity is part of the model: eval uses the train CF (MoEConfig refuses otherwise).
-    "expert choice": {"choice": "expert", "gate": "softmax", "eval_capacity_factor": None},
+    "expert choice": {"choice": "expert", "gate": "softmax"},
     "4 groups, 2/token": {"num_expert_groups": 4, "topk_groups": 2},
     "selection bias": {"bias_update_rate": 1e-3},
     "1 shared expert": {"num_shared_experts": 1},
@@ -59,10 +58,10 @@ OPTIONS = {
 
 def moe_step(d_model: int, d_ff: int, tokens: int, groups: int, experts: int, top_k: int,
              capacity_factor: float, dispatch: str, **options):
-  if "eval_capacity_factor" in options and options["eval_capacity_factor"] is None:
-    options = {**options, "eval_capacity_factor": capacity_factor}
+  # A training step: eval capacity plays no part, so it is set to the train CF (which expert
+  # choice requires: its capacity is part of the model).
   cfg = MoEConfig(num_experts=experts, top_k=top_k, d_ff=d_ff, capacity_factor=capacity_factor,
-                  num_groups=groups, dispatch=dispatch,
+                  eval_capacity_factor=capacity_factor, num_groups=groups, dispatch=dispatch,
                   **{"gate": "softmax" if top_k == 1 else "gshard", **options})
   layer = MoELayer(cfg, d_model, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (groups, tokens // groups, d_model))
@@ -78,16 +77,6 @@ def moe_step(d_model: int, d_ff: int, tokens: int, groups: int, experts: int, to
   return lambda: step(params, x)
 
 
-def time_it(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def interleaved_times(steps: dict, repeats: int) -> dict[str, list[float]]:
   """Times every step once per round, `repeats` rounds: a change of machine load (other jobs on
   a shared host) lands on every variant alike instead of on whichever ran during it."""
@@ -100,6 +89,11 @@ def interleaved_times(steps: dict, repeats: int) -> dict[str, list[float]]:
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
   return times
+
+
+def time_it(fn, repeats: int) -> float:
+  """Median seconds of one call of `fn` after a compile + warm-up call."""
+  return statistics.median(interleaved_times({"fn": fn}, repeats)["fn"])
 
 
 def main():

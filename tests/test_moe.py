@@ -455,7 +455,6 @@ def test_capacity_options_reach_the_layer(kw, S, C):
   assert kept_first == pytest.approx(C), (kept_first, C)
 
 
-
 def test_layer_benchmark_builds_every_routing_option():
   """`experiments/bench_moe.py --options` times each of its OPTIONS: each must be a valid layer
   with finite gradients (expert choice once broke it: its capacity is part of the model)."""

@@ -56,6 +56,6 @@ STUDY = Study(
     scales={"cpu": scales.cpu(600), "tpu": scales.TPU},
     notes=("Continuation arms restart the learning-rate schedule (warmup + cosine over their 600 "
            "steps) with a fresh optimizer state, as Komatsuzaki et al. do; `curves.png` plots them "
-           "at the total steps their weights have seen (the base's 600 plus their own). The 1,200-step arms are reused from "
-           "`moe_vs_dense` when their configs match (same key)."),
+           "at the total steps their weights have seen (the base's 600 plus their own). The "
+           "1,200-step arms are reused from `moe_vs_dense` when their configs match (same key)."),
 )
