@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> list[str]:
   parser.add_argument("--prompt", action="append", default=[],
                       help="a prompt (repeat for a batch)")
   parser.add_argument("--prompt_file", help="one prompt per line (blank lines skipped)")
-  parser.add_argument("--max_new_tokens", type=int, default=128)
+  parser.add_argument("--max_new_tokens", type=int, default=None,
+                      help="default: 128, or fewer if the run's seq_len allows fewer")
   parser.add_argument("--temperature", type=float, default=1.0)
   parser.add_argument("--top_k", type=int, default=0)
   parser.add_argument("--top_p", type=float, default=1.0)
@@ -47,10 +48,13 @@ def main(argv: list[str] | None = None) -> list[str]:
   if args.prompt_file:
     with open(args.prompt_file, encoding="utf-8") as f:
       prompts += [line.rstrip("\n") for line in f if line.strip()]
-  generate.check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
   config = train.load_run_config(args.workdir)
   tokenizer = data_lib.get_tokenizer(config.data)
-  prompt_ids = generate.encode_prompts(tokenizer, prompts)  # Bad prompts fail before loading.
+  prompt_ids = generate.encode_prompts(tokenizer, prompts)  # Bad input fails before loading.
+  if args.max_new_tokens is None:
+    args.max_new_tokens = max(1, min(128, config.seq_len - max(len(p) for p in prompt_ids)))
+  generate.check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+  generate.check_lengths(prompt_ids, args.max_new_tokens, config.seq_len)
   mesh_shape = sharding.parse_mesh(args.mesh) if args.mesh else None
   model, mesh, step = train.load_model(config, args.workdir, args.step, mesh_shape=mesh_shape)
   with jax.set_mesh(mesh):

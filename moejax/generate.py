@@ -120,6 +120,20 @@ def pad_prompts(prompts: Sequence[np.ndarray], rows: int) -> dict[str, np.ndarra
   return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
+def check_lengths(prompts: Sequence[np.ndarray], max_new_tokens: int,
+                  max_len: int | None) -> None:
+  """Raises ValueError unless there are prompts, none is empty, and the longest plus
+  `max_new_tokens` fits `max_len` (the run's `seq_len`; None = no bound)."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("prompts: allowed one or more non-empty token-id arrays.")
+  longest = max(len(p) for p in prompts)
+  if max_len is not None and longest + max_new_tokens > max_len:
+    raise ValueError(
+        f"max_new_tokens={max_new_tokens} after a {longest}-token prompt is "
+        f"{longest + max_new_tokens} tokens, more than the run's seq_len={max_len}; allowed: "
+        f"prompt + max_new_tokens <= {max_len}.")
+
+
 def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
              key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | None = None, capacity_factor: float | None = math.inf,
@@ -131,14 +145,7 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   model never saw longer rows.
   """
   check_sampling(temperature, top_k, top_p, max_new_tokens)
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("prompts: allowed one or more non-empty token-id arrays.")
-  longest = max(len(p) for p in prompts)
-  if max_len is not None and longest + max_new_tokens > max_len:
-    raise ValueError(
-        f"max_new_tokens={max_new_tokens} after a {longest}-token prompt is "
-        f"{longest + max_new_tokens} tokens, more than the run's seq_len={max_len}; allowed: prompt + max_new_tokens <= "
-        f"{max_len}.")
+  check_lengths(prompts, max_new_tokens, max_len)
   mesh = jax.sharding.get_abstract_mesh()
   shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES
                                           if a in mesh.axis_names)

@@ -25,6 +25,7 @@ from configs import tiny  # noqa: E402
 from moejax import study, train  # noqa: E402
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def _config(**overrides):
@@ -224,12 +225,19 @@ def test_bad_input_raises_before_compiling_and_loses_nothing(name, trained, file
     del duration, kwargs
     if event == BACKEND_COMPILE_EVENT:
       compiles.append(event)
+
+  def cache_listener(event, **kwargs):
+    del kwargs
+    if event == CACHE_HIT_EVENT:  # The persistent cache (tests/conftest.py) skips the compile.
+      compiles.append(event)
   jax.monitoring.register_event_duration_secs_listener(listener)
+  jax.monitoring.register_event_listener(cache_listener)
   try:
     with pytest.raises(case.error, match=case.message):
       train.train_and_evaluate(_config(**overrides), str(workdir))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+    jax.monitoring.unregister_event_listener(cache_listener)
   assert not compiles, f"{len(compiles)} compilation(s) before the error"
   assert _snapshot(workdir) == before
 

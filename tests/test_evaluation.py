@@ -90,7 +90,10 @@ def test_sample_cli_generates_from_the_checkpoint(run, capsys):
      r"no checkpoint of step 5; saved steps: \[4, 8\]"),
     (["--prompt=x", "--mesh=data=3"], ValueError, "mesh"),
 ])
-def test_sample_cli_errors_name_the_problem(run, argv, error, match):
+def test_sample_cli_errors_name_the_problem(run, argv, error, match, monkeypatch):
+  def built(*args, **kwargs):
+    raise AssertionError("the model was built before the bad argument was found")
+  monkeypatch.setattr(train, "create_model_and_optimizer", built)
   with pytest.raises(error, match=match):
     sample_cli.main([f"--workdir={run[0]}", *argv])
 
