@@ -36,7 +36,7 @@ from flax import nnx
 
 # Dense bfloat16 peak TFLOP/s per chip, by a substring of `jax.Device.device_kind` (lower case);
 # the first match wins, so the longer names come first.
-PEAK_TFLOPS = (("h100", 989.0), ("h200", 989.0), ("gh200", 989.0), ("a100", 312.0),
+PEAK_TFLOPS = (("gh200", 989.0), ("h100", 989.0), ("h200", 989.0), ("a100", 312.0),
                ("tpu v6 lite", 918.0), ("tpu v6e", 918.0), ("tpu v5 lite", 197.0),
                ("tpu v5e", 197.0), ("tpu v5p", 459.0), ("tpu v5", 459.0), ("tpu v4", 275.0))
 

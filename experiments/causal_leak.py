@@ -1,20 +1,30 @@
 """How much does a trained MoE decoder's routing leak the future? Teacher-forced vs causal eval.
 
-    python experiments/causal_leak.py --workdir=RUN [--positions=256] [--capacity_factor=1.25]
+    python experiments/causal_leak.py --workdir=RUN [--workdir=RUN2 ...] [--positions=256] \
+        [--capacity_factor=1.25 | --capacity_factor=train]
 
-Restores the run's latest checkpoint (with the config it wrote, `RUN/config.json`), takes one eval
+Restores each run's latest checkpoint (with the config it wrote, `RUN/config.json`), takes one eval
 batch of its own data, and evaluates `--positions` positions (evenly spaced over the sequence) twice:
 teacher-forced (the whole row routed at once, as training and the trainer's eval do) and causally
 (every token after t masked out of routing, as generation sees it). Prints both CEs and the gap,
 the leak in nats (`moejax.causal`). The capacity factor is the run's eval one unless
-`--capacity_factor` is given (e.g. its train CF, where drops and so leaks are larger).
+`--capacity_factor` is given: a number, or `train` for each run's own train CF (where drops, and
+so leaks, are larger). With several runs it also prints a markdown table of the leak per group of
+runs, mean ± std over the runs of a group; a group is a run directory's parent (a study's arm:
+`experiments/results/STUDY/runs/ARM/seedN`), e.g.
+
+    python experiments/causal_leak.py --capacity_factor=train --positions=128 \
+        --workdir="experiments/results/routing_policies/runs/*/seed*"
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import math
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,19 +32,64 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moejax import causal, train  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def main() -> None:
+def _capacity_factor(value: str | None, workdir: str) -> float | None:
+  if value is None:
+    return None
+  if value == "train":
+    return float(train.load_run_config(workdir).model.moe.capacity_factor)
+  try:
+    return float(value)
+  except ValueError:
+    raise ValueError(f"--capacity_factor={value!r}; allowed: a number, or 'train'.") from None
+
+
+def _mean_std(values: list[float]) -> str:
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f"{statistics.mean(values):+.5f} ± {std:.5f}"
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--workdir", action="append", required=True,
+                      help="a run directory or a glob of them (repeatable)")
   parser.add_argument("--positions", type=int, default=256)
-  parser.add_argument("--capacity_factor", type=float, default=None)
-  args = parser.parse_args()
-  r = causal.measure_run(args.workdir, args.positions, args.capacity_factor)
-  moe = train.load_run_config(args.workdir).model.moe
-  print(f"# {args.workdir} step {r['step']}: top-{moe.top_k} priority={moe.priority} "
-        f"overflow={moe.overflow} CF {r['capacity_factor']:g}, {r['positions']} positions")
-  print(f"teacher-forced CE {r['teacher_forced_ce']:.5f}  causal CE {r['causal_ce']:.5f}  "
-        f"leak {r['leak']:+.5f} nats" + ("" if math.isfinite(r["leak"]) else " (non-finite)"))
+  parser.add_argument("--capacity_factor", default=None, help="a number, or 'train'")
+  args = parser.parse_args(argv)
+  workdirs = []
+  for pattern in args.workdir:
+    found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    if not found:
+      raise FileNotFoundError(f"--workdir={pattern!r} matches no directory.")
+    workdirs += found
+  workdirs = list(dict.fromkeys(workdirs))  # A run named twice is measured once.
+  cfs = {w: _capacity_factor(args.capacity_factor, w) for w in workdirs}  # Fails before loading.
+  results = {}
+  for workdir in workdirs:
+    r = causal.measure_run(workdir, args.positions, cfs[workdir])
+    moe = train.load_run_config(workdir).model.moe
+    print(f"# {workdir} step {r['step']}: top-{moe.top_k} priority={moe.priority} "
+          f"overflow={moe.overflow} CF {r['capacity_factor']:g}, {r['positions']} positions")
+    print(f"teacher-forced CE {r['teacher_forced_ce']:.5f}  causal CE {r['causal_ce']:.5f}  "
+          f"leak {r['leak']:+.5f} nats" + ("" if math.isfinite(r["leak"]) else " (non-finite)"),
+          flush=True)
+    results[workdir] = r
+  if len(workdirs) > 1:
+    groups = collections.defaultdict(list)
+    for workdir, r in results.items():
+      groups[os.path.basename(os.path.dirname(os.path.abspath(workdir)))].append(r)
+    print("\n| runs | n | CF | teacher-forced CE | causal CE | leak (nats, mean ± std) |")
+    print("|---|---|---|---|---|---|")
+    for group, rs in groups.items():
+      cf = ", ".join(sorted({f"{r['capacity_factor']:g}" for r in rs}))
+      print(f"| {group} | {len(rs)} | {cf} | "
+            f"{statistics.mean(r['teacher_forced_ce'] for r in rs):.4f} | "
+            f"{statistics.mean(r['causal_ce'] for r in rs):.4f} | "
+            f"{_mean_std([r['leak'] for r in rs])} |")
+  return results
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")

@@ -4,6 +4,7 @@ measures other text; experiments/sample.py generates from a checkpoint; clear er
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -13,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import causal_leak as causal_leak_cli  # noqa: E402
 import evaluate as evaluate_cli  # noqa: E402
 import sample as sample_cli  # noqa: E402
 from moejax import evaluation, train  # noqa: E402
@@ -105,3 +107,26 @@ def test_a_workdir_without_a_checkpoint_is_a_clear_error(run, tmp_path):
     evaluation.evaluate_run(str(tmp_path))
   with pytest.raises(ValueError, match="capacity_factors"):
     evaluate_cli.main([f"--workdir={run[0]}", "--capacity_factors=0,1"])
+
+
+def test_causal_leak_cli_at_the_train_capacity_factor_over_a_glob(run, tmp_path, capsys,
+                                                                  monkeypatch):
+  workdir, _ = run
+  train_cf = train.load_run_config(workdir).model.moe.capacity_factor
+  for seed in (0, 1):  # Two copies of the run: one arm of a study, two "seeds".
+    shutil.copytree(workdir, tmp_path / "arm" / f"seed{seed}")
+  results = causal_leak_cli.main([f"--workdir={tmp_path}/arm/seed*", "--capacity_factor=train",
+                                  "--positions=3"])
+  assert len(results) == 2
+  r0, r1 = results.values()
+  assert r0 == r1 and r0["capacity_factor"] == train_cf and r0["positions"] == 3
+  assert r0["leak"] == pytest.approx(r0["causal_ce"] - r0["teacher_forced_ce"])
+  assert f"| arm | 2 | {train_cf:g} | {r0['teacher_forced_ce']:.4f} |" in capsys.readouterr().out
+
+  def built(*args, **kwargs):
+    raise AssertionError("the model was built before the bad argument was found")
+  monkeypatch.setattr(train, "create_model_and_optimizer", built)
+  with pytest.raises(ValueError, match="--capacity_factor='half'; allowed: a number, or 'train'"):
+    causal_leak_cli.main([f"--workdir={workdir}", "--capacity_factor=half"])
+  with pytest.raises(FileNotFoundError, match="matches no directory"):
+    causal_leak_cli.main([f"--workdir={workdir}-missing*"])
