@@ -6,11 +6,13 @@
 1. Trains a small config (`configs/tiny.py:runlocal`, `--steps` steps, a checkpoint every 3
    steps, async saves, an eval every 10) without interruption: the reference.
 2. Trains the same config in another workdir, and `--kills` times: waits until the process has
-   logged its first training step (start-up and compilation done), then sends the next signal of
-   `--signals` (cycled) at a moment drawn uniformly over four fifths of the time the reference
-   took for the next 2 x steps / kills steps, at most the steps left (the rest is the final eval
-   and save): on average a kill every steps / kills steps, so kills land during
-   steps, async saves and evals; then restarts the same command. SIGKILL tests crash safety,
+   logged its first training step (start-up and compilation done), draws a target step uniformly
+   from the next 2 x steps / kills steps (never the last: the run must still be going), waits
+   until the log shows it, and sends the next signal of `--signals` (cycled) after a further
+   delay drawn uniformly over one reference step time: on average a kill every steps / kills
+   steps, landing during steps, async saves and evals; then restarts the same command. Targets
+   are steps, not seconds, so a restart that runs faster than the reference (its compilations
+   found in JAX's cache) is still interrupted. SIGKILL tests crash safety,
    SIGTERM the preemption path (finish the step, save, exit 0). Finally it runs the command once
    more to the end.
 3. Compares the two runs: every parameter and optimizer array of the final checkpoint
@@ -123,11 +125,13 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
     if not _wait_for_first_step(proc, killed_log, since):
       break  # Finished (or failed) before logging a step: nothing left to kill.
     first = _steps_logged(killed_log, since)[0]
-    # Uniform over four fifths of the time of the next 2 * steps / kills steps (on average
-    # steps / kills per attempt, so the kills spread over the whole run), at most what is left
-    # (the end is the final eval and save).
-    window_steps = min(steps - first + 1, 2 * steps / kills)
-    time.sleep(rng.uniform(0, 0.8 * train_time * window_steps / steps))
+    if first >= steps:
+      break  # Resumed at the last step: nothing left to interrupt.
+    # On average steps / kills steps per attempt, so the kills spread over the whole run.
+    target = rng.randint(first, min(steps - 1, first + max(1, round(2 * steps / kills)) - 1))
+    while proc.poll() is None and max(_steps_logged(killed_log, since)) < target:
+      time.sleep(0.05)
+    time.sleep(rng.uniform(0, train_time / steps))
     if proc.poll() is not None:
       log(f"kill {i + 1}: the run finished before the signal")
       break

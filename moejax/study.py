@@ -161,6 +161,16 @@ class MetricPlot:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepPlot:
+  """Key plot: `metric` of every eval against training step, one curve per arm (mean over seeds,
+  band = min..max), like `curves.png` for another metric (e.g. the router z-loss)."""
+  filename: str
+  metric: str
+  ylabel: str
+  log_y: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Study:
   """A paper claim, the arms and seeds that test it, and how to read the result."""
   name: str
@@ -171,7 +181,7 @@ class Study:
   scales: Mapping[str, Mapping[str, Any]]  # name -> overrides for every arm ("cpu" first).
   seeds: tuple[int, ...] = (0, 1, 2)
   columns: tuple[tuple[str, str], ...] = (("nodrop/ce", "no-drop eval CE"),)
-  plots: tuple[ArmPlot | MetricPlot, ...] = ()
+  plots: tuple[ArmPlot | MetricPlot | StepPlot, ...] = ()
   curve_metric: str = "nodrop/ce"  # Plotted against step in `curves.png`.
   reuse: str | None = None  # Train nothing: read the runs of this study (same arms).
   # > 0: after each MoE run, measure its routing leak on this many positions (`moejax.causal`):
@@ -724,20 +734,7 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
   offsets = start_steps(study, records)
   paths = []
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for arm in study.arms:
-    by_step: dict[int, list[float]] = {}
-    for r in records:
-      if r["arm"] == arm.name and (r["arm"], r["seed"]) in done and study.curve_metric in r[
-          "metrics"]:
-        by_step.setdefault(offsets[arm.name] + r["step"], []).append(
-            r["metrics"][study.curve_metric])
-    if not by_step:
-      continue
-    steps = sorted(by_step)
-    mean = [statistics.mean(by_step[s]) for s in steps]
-    line, = ax.plot(steps, mean, marker=".", label=f"{arm.name} (n={len(by_step[steps[-1]])})")
-    ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                    color=line.get_color(), alpha=0.2)
+  _step_curves(ax, study, records, study.curve_metric, offsets, done)
   ax.set_xlabel("training step" + (" (an arm started from another continues its step count)"
                                     if any(offsets.values()) else ""))
   ax.set_ylabel(study.curve_metric + " (nats per token)")
@@ -749,19 +746,44 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
 
   for spec in study.plots:
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    if spec.log_x:  # Before drawing: the plots set their own ticks at the arms' x.
-      ax.set_xscale("log", base=2)
-    if isinstance(spec, ArmPlot):
-      _arm_plot(ax, study, spec, final)
+    if isinstance(spec, StepPlot):
+      if spec.log_y:
+        ax.set_yscale("log")
+      _step_curves(ax, study, records, spec.metric, offsets, done)
+      ax.set_xlabel("training step")
+      ax.set_ylabel(spec.ylabel)
+      ax.set_title(f"{study.name}: {spec.metric} (mean over seeds, band = min..max)", fontsize=10)
     else:
-      _metric_plot(ax, study, spec, final)
-    ax.set_xlabel(spec.xlabel)
-    ax.set_ylabel(spec.ylabel)
-    ax.set_title(f"{study.name}: mean ± std over seeds", fontsize=10)
+      if spec.log_x:  # Before drawing: the plots set their own ticks at the arms' x.
+        ax.set_xscale("log", base=2)
+      if isinstance(spec, ArmPlot):
+        _arm_plot(ax, study, spec, final)
+      else:
+        _metric_plot(ax, study, spec, final)
+      ax.set_xlabel(spec.xlabel)
+      ax.set_ylabel(spec.ylabel)
+      ax.set_title(f"{study.name}: mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     paths.append(save_figure(fig, out_dir, spec.filename))
   return paths
+
+
+def _step_curves(ax, study: Study, records: Sequence[dict], metric: str, offsets: dict[str, int],
+                 done: set) -> None:
+  """Per arm, `metric` of its finished runs' evals against step: mean line, min..max band."""
+  for arm in study.arms:
+    by_step: dict[int, list[float]] = {}
+    for r in records:
+      if r["arm"] == arm.name and (r["arm"], r["seed"]) in done and metric in r["metrics"]:
+        by_step.setdefault(offsets[arm.name] + r["step"], []).append(r["metrics"][metric])
+    if not by_step:
+      continue
+    steps = sorted(by_step)
+    mean = [statistics.mean(by_step[s]) for s in steps]
+    line, = ax.plot(steps, mean, marker=".", label=f"{arm.name} (n={len(by_step[steps[-1]])})")
+    ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                    color=line.get_color(), alpha=0.2)
 
 
 def start_steps(study: Study, records: Sequence[dict]) -> dict[str, int]:

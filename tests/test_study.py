@@ -109,6 +109,32 @@ def test_study_rejects_unknown_arms_and_duplicates():
     study.Study(name="s", paper="", claim="", arms=(arm, arm), claims=(), scales={"cpu": {}})
 
 
+def test_step_plot_draws_each_arms_metric_against_step_over_finished_runs(tmp_path, monkeypatch):
+  arms = (study.Arm("a", "configs/dense.py"), study.Arm("b", "configs/dense.py"))
+  spec = study.StepPlot("z.png", "moe/z_loss", "z", log_y=True)
+  s = study.Study(name="s", paper="", claim="", arms=arms, claims=(), scales={"cpu": {}},
+                  plots=(spec,))
+  def rec(arm, seed, step, z, final=False):
+    return {"arm": arm, "seed": seed, "step": step, "metrics": {"nodrop/ce": 1.0, "moe/z_loss": z},
+            **({"final": True} if final else {})}
+  records = [rec("a", 0, 10, 2.0), rec("a", 0, 20, 4.0, True), rec("a", 1, 10, 4.0),
+             rec("a", 1, 20, 8.0, True), rec("b", 0, 10, 0.5), rec("b", 0, 20, 0.25, True),
+             rec("b", 1, 10, 99.0)]  # Seed 1 of b never finished: left out.
+  drawn = {}
+  def capture(fig, out_dir, name):
+    ax = fig.axes[0]
+    drawn[name] = (ax.get_yscale(), {line.get_label(): (list(line.get_xdata()),
+                                                         list(line.get_ydata()))
+                                     for line in ax.get_lines()})
+    return os.path.join(out_dir, name)
+  monkeypatch.setattr(study, "save_figure", capture)
+  assert study.plot(s, records, str(tmp_path)) == [str(tmp_path / "curves.png"),
+                                                  str(tmp_path / "z.png")]
+  scale, lines = drawn["z.png"]
+  assert scale == "log"
+  assert lines == {"a (n=2)": ([10, 20], [3.0, 6.0]), "b (n=1)": ([10, 20], [0.5, 0.25])}
+
+
 def test_read_results_ignores_a_truncated_line_and_duplicates(tmp_path):
   path = tmp_path / "results.jsonl"
   rec = {"arm": "a", "seed": 0, "step": 3, "metrics": {"ce": 1.0}}

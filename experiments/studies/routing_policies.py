@@ -67,8 +67,7 @@ STUDY = Study(
     ),
     scales={"cpu": scales.cpu(600), "tpu": scales.TPU},
     columns=(("nodrop/ce", "no-drop eval CE"), ("cf1/ce", "eval CE at CF 1"),
-             ("train_drop", "dropped in training"), ("leak", "causal leak (nats)"),
-             ("moe/skipped_fraction", "2nd choices skipped")),
+             ("train_drop", "dropped in training"), ("leak", "causal leak (nats)")),
     causal_leak_positions=128,
     notes=("`causal leak` = causal minus teacher-forced CE on 128 positions of one eval batch at "
            "the eval CF 2.0 (`moejax.causal`): exactly 0 for causal-safe routing (token priority; "
