@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     args.max_new_tokens = max(1, min(128, config.seq_len - max(len(p) for p in prompt_ids)))
   generate.check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
   generate.check_lengths(prompt_ids, args.max_new_tokens, config.seq_len)
+  if config.model.get("moe") is not None and (config.model.moe_every or config.model.moe_layers):
+    generate.check_decodable(config.model.moe)
   mesh_shape = sharding.parse_mesh(args.mesh) if args.mesh else None
   model, mesh, step = train.load_model(config, args.workdir, args.step, mesh_shape=mesh_shape)
   with jax.set_mesh(mesh):

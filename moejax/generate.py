@@ -134,6 +134,19 @@ def check_lengths(prompts: Sequence[np.ndarray], max_new_tokens: int,
         f"prompt + max_new_tokens <= {max_len}.")
 
 
+def check_decodable(moe_cfg) -> None:
+  """Raises for expert-choice MoE layers (`moe_cfg`: the model's MoEConfig, or its ml_collections
+  form, or None for a dense model). Each expert ranks a whole group of tokens, and a decode step's
+  group is one new token per row, so the layer would compute another function (C slots per expert
+  out of B tokens, not out of the training group) than the one it was trained as."""
+  if moe_cfg is not None and moe_cfg.choice == "expert":
+    raise ValueError(
+        "MoEConfig.choice='expert': expert-choice routing ranks a whole group of tokens, which "
+        "autoregressive decoding does not have, so cached generation is not defined for it; "
+        "allowed: choice='token' (evaluate expert-choice runs teacher-forced, with "
+        "experiments/evaluate.py).")
+
+
 def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
              key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | None = None, capacity_factor: float | None = math.inf,
@@ -146,6 +159,8 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   """
   check_sampling(temperature, top_k, top_p, max_new_tokens)
   check_lengths(prompts, max_new_tokens, max_len)
+  layers = model.moe_layers()
+  check_decodable(layers[0].cfg if layers else None)
   mesh = jax.sharding.get_abstract_mesh()
   shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES
                                           if a in mesh.axis_names)

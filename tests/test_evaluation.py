@@ -100,6 +100,18 @@ def test_sample_cli_errors_name_the_problem(run, argv, error, match, monkeypatch
     sample_cli.main([f"--workdir={run[0]}", *argv])
 
 
+def test_sample_cli_refuses_an_expert_choice_run_before_loading_it(run, tmp_path, monkeypatch):
+  with open(os.path.join(run[0], "config.json")) as f:
+    config = json.load(f)
+  config["model"]["moe"].update(choice="expert", capacity_factor=1.0, eval_capacity_factor=1.0)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  def built(*args, **kwargs):
+    raise AssertionError("the model was built before the bad argument was found")
+  monkeypatch.setattr(train, "create_model_and_optimizer", built)
+  with pytest.raises(ValueError, match="choice='expert'"):
+    sample_cli.main([f"--workdir={tmp_path}", "--prompt=The"])
+
+
 def test_a_workdir_without_a_checkpoint_is_a_clear_error(run, tmp_path):
   with open(os.path.join(run[0], "config.json")) as f:
     (tmp_path / "config.json").write_text(f.read())

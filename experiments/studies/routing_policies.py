@@ -3,13 +3,14 @@ prioritized) and Switch's No-Token-Left-Behind rerouting, each with its causal l
 
 Top-2 arms: `configs/switch.py` with top_k=2, GShard gates renormalised over the two choices,
 experts F/2 (FLOP-matched to top-1), E=8, train CF 1.0 unless named. Top-1 arms: `switch.py` at CF
-1.0. Every run is evaluated at eval CF {0.5, 1, 1.25, 2, inf} (as `capacity`) and its routing
+1.0. Expert choice (added after the first 30 runs, for its leak): experts pick 2 S / E tokens each,
+experts F/2. Every token-choice run is evaluated at eval CF {0.5, 1, 1.25, 2, inf} (as `capacity`) and its routing
 leak is measured on 128 positions (`moejax.causal`: causal minus teacher-forced CE at the eval CF
 2.0; zero for causal-safe routing).
 
 CPU scale: 600 steps x 2,048 tokens (half of `capacity`'s 1,200, so that 10 arms x 3 seeds fit
-the ~2 h budget of a study; nothing is reused, since the leak needs each run's checkpoint); 30
-runs of ~3.5 min on 2 cores.
+the ~2 h budget of a study; nothing is reused, since the leak needs each run's checkpoint); 33
+runs of ~2.8-4.3 min on 2 cores.
 
     python experiments/reproduce.py --study=routing_policies --workdir=experiments/results \
         --data=../shared/data/linux_kernel_docs.txt,../shared/data/python_docs.txt
@@ -34,6 +35,12 @@ def _top1(**moe) -> dict:
 
 
 SWITCH = "configs/switch.py:experts=8"
+# Each expert takes its top C = 2 S / E tokens of a group (Zhou et al. 2022; 2 experts per token on
+# average, experts F/2 as the top-2 arms). The capacity is part of the model here, so eval runs at
+# the train value and there is no no-drop or CF sweep (its `nodrop/ce` is its CE at CF 1).
+EXPERT_CHOICE = {"model.moe.choice": "expert", "model.moe.top_k": 2,
+                 "model.moe.capacity_factor": 1.0, "model.moe.eval_capacity_factor": 1.0,
+                 "model.moe.d_ff": lambda c: c.model.d_ff // 2}
 
 STUDY = Study(
     name="routing_policies",
@@ -53,6 +60,7 @@ STUDY = Study(
         Arm("top-2 BPR CF 0.5", SWITCH, _top2(0.5, priority="probability")),
         Arm("top-1 drop CF 1", SWITCH, _top1()),
         Arm("top-1 reroute CF 1", SWITCH, _top1(overflow="reroute")),
+        Arm("expert choice CF 1 (2 per token)", SWITCH, EXPERT_CHOICE),
     ),
     claims=(
         Better("BPR beats position priority at CF 0.5", "top-2 BPR CF 0.5",
@@ -70,7 +78,8 @@ STUDY = Study(
              ("train_drop", "dropped in training"), ("leak", "causal leak (nats)")),
     causal_leak_positions=128,
     notes=("`causal leak` = causal minus teacher-forced CE on 128 positions of one eval batch at "
-           "the eval CF 2.0 (`moejax.causal`): exactly 0 for causal-safe routing (token priority; "
-           "position priority with k=1 and drop). BPR and reroute numbers come from a decoder "
-           "here; the papers measured encoders."),
+           "the eval CF 2.0 (`moejax.causal`; expert choice at its CF 1, the only one it has): "
+           "exactly 0 for causal-safe routing (token priority; position priority with k=1 and "
+           "drop). BPR and reroute numbers come from a decoder here; the papers measured "
+           "encoders. The leak at the train CF: `leak_at_train_cf.md`."),
 )
