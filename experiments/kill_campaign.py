@@ -7,14 +7,15 @@
    steps, async saves, an eval every 10) without interruption: the reference.
 2. Trains the same config in another workdir, and `--kills` times: waits until the process has
    logged its first training step (start-up and compilation done), draws a target step uniformly
-   from the next 2 x steps / kills steps (never the last: the run must still be going), waits
-   until the log shows it, and sends the next signal of `--signals` (cycled) after a further
-   delay drawn uniformly over one reference step time: on average a kill every steps / kills
-   steps, landing during steps, async saves and evals; then restarts the same command. Targets
-   are steps, not seconds, so a restart that runs faster than the reference (its compilations
-   found in JAX's cache) is still interrupted. SIGKILL tests crash safety,
-   SIGTERM the preemption path (finish the step, save, exit 0). Finally it runs the command once
-   more to the end.
+   from that step and the 2 x steps / kills - 1 after it (never the last step: the run must
+   still be going), waits until the log shows it, and sends the next signal of `--signals`
+   (cycled) after a further delay drawn uniformly over the reference's mean wall time per step
+   (evals and saves included): on average a kill every steps / kills steps, landing during
+   steps, async saves and the start of evals (never the final eval and save); then restarts the
+   same command. Targets are steps, not seconds, so a restart that runs faster than the
+   reference (its compilations found in JAX's cache) is still interrupted. SIGKILL tests crash
+   safety, SIGTERM the preemption path (finish the step, save, exit 0). Finally it runs the
+   command once more to the end.
 3. Compares the two runs: every parameter and optimizer array of the final checkpoint
    (bit-identical expected), and every metric of every logged train and eval step (`metrics.jsonl`,
    bit-identical, no step missing or duplicated; timing fields excluded).
@@ -84,6 +85,17 @@ def _wait_for_first_step(proc: subprocess.Popen, log_path: str, since: int,
   raise TimeoutError(f"no training step logged in {timeout} s; see {log_path}")
 
 
+def _wait_for_step(proc: subprocess.Popen, log_path: str, since: int, step: int,
+                   timeout: float = 600) -> None:
+  """Returns once the process has logged training step `step`, or has exited."""
+  start = time.time()
+  while proc.poll() is None and max(_steps_logged(log_path, since), default=0) < step:
+    if time.time() - start > timeout:
+      proc.kill()
+      raise TimeoutError(f"step {step} not logged in {timeout} s; see {log_path}")
+    time.sleep(0.05)
+
+
 def _records(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
@@ -125,12 +137,14 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
     if not _wait_for_first_step(proc, killed_log, since):
       break  # Finished (or failed) before logging a step: nothing left to kill.
     first = _steps_logged(killed_log, since)[0]
-    if first >= steps:
-      break  # Resumed at the last step: nothing left to interrupt.
+    if first >= steps:  # Its first logged step is the last: nothing left to interrupt.
+      if proc.wait(timeout=600) != 0:  # The final run below must not share the workdir with it.
+        raise RuntimeError(f"the run failed after resuming at step {first}; see {killed_log}")
+      log(f"kill {i + 1}: the run resumed at its last step, {first}")
+      break
     # On average steps / kills steps per attempt, so the kills spread over the whole run.
     target = rng.randint(first, min(steps - 1, first + max(1, round(2 * steps / kills)) - 1))
-    while proc.poll() is None and max(_steps_logged(killed_log, since)) < target:
-      time.sleep(0.05)
+    _wait_for_step(proc, killed_log, since, target)
     time.sleep(rng.uniform(0, train_time / steps))
     if proc.poll() is not None:
       log(f"kill {i + 1}: the run finished before the signal")

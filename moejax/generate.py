@@ -134,16 +134,16 @@ def check_lengths(prompts: Sequence[np.ndarray], max_new_tokens: int,
         f"prompt + max_new_tokens <= {max_len}.")
 
 
-def check_decodable(moe_cfg) -> None:
-  """Raises for expert-choice MoE layers (`moe_cfg`: the model's MoEConfig, or its ml_collections
-  form, or None for a dense model). Each expert ranks a whole group of tokens, and a decode step's
-  group is one new token per row, so the layer would compute another function (C slots per expert
-  out of B tokens, not out of the training group) than the one it was trained as."""
-  if moe_cfg is not None and moe_cfg.choice == "expert":
+def check_decodable(choice: str) -> None:
+  """Raises for an MoE layer with `choice="expert"` (its `MoEConfig.choice`). Each expert ranks a
+  whole group of tokens, and a decoding step's group is the B / shards new tokens of the batch, so
+  the layer would compute another function (C slots per expert out of those few tokens, not out
+  of the training group) than the one it was trained as."""
+  if choice == "expert":
     raise ValueError(
-        "MoEConfig.choice='expert': expert-choice routing ranks a whole group of tokens, which "
-        "autoregressive decoding does not have, so cached generation is not defined for it; "
-        "allowed: choice='token' (evaluate expert-choice runs teacher-forced, with "
+        "config.model.moe.choice='expert': expert-choice routing ranks a whole group of tokens, "
+        "which autoregressive decoding does not have, so cached generation is not defined for "
+        "it; allowed: choice='token' (evaluate expert-choice runs teacher-forced, with "
         "experiments/evaluate.py).")
 
 
@@ -159,8 +159,8 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   """
   check_sampling(temperature, top_k, top_p, max_new_tokens)
   check_lengths(prompts, max_new_tokens, max_len)
-  layers = model.moe_layers()
-  check_decodable(layers[0].cfg if layers else None)
+  for layer in model.moe_layers():
+    check_decodable(layer.cfg.choice)
   mesh = jax.sharding.get_abstract_mesh()
   shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES
                                           if a in mesh.axis_names)

@@ -163,7 +163,8 @@ class MetricPlot:
 @dataclasses.dataclass(frozen=True)
 class StepPlot:
   """Key plot: `metric` of every eval against training step, one curve per arm (mean over seeds,
-  band = min..max), like `curves.png` for another metric (e.g. the router z-loss)."""
+  band = min..max), like `curves.png` for another metric (e.g. the router z-loss). `log_y`
+  needs values > 0."""
   filename: str
   metric: str
   ylabel: str
@@ -733,10 +734,11 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
   done = {(a, s) for a, s in final}
   offsets = start_steps(study, records)
   paths = []
+  step_label = "training step" + (" (an arm started from another continues its step count)"
+                                  if any(offsets.values()) else "")
   fig, ax = plt.subplots(figsize=(7, 4.5))
   _step_curves(ax, study, records, study.curve_metric, offsets, done)
-  ax.set_xlabel("training step" + (" (an arm started from another continues its step count)"
-                                    if any(offsets.values()) else ""))
+  ax.set_xlabel(step_label)
   ax.set_ylabel(study.curve_metric + " (nats per token)")
   ax.set_title(f"{study.name}: eval loss (mean over seeds, band = min..max)")
   _zoom_to_tail(ax, records, study.curve_metric, done)
@@ -750,7 +752,7 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
       if spec.log_y:
         ax.set_yscale("log")
       _step_curves(ax, study, records, spec.metric, offsets, done)
-      ax.set_xlabel("training step")
+      ax.set_xlabel(step_label)
       ax.set_ylabel(spec.ylabel)
       ax.set_title(f"{study.name}: {spec.metric} (mean over seeds, band = min..max)", fontsize=10)
     else:
@@ -769,9 +771,10 @@ def plot(study: Study, records: Sequence[dict], out_dir: str) -> list[str]:
   return paths
 
 
-def _step_curves(ax, study: Study, records: Sequence[dict], metric: str, offsets: dict[str, int],
-                 done: set) -> None:
-  """Per arm, `metric` of its finished runs' evals against step: mean line, min..max band."""
+def _step_curves(ax, study: Study, records: Sequence[dict], metric: str,
+                 offsets: Mapping[str, int], done: set[tuple[str, int]]) -> None:
+  """Per arm, `metric` of its finished runs' evals against step: mean line, min..max band; the
+  label's n counts the seeds at the last step."""
   for arm in study.arms:
     by_step: dict[int, list[float]] = {}
     for r in records:

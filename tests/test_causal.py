@@ -1,5 +1,5 @@
 """moejax.causal: the causal evaluation equals teacher forcing exactly for causal-safe routing, and
-exposes the leak of batch-prioritized and choice-major top-2 routing."""
+exposes the leak of batch-prioritized, choice-major top-2, expert-choice and rerouting policies."""
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,8 @@ def test_causal_safe_policies_have_no_leak(moe):
     dict(top_k=1, priority="probability"),
     dict(top_k=2, gate="gshard", priority="position"),
     dict(top_k=1, choice="expert", capacity_factor=0.5),
-], ids=["k1-bpr", "k2-choice-major", "expert-choice"])
+    dict(top_k=1, overflow="reroute"),
+], ids=["k1-bpr", "k2-choice-major", "expert-choice", "k1-reroute"])
 def test_leaky_policies_differ_from_teacher_forcing(moe):
   result = causal.causal_vs_teacher_forced(_model(**moe), _batch(), jnp.arange(L))
   diff = np.abs(np.asarray(result["causal_TB"] - result["teacher_forced_TB"]))

@@ -164,9 +164,10 @@ def test_bad_sampling_settings_are_named(kwargs, match):
     gen.generate(_model(moe=False), _prompts(), key=jax.random.key(0), **kwargs)
 
 
-def test_expert_choice_models_refuse_to_decode():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_expert_choice_models_refuse_to_decode(scan_layers):
   cfg = TransformerConfig(vocab_size=V, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                          d_ff=32, moe_every=2,
+                          d_ff=32, moe_every=2, scan_layers=scan_layers,
                           moe=dict(num_experts=4, top_k=2, d_ff=8, choice="expert",
                                    capacity_factor=1.0, eval_capacity_factor=1.0))
   with pytest.raises(ValueError, match=r"choice='expert'.*allowed: choice='token'"):

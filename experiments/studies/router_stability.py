@@ -36,7 +36,8 @@ STUDY = Study(
     paper="Switch Transformer Table 2; ST-MoE Table 5",
     claim=("The router z-loss keeps router logits small at no quality cost (ST-MoE Table 5), and a "
            "bfloat16 router is less stable than selective float32 precision (Switch Table 2: "
-           "bfloat16 diverged at -3.780 where float32 reached -1.716)."),
+           "bfloat16 diverged at -3.780 where float32 reached -1.718 and selective precision "
+           "-1.716)."),
     arms=tuple(_arm(router, z) for router in ("f32", "bf16") for z in (0.0, 1e-3)),
     claims=(
         Better("z-loss shrinks the router logits (f32 router)", name("f32", 1e-3),
@@ -53,7 +54,8 @@ STUDY = Study(
              ("loss_spikes", "loss spikes"),
              ("router_dtype_disagreement", "top-1 flips f32 vs bf16")),
     plots=(StepPlot("z_loss.png", "moe/z_loss",
-                    "router z-loss: mean logsumexp² of the router logits (eval)", log_y=True),),
+                    "router z-loss: logsumexp² of the router logits\n"
+                    "(mean over tokens and MoE layers, eval)", log_y=True),),
     router_precision=True,
     notes=("`loss spikes` counts logged training losses (every 5 steps) more than 0.1 nats above "
            "the mean of the 10 before; at 2,048 tokens per step that is mostly batch noise, and no "
