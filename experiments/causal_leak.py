@@ -4,13 +4,13 @@
         [--capacity_factor=1.25 | --capacity_factor=train]
 
 Restores each run's latest checkpoint (with the config it wrote, `RUN/config.json`), takes one eval
-batch of its own data, and evaluates `--positions` positions (evenly spaced over the sequence) twice:
-teacher-forced (the whole row routed at once, as training and the trainer's eval do) and causally
-(every token after t masked out of routing, as generation sees it). Prints both CEs and the gap,
-the leak in nats (`moejax.causal`). The capacity factor is the run's eval one unless
-`--capacity_factor` is given: a number, or `train` for each run's own train CF (where drops, and
-so leaks, are larger). With several runs it also prints a markdown table of the leak per group of
-runs, mean ± std over the runs of a group; a group is a run directory's parent (a study's arm:
+batch of its own data, and evaluates `--positions` positions (evenly spaced over the sequence)
+twice: teacher-forced (the whole row routed at once, as training and the trainer's eval do) and
+causally (every token after t masked out of routing, as generation sees it). Prints both CEs and the
+gap, the leak in nats (`moejax.causal`). The capacity factor is the run's eval one unless
+`--capacity_factor` is given: a number, or `train` for each run's own train CF (where drops, and so
+leaks, are larger). With several runs it also prints a markdown table of the leak per group of runs,
+mean ± std over the runs of a group; a group is a run directory's parent (a study's arm:
 `experiments/results/STUDY/runs/ARM/seedN`), e.g.
 
     python experiments/causal_leak.py --capacity_factor=train --positions=128 \
@@ -44,8 +44,14 @@ def _capacity_factor(value: str | None, workdir: str) -> float | None:
 
 
 def _mean_std(values: list[float]) -> str:
-  std = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f"{statistics.mean(values):+.5f} ± {std:.5f}"
+  mean = f"{statistics.mean(values):+.5f}"
+  return f"{mean} ± {statistics.stdev(values):.5f}" if len(values) > 1 else mean
+
+
+def _routing(moe) -> str:
+  if moe.get("choice", "token") == "expert":
+    return f"expert choice ({moe.top_k} experts per token on average)"
+  return f"top-{moe.top_k} priority={moe.priority} overflow={moe.overflow}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -67,8 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
   for workdir in workdirs:
     r = causal.measure_run(workdir, args.positions, cfs[workdir])
     moe = train.load_run_config(workdir).model.moe
-    print(f"# {workdir} step {r['step']}: top-{moe.top_k} priority={moe.priority} "
-          f"overflow={moe.overflow} CF {r['capacity_factor']:g}, {r['positions']} positions")
+    print(f"# {workdir} step {r['step']}: {_routing(moe)} CF {r['capacity_factor']:g}, "
+          f"{r['positions']} positions")
     print(f"teacher-forced CE {r['teacher_forced_ce']:.5f}  causal CE {r['causal_ce']:.5f}  "
           f"leak {r['leak']:+.5f} nats" + ("" if math.isfinite(r["leak"]) else " (non-finite)"),
           flush=True)
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     groups = collections.defaultdict(list)
     for workdir, r in results.items():
       groups[os.path.basename(os.path.dirname(os.path.abspath(workdir)))].append(r)
-    print("\n| runs | n | CF | teacher-forced CE | causal CE | leak (nats, mean ± std) |")
+    print("\n| runs | n | CF | teacher-forced CE | causal CE | leak (nats, mean ± std over "
+          "runs) |")
     print("|---|---|---|---|---|---|")
     for group, rs in groups.items():
       cf = ", ".join(sorted({f"{r['capacity_factor']:g}" for r in rs}))

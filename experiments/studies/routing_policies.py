@@ -4,13 +4,14 @@ prioritized) and Switch's No-Token-Left-Behind rerouting, each with its causal l
 Top-2 arms: `configs/switch.py` with top_k=2, GShard gates renormalised over the two choices,
 experts F/2 (FLOP-matched to top-1), E=8, train CF 1.0 unless named. Top-1 arms: `switch.py` at CF
 1.0. Expert choice (added after the first 30 runs, for its leak): experts pick 2 S / E tokens each,
-experts F/2. Every token-choice run is evaluated at eval CF {0.5, 1, 1.25, 2, inf} (as `capacity`) and its routing
-leak is measured on 128 positions (`moejax.causal`: causal minus teacher-forced CE at the eval CF
-2.0; zero for causal-safe routing).
+experts F/2. Every token-choice run is evaluated at eval CF {0.5, 1, 1.25, 2, inf} (as `capacity`)
+and its routing leak is measured on 128 positions (`moejax.causal`: causal minus teacher-forced CE
+at the eval CF 2.0; zero for causal-safe routing).
 
-CPU scale: 600 steps x 2,048 tokens (half of `capacity`'s 1,200, so that 10 arms x 3 seeds fit
-the ~2 h budget of a study; nothing is reused, since the leak needs each run's checkpoint); 33
-runs of ~2.8-4.3 min on 2 cores.
+CPU scale: 600 steps x 2,048 tokens (half of `capacity`'s 1,200, so that the first 10 arms x 3
+seeds fit the ~2 h budget of a study: 116 min; nothing is reused, since the leak needs each run's
+checkpoint); 33 runs, arm means 2.8-4.3 min per run on 2 cores. The leak at each run's train CF
+was measured afterwards with `experiments/causal_leak.py` (`leak_at_train_cf.md`).
 
     python experiments/reproduce.py --study=routing_policies --workdir=experiments/results \
         --data=../shared/data/linux_kernel_docs.txt,../shared/data/python_docs.txt
@@ -81,5 +82,7 @@ STUDY = Study(
            "the eval CF 2.0 (`moejax.causal`; expert choice at its CF 1, the only one it has): "
            "exactly 0 for causal-safe routing (token priority; position priority with k=1 and "
            "drop). BPR and reroute numbers come from a decoder here; the papers measured "
-           "encoders. The leak at the train CF: `leak_at_train_cf.md`."),
+           "encoders. The leak at the train CF: `leak_at_train_cf.md`. Expert choice has no CF "
+           "sweep (its CE at CF 1 is its no-drop CE), and its `dropped in training` counts the "
+           "(token, expert) pairs no expert picked: 1 - k/E = 0.75 by construction."),
 )
