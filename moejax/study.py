@@ -775,6 +775,9 @@ def _step_curves(ax, study: Study, records: Sequence[dict], metric: str,
                  offsets: Mapping[str, int], done: set[tuple[str, int]]) -> None:
   """Per arm, `metric` of its finished runs' evals against step: mean line, min..max band; the
   label's n counts the seeds at the last step."""
+  if len(study.arms) > 10:  # More arms than the default color cycle: no two share a color.
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    ax.set_prop_cycle(color=matplotlib.colormaps["tab20"].colors)
   for arm in study.arms:
     by_step: dict[int, list[float]] = {}
     for r in records:
