@@ -11,8 +11,8 @@
    still be going), waits until the log shows it, and sends the next signal of `--signals`
    (cycled) after a further delay drawn uniformly over the reference's mean wall time per step
    (evals and saves included): on average a kill every steps / kills steps, landing during
-   steps, async saves and the start of evals (never the final eval and save); then restarts the
-   same command. Targets are steps, not seconds, so a restart that runs faster than the
+   steps, async saves and evals (the final eval and save too, when the delay runs past the last
+   step); then restarts the same command. Targets are steps, not seconds, so a restart that runs faster than the
    reference (its compilations found in JAX's cache) is still interrupted. SIGKILL tests crash
    safety, SIGTERM the preemption path (finish the step, save, exit 0). Finally it runs the
    command once more to the end.
