@@ -7,15 +7,15 @@
    steps, async saves, an eval every 10) without interruption: the reference.
 2. Trains the same config in another workdir, and `--kills` times: waits until the process has
    logged its first training step (start-up and compilation done), draws a target step uniformly
-   from that step and the 2 x steps / kills - 1 after it (never the last step: the run must
-   still be going), waits until the log shows it, and sends the next signal of `--signals`
-   (cycled) after a further delay drawn uniformly over the reference's mean wall time per step
-   (evals and saves included): on average a kill every steps / kills steps, landing during
-   steps, async saves and evals (the final eval and save too, when the delay runs past the last
-   step); then restarts the same command. Targets are steps, not seconds, so a restart that runs faster than the
-   reference (its compilations found in JAX's cache) is still interrupted. SIGKILL tests crash
-   safety, SIGTERM the preemption path (finish the step, save, exit 0). Finally it runs the
-   command once more to the end.
+   from that step and the 2 x steps / kills - 1 after it (never the last step: the run must still be
+   going), waits until the log shows it, and sends the next signal of `--signals` (cycled) after a
+   further delay drawn uniformly over the reference's mean wall time per step (evals and saves
+   included): on average a kill every steps / kills steps, landing during steps, async saves and
+   evals (the final eval and save too, when the delay runs past the last step); then restarts the
+   same command. Targets are steps, not seconds, so a restart that runs faster than the reference
+   (its compilations found in JAX's cache) is still interrupted. SIGKILL tests crash safety, SIGTERM
+   the preemption path (finish the step, save, exit 0). Finally it runs the command once more to the
+   end.
 3. Compares the two runs: every parameter and optimizer array of the final checkpoint
    (bit-identical expected), and every metric of every logged train and eval step (`metrics.jsonl`,
    bit-identical, no step missing or duplicated; timing fields excluded).
