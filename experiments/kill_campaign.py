@@ -72,28 +72,18 @@ def _found(pattern: str, log_path: str, since: int) -> int | None:
   return int(match.group(1)) if match else None
 
 
-def _wait_for_first_step(proc: subprocess.Popen, log_path: str, since: int,
-                         timeout: float = 600) -> bool:
-  """True once the process has logged a training step; False if it exited first."""
+def _wait_for_step(proc: subprocess.Popen, log_path: str, since: int, step: int = 0,
+                   timeout: float = 600) -> bool:
+  """Waits until the process has logged training step `step` or a later one (default: any step)
+  or has exited; True if it logged it. A process that does neither in `timeout` s is killed."""
   start = time.time()
-  while time.time() - start < timeout:
-    if _steps_logged(log_path, since):
-      return True
-    if proc.poll() is not None:
-      return False
-    time.sleep(0.2)
-  raise TimeoutError(f"no training step logged in {timeout} s; see {log_path}")
-
-
-def _wait_for_step(proc: subprocess.Popen, log_path: str, since: int, step: int,
-                   timeout: float = 600) -> None:
-  """Returns once the process has logged training step `step`, or has exited."""
-  start = time.time()
-  while proc.poll() is None and max(_steps_logged(log_path, since), default=0) < step:
+  while proc.poll() is None and max(_steps_logged(log_path, since), default=-1) < step:
     if time.time() - start > timeout:
       proc.kill()
-      raise TimeoutError(f"step {step} not logged in {timeout} s; see {log_path}")
+      raise TimeoutError(f"training step {step or 'any'} not logged in {timeout} s; see "
+                         f"{log_path}")
     time.sleep(0.05)
+  return max(_steps_logged(log_path, since), default=-1) >= step
 
 
 def _records(workdir: str) -> list[dict]:
@@ -122,7 +112,7 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
   ref_log, killed_log = os.path.join(workdir, "reference.log"), os.path.join(workdir, "killed.log")
   # 1. The reference, timing its training phase (first logged step to exit).
   proc = _launch(reference, steps, ref_log)
-  _wait_for_first_step(proc, ref_log, 0)
+  _wait_for_step(proc, ref_log, 0)
   started = time.time()
   if proc.wait() != 0:
     raise RuntimeError(f"the reference run failed; see {ref_log}")
@@ -134,7 +124,7 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
   for i in range(kills):
     since = os.path.getsize(killed_log) if os.path.exists(killed_log) else 0
     proc = _launch(killed, steps, killed_log)
-    if not _wait_for_first_step(proc, killed_log, since):
+    if not _wait_for_step(proc, killed_log, since):
       break  # Finished (or failed) before logging a step: nothing left to kill.
     first = _steps_logged(killed_log, since)[0]
     if first >= steps:  # Its first logged step is the last: nothing left to interrupt.

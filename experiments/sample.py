@@ -25,7 +25,6 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 
 from moejax import data as data_lib  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import generate, sharding, train  # noqa: E402  pylint: disable=wrong-import-position
-from moejax.model import TransformerConfig  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -56,9 +55,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     args.max_new_tokens = max(1, min(128, config.seq_len - max(len(p) for p in prompt_ids)))
   generate.check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
   generate.check_lengths(prompt_ids, args.max_new_tokens, config.seq_len)
-  # vocab_size 0 follows the tokenizer (train.validate_config); any size does for this check.
-  model_cfg = TransformerConfig(**{**config.model.to_dict(), "vocab_size": config.model.vocab_size
-                                   or tokenizer.vocab_size})
+  model_cfg = train.validate_config(config)  # As load_model does, before it builds anything.
   if model_cfg.moe_layer_indices:
     generate.check_decodable(model_cfg.moe_config().choice)
   mesh_shape = sharding.parse_mesh(args.mesh) if args.mesh else None
