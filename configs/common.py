@@ -26,7 +26,7 @@ from moejax.moe import MoEConfig
 # MoEConfig fields whose default is None: give them a typed placeholder so that
 # `--config.model.moe.group_size=64` parses (ConfigDict cannot infer a type from None).
 _MOE_PLACEHOLDERS = {"expert_capacity": int, "group_size": int, "num_groups": int,
-                     "shared_d_ff": int}
+                     "shared_d_ff": int, "receive_buffer_factor": float}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Seed for params, routing noise and data order. Same seed + same device count = same run.
   c.seed = 0
+  # A throughput benchmark, not a model: allows model.moe.router='balanced' / 'random' (experts
+  # forced without the learned router), which training refuses otherwise.
+  c.benchmark = False
   # Mesh axis sizes; -1 = the rest of the devices (moejax/sharding.py): `data` replicates the
   # parameters, `fsdp` shards them and their optimizer state (ZeRO-3), `expert` shards the
   # experts (all_to_all), `model` splits heads, MLP / expert width and vocabulary (tensor

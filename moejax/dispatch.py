@@ -10,12 +10,19 @@ Two implementations with identical results (tests check outputs and gradients ag
   grows with the group size. The paper-shaped reference.
 
 Both produce the buffer `x_GECD` (empty slots are zero) and consume `y_GECD`.
+
+`dropless` dispatch (`expert_sort`, `dispatch_sorted`, `combine_sorted`) has no buffer: every
+kept (token, choice) pair of the device's tokens becomes one row of `x_MD` (M = T*K rows), sorted
+by expert, for a grouped matmul (`moejax.grouped`). The same gathers as `sort` move the rows, with
+one "group" of all T tokens and the sorted position in place of `expert * C + slot`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from typing import NamedTuple
 
 from moejax.routing import Routing
 
@@ -74,7 +81,7 @@ def _slot_owners(idx_GSK: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Arr
   return jax.vmap(owners)(idx_GSK)
 
 
-def _take_rows(a_GND: jax.Array, idx_GM: jax.Array) -> jax.Array:
+def take_rows(a_GND: jax.Array, idx_GM: jax.Array) -> jax.Array:
   """`a[g, idx[g, m]]` with one appended zero row at index N (the "nowhere" index)."""
   G, _, D = a_GND.shape
   a_pad = jnp.concatenate([a_GND, jnp.zeros((G, 1, D), a_GND.dtype)], axis=1)
@@ -83,7 +90,7 @@ def _take_rows(a_GND: jax.Array, idx_GM: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _gather_dispatch(x_GSD, token_of_slot_GX, idx_GSK):
-  return _take_rows(x_GSD, token_of_slot_GX)
+  return take_rows(x_GSD, token_of_slot_GX)
 
 
 def _gather_dispatch_fwd(x_GSD, token_of_slot_GX, idx_GSK):
@@ -93,7 +100,7 @@ def _gather_dispatch_fwd(x_GSD, token_of_slot_GX, idx_GSK):
 def _gather_dispatch_bwd(res, dbuf_GXD):
   token_of_slot_GX, idx_GSK = res
   G, S, K = idx_GSK.shape
-  dx_GSKD = _take_rows(dbuf_GXD, idx_GSK.reshape(G, S * K)).reshape(G, S, K, -1)
+  dx_GSKD = take_rows(dbuf_GXD, idx_GSK.reshape(G, S * K)).reshape(G, S, K, -1)
   return jnp.sum(dx_GSKD, axis=2), None, None
 
 
@@ -103,7 +110,7 @@ _gather_dispatch.defvjp(_gather_dispatch_fwd, _gather_dispatch_bwd)
 @jax.custom_vjp
 def _gather_combine(y_GXD, gate_GSK, idx_GSK, token_of_slot_GX, choice_of_slot_GX):
   G, S, K = idx_GSK.shape
-  y_GSKD = _take_rows(y_GXD, idx_GSK.reshape(G, S * K)).reshape(G, S, K, -1)
+  y_GSKD = take_rows(y_GXD, idx_GSK.reshape(G, S * K)).reshape(G, S, K, -1)
   return jnp.einsum("GSKD,GSK->GSD", y_GSKD, gate_GSK)
 
 
@@ -116,14 +123,14 @@ def _gather_combine_bwd(res, dout_GSD):
   y_GXD, gate_GSK, idx_GSK, token_of_slot_GX, choice_of_slot_GX = res
   G, S, K = idx_GSK.shape
   # d y[slot] = gate(owner, choice) * dout[owner]; empty slots point at the zero row.
-  dout_GXD = _take_rows(dout_GSD, token_of_slot_GX)
+  dout_GXD = take_rows(dout_GSD, token_of_slot_GX)
   gate_pad_GSK = jnp.concatenate([gate_GSK, jnp.zeros((G, 1, K), gate_GSK.dtype)], axis=1)
   gate_GX = jnp.take_along_axis(
       jnp.take_along_axis(gate_pad_GSK, token_of_slot_GX[..., None], axis=1),
       choice_of_slot_GX[..., None], axis=2)[..., 0]
   dy_GXD = dout_GXD * gate_GX[..., None]
   # d gate[s, k] = <dout[s], y[slot(s, k)]>.
-  y_GSKD = _take_rows(y_GXD, idx_GSK.reshape(G, S * K)).reshape(G, S, K, -1)
+  y_GSKD = take_rows(y_GXD, idx_GSK.reshape(G, S * K)).reshape(G, S, K, -1)
   dgate_GSK = jnp.einsum("GSKD,GSD->GSK", y_GSKD, dout_GSD)
   return dy_GXD, dgate_GSK, None, None, None
 
@@ -137,3 +144,41 @@ def _one_hot_slots(idx_GSK: jax.Array, num_experts: int, capacity: int,
   G, S, K = idx_GSK.shape
   oh_GSKX = jax.nn.one_hot(idx_GSK, num_experts * capacity + 1, dtype=dtype)[..., :-1]
   return oh_GSKX.reshape(G, S, K, num_experts, capacity)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropless: (token, choice) pairs sorted by expert
+# ----------------------------------------------------------------------------------------------
+
+
+class SortedPairs(NamedTuple):
+  """Where each (token, choice) pair sits among the M = T*K rows sorted by expert."""
+  row_TK: jax.Array  # int32: the pair's row, M where the choice is not kept
+  token_M: jax.Array  # int32: the token in each row, T for the rows past the kept pairs
+  choice_M: jax.Array  # int32: which of the token's K choices the row is
+  group_sizes_E: jax.Array  # int32: rows per expert (kept pairs); they sum to at most M
+
+
+def expert_sort(expert_TK: jax.Array, kept_TK: jax.Array, num_experts: int) -> SortedPairs:
+  """Sorts the kept pairs by expert, ties in (token, choice) order (a stable sort); pairs that
+  are not kept (padding, a second-expert policy's skip) sort last and take no row."""
+  T, K = expert_TK.shape
+  M = T * K
+  key_M = jnp.where(kept_TK, expert_TK, num_experts).reshape(M).astype(jnp.int32)
+  order_M = jnp.argsort(key_M, stable=True).astype(jnp.int32)  # row -> pair
+  kept_row_M = key_M[order_M] < num_experts
+  row_of_pair_M = jnp.zeros((M,), jnp.int32).at[order_M].set(jnp.arange(M, dtype=jnp.int32))
+  row_TK = jnp.where(kept_TK, row_of_pair_M.reshape(T, K), M)
+  return SortedPairs(row_TK, jnp.where(kept_row_M, order_M // K, T), order_M % K,
+                     jnp.bincount(key_M, length=num_experts + 1)[:num_experts].astype(jnp.int32))
+
+
+def dispatch_sorted(x_TD: jax.Array, pairs: SortedPairs) -> jax.Array:
+  """Token rows into expert-sorted pair rows `x_MD` (each token once per kept choice)."""
+  return _gather_dispatch(x_TD[None], pairs.token_M[None], pairs.row_TK[None])[0]
+
+
+def combine_sorted(y_MD: jax.Array, gate_TK: jax.Array, pairs: SortedPairs) -> jax.Array:
+  """Gate-weighted sum of each token's rows: `y_TD`. Unkept choices add zero."""
+  return _gather_combine(y_MD[None], gate_TK[None].astype(y_MD.dtype), pairs.row_TK[None],
+                         pairs.token_M[None], pairs.choice_M[None])[0]

@@ -41,14 +41,21 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from moejax import dispatch as dispatch_lib
+from moejax import grouped
 from moejax import routing
 from moejax import sharding
 
 # name -> (nonlinearity, gated). Gated FFNs compute act(x @ wi_gate) * (x @ wi); the dense MLP of
-# moejax.model uses the same table.
-ACTIVATIONS = {"relu": (jax.nn.relu, False), "gelu": (jax.nn.gelu, False),
-               "swiglu": (jax.nn.silu, True), "geglu": (jax.nn.gelu, True)}
+# moejax.model and the grouped (dropless) FFN use the same table.
+ACTIVATIONS = grouped.ACTIVATIONS
 NO_DROP = math.inf  # capacity_factor value that gives every token a slot.
+DISPATCHES = dispatch_lib.DISPATCHES + ("dropless",)
+EP_TRANSPORTS = ("auto", "buffered", "ragged")
+ROUTERS = ("learned", "balanced", "random")
+# Fields that only mean something with capacity buffers: with dispatch="dropless" each must keep
+# its default (a ValueError names the one that does not). One rule, applied to all of them.
+DROPLESS_IGNORES = ("capacity_factor", "eval_capacity_factor", "expert_capacity", "min_capacity",
+                    "capacity_multiple", "capacity_convention", "priority", "overflow", "choice")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +143,26 @@ class MoEConfig:
   expert_init_scale: float = 1.0
   # Dropout rate on the expert hidden activations in training (Switch "expert dropout").
   expert_dropout: float = 0.0
-  # Dispatch implementation: sort (gather, O(T*K*D)) or onehot (einsum, O(T*S*K*CF*D)).
+  # Dispatch implementation: sort (gather into capacity buffers, O(T*K*D)), onehot (einsum,
+  # O(T*S*K*CF*D)), or dropless (no capacity: pairs sorted by expert, grouped matmuls; the
+  # capacity-only fields above must keep their defaults, see DROPLESS_IGNORES).
   dispatch: str = "sort"
+  # Dropless only. Grouped-matmul implementation (moejax.grouped): auto (blocked on CPU,
+  # ragged_dot on TPU/GPU), ragged_dot, blocked, megablox (Pallas TPU kernel).
+  grouped_matmul: str = "auto"
+  # Dropless under expert parallelism: how pairs reach their experts' devices. buffered (a dense
+  # all_to_all of a fixed receive buffer per source: runs everywhere), ragged
+  # (jax.lax.ragged_all_to_all: TPU/GPU), auto (ragged when JAX's default backend is TPU/GPU,
+  # buffered on CPU; see resolve_transport).
+  ep_transport: str = "auto"
+  # Dropless under expert parallelism: rows each device receives from each other device, as a
+  # multiple of its fair share (M / ep for M local pairs); pairs past it are dropped and counted
+  # (ep_overflow_fraction). None: the expert-axis size, which holds every pair (exact).
+  receive_buffer_factor: float | None = None
+  # Who picks the experts: learned (the router), or, for throughput benchmarks that must not
+  # depend on router quality, balanced (exactly equal loads) or random (uniform, k distinct);
+  # gates still come from the router's scores at the forced experts.
+  router: str = "learned"
 
   def __post_init__(self):
     def fail(name, allowed):
@@ -224,7 +249,37 @@ class MoEConfig:
     check_choice("overflow", routing.OVERFLOWS)
     check_choice("balance_loss_choices", routing.BALANCE_LOSS_CHOICES)
     check_choice("balance_loss_scope", routing.BALANCE_LOSS_SCOPES)
-    check_choice("dispatch", dispatch_lib.DISPATCHES)
+    check_choice("dispatch", DISPATCHES)
+    check_choice("grouped_matmul", grouped.IMPLS)
+    check_choice("ep_transport", EP_TRANSPORTS)
+    check_choice("router", ROUTERS)
+    if self.receive_buffer_factor is not None and (
+        not is_real(self.receive_buffer_factor) or not math.isfinite(self.receive_buffer_factor)
+        or self.receive_buffer_factor <= 0):
+      fail("receive_buffer_factor", "None (exact) or a finite number > 0")
+    defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+    if self.dispatch == "dropless":
+      for name in DROPLESS_IGNORES:
+        if getattr(self, name) != defaults[name]:
+          raise ValueError(
+              f"MoEConfig.{name}={getattr(self, name)!r} with dispatch='dropless': dropless "
+              f"experts have no capacity, so capacity-only fields keep their defaults; allowed: "
+              f"{name}={defaults[name]!r}, or a capacity dispatch ('sort' | 'onehot').")
+      if self.expert_dropout > 0:
+        fail("expert_dropout", "0 with dispatch='dropless' (expert dropout is built for the "
+             "capacity dispatches only)")
+    else:
+      for name in ("grouped_matmul", "ep_transport", "receive_buffer_factor"):
+        if getattr(self, name) != defaults[name]:
+          raise ValueError(
+              f"MoEConfig.{name}={getattr(self, name)!r} is a dropless option; allowed with "
+              f"dispatch={self.dispatch!r}: {name}={defaults[name]!r}, or dispatch='dropless'.")
+    if self.router != "learned":
+      for name in ("choice", "overflow", "num_expert_groups", "bias_update_rate"):
+        if getattr(self, name) != defaults[name]:
+          raise ValueError(
+              f"MoEConfig.{name}={getattr(self, name)!r} with router={self.router!r}: a forced "
+              f"router picks the experts itself; allowed: {name}={defaults[name]!r}.")
     check_choice("router_dtype", ("float32", "bfloat16", "float16", None))
     if self.gate != "softmax" and self.top_k == 1:
       raise ValueError(
@@ -270,6 +325,8 @@ class MoEConfig:
     With `choice="expert"` the capacity is how many experts a token gets (top_k on average), a
     part of the model rather than a drop buffer: train and eval use `capacity_factor`, and
     overrides (no-drop eval, eval-CF sweeps) do not apply."""
+    if self.dispatch == "dropless":
+      return group_size  # No capacity: every choice is computed (the router sees C = S).
     if self.choice == "expert":
       capacity_factor, deterministic = None, False
     if capacity_factor is None and self.expert_capacity is not None:
@@ -338,7 +395,8 @@ def expert_dropout_mask(key: jax.Array, rate: float, expert_ids_E: jax.Array,
 
 def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Array],
                jitter_GSD: jax.Array | None, uniform_GSK: jax.Array | None,
-               dropout_key: jax.Array | None, selection_bias_E: jax.Array | None = None, *,
+               dropout_key: jax.Array | None, selection_bias_E: jax.Array | None = None,
+               forced_expert_GSK: jax.Array | None = None, *,
                cfg: MoEConfig, capacity: int,
                second_expert_policy: str, expert_axis: str | None = None,
                reduce_axes: tuple[str, ...] = (), model_axis: str | None = None
@@ -367,7 +425,29 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                     overflow=cfg.overflow, score=cfg.score,
                     routed_scaling_factor=cfg.routed_scaling_factor, choice=cfg.choice,
                     num_expert_groups=cfg.num_expert_groups, topk_groups=cfg.topk_groups,
-                    selection_bias_E=selection_bias_E)
+                    selection_bias_E=selection_bias_E, forced_expert_GSK=forced_expert_GSK)
+  if cfg.dispatch == "dropless":
+    y_GSD, transport_sums = _dropless_experts(x_GSD, r, weights, cfg=cfg,
+                                              expert_axis=expert_axis, model_axis=model_axis)
+  else:
+    y_GSD = _capacity_experts(x_GSD, r, weights, dropout_key, cfg=cfg, capacity=C,
+                              expert_axis=expert_axis, reduce_axes=reduce_axes,
+                              model_axis=model_axis)
+    transport_sums = {}
+  sums = routing.routing_sums(r, valid_GS, balance_loss_choices=cfg.balance_loss_choices,
+                              score=cfg.score)
+  sums.update(transport_sums)
+  if reduce_axes:
+    sums = jax.lax.psum(sums, reduce_axes)
+  return y_GSD, sums, {"router_topk": r.router_expert_SK, "kept": r.kept_SK,
+                       "wanted": r.wanted_SK}
+
+
+def _capacity_experts(x_GSD, r, weights, dropout_key, *, cfg, capacity, expert_axis,
+                      reduce_axes, model_axis):
+  """Capacity buffers `[G, E, C, D]`: dispatch, (all_to_all,) expert FFN, (all_to_all,) combine."""
+  G, S, D = x_GSD.shape
+  E, C = cfg.num_experts, capacity
   x_GECD = dispatch_lib.dispatch(x_GSD, r, E, C, cfg.dispatch)
   x_EXD = x_GECD.transpose(1, 0, 2, 3).reshape(E, G * C, D)
   expert_ids_E, group_ids_G = jnp.arange(E), jnp.arange(G)
@@ -400,13 +480,148 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
     # ... and the results back to the devices holding the tokens: [E/ep, ep*gC, D] -> [E, gC, D].
     y_EXD = jax.lax.all_to_all(y_EXD, expert_axis, split_axis=1, concat_axis=0, tiled=True)
   y_GECD = y_EXD.reshape(E, G, C, D).transpose(1, 0, 2, 3)
-  y_GSD = dispatch_lib.combine(y_GECD, r, cfg.dispatch)
-  sums = routing.routing_sums(r, valid_GS, balance_loss_choices=cfg.balance_loss_choices,
-                              score=cfg.score)
-  if reduce_axes:
-    sums = jax.lax.psum(sums, reduce_axes)
-  return y_GSD, sums, {"router_topk": r.router_expert_SK, "kept": r.kept_SK,
-                       "wanted": r.wanted_SK}
+  return dispatch_lib.combine(y_GECD, r, cfg.dispatch)
+
+
+def _dropless_experts(x_GSD, r, weights, *, cfg, expert_axis, model_axis):
+  """Every kept (token, choice) pair of this device's groups through its expert: the pairs sorted
+  by expert (`dispatch.expert_sort`), moved to their experts' devices under expert parallelism
+  (`_exchange`), grouped matmuls (`grouped.grouped_ffn`), and back. Returns `(y_GSD, sums)`:
+  `ep_overflow` (pairs a full receive buffer dropped) and `assignments` (kept pairs)."""
+  G, S, D = x_GSD.shape
+  E = cfg.num_experts
+  K = r.expert_SK.shape[-1]
+  kept_TK = r.kept_SK.reshape(G * S, K)
+  pairs = dispatch_lib.expert_sort(r.expert_SK.reshape(G * S, K), kept_TK, E)
+  x_MD = dispatch_lib.dispatch_sorted(x_GSD.reshape(G * S, D), pairs)
+
+  def ffn(x_RD, group_sizes):
+    y_RD = grouped.grouped_ffn(x_RD, {n: w for n, w in weights.items() if n != "router"},
+                               group_sizes, activation=cfg.activation, impl=cfg.grouped_matmul)
+    if model_axis is not None:  # Partial sums over this device's hidden units -> full output.
+      y_RD = jax.lax.psum(y_RD, model_axis)
+    return y_RD
+
+  if expert_axis is None:
+    y_MD, overflow = ffn(x_MD, pairs.group_sizes_E), jnp.zeros((), jnp.float32)
+  else:
+    y_MD, overflow = _exchange(x_MD, pairs.group_sizes_E, ffn, cfg=cfg, expert_axis=expert_axis)
+  y_GSD = dispatch_lib.combine_sorted(y_MD, r.gate_SK.reshape(G * S, K), pairs).reshape(G, S, D)
+  return y_GSD, {"ep_overflow": overflow,
+                 "assignments": jnp.sum(kept_TK.astype(jnp.float32))}
+
+
+def receive_rows(pairs: int, ep: int, factor: float | None) -> int:
+  """Rows each device receives from each source under dropless expert parallelism: `factor`
+  times the fair share `pairs / ep` (rounded up), at most `pairs` (which holds everything)."""
+  if factor is None:
+    return pairs
+  return max(1, min(pairs, math.ceil(factor * pairs / ep)))
+
+
+def _exchange(x_MD, group_sizes_E, ffn, *, cfg, expert_axis):
+  """Dropless expert parallelism inside `shard_map`: this device's expert-sorted rows go to the
+  devices holding their experts (E/ep consecutive experts per device), each device runs its
+  local grouped FFN on what it received, and the results come back.
+
+  Every source sends at most R rows to each destination (`receive_rows`); the receive side is a
+  `[ep, R, D]` buffer, chunk s from source s. Rows past R are dropped (their output is zero, as
+  a capacity drop) and counted. Per-expert counts travel first (one small all_to_all), so the
+  receiver knows each row's expert. `buffered` moves the whole buffer with a dense all_to_all;
+  `ragged` moves only the rows with `jax.lax.ragged_all_to_all`, into the same layout.
+  Returns `(y_MD, dropped pairs)`.
+  """
+  M, D = x_MD.shape
+  E = group_sizes_E.shape[0]
+  ep = jax.lax.axis_size(expert_axis)
+  me = jax.lax.axis_index(expert_axis)
+  El = E // ep
+  R = receive_rows(M, ep, cfg.receive_buffer_factor)
+  count_E = group_sizes_E
+  start_E = jnp.cumsum(count_E) - count_E
+  count_J = count_E.reshape(ep, El).sum(axis=1)  # rows for each destination device
+  start_J = jnp.cumsum(count_J) - count_J
+  sent_J = jnp.minimum(count_J, R)
+  # Rows of expert e that fit: the destination's first R rows, in expert order.
+  offset_E = start_E - jnp.repeat(start_J, El)
+  sent_E = jnp.clip(R - offset_E, 0, count_E).astype(jnp.int32)
+  dropped = jnp.sum(count_J - sent_J).astype(jnp.float32)
+  recv_count_SL = jax.lax.all_to_all(sent_E.reshape(ep, El), expert_axis, 0, 0, tiled=True)
+
+  # Buffer position of each sorted row (ep*R: dropped or past the kept rows), and the inverse.
+  row_M = jnp.arange(M, dtype=jnp.int32)
+  dest_M = jnp.searchsorted(jnp.cumsum(count_J), row_M, side="right").astype(jnp.int32)
+  in_range_M = dest_M < ep
+  dest_M = jnp.minimum(dest_M, ep - 1)
+  r_M = row_M - start_J[dest_M]
+  slot_M = jnp.where(in_range_M & (r_M < R), dest_M * R + r_M, ep * R)
+  r_X = jnp.arange(R, dtype=jnp.int32)
+  source_JR = jnp.where(r_X[None, :] < sent_J[:, None], start_J[:, None] + r_X[None, :], M)
+
+  def buffered_there(x_MD):
+    send_JRD = grouped.permute_rows(x_MD, source_JR.reshape(-1), slot_M).reshape(ep, R, D)
+    return jax.lax.all_to_all(send_JRD, expert_axis, 0, 0, tiled=True).reshape(ep * R, D)
+
+  def buffered_back(y_XD):
+    y_JRD = jax.lax.all_to_all(y_XD.reshape(ep, R, D), expert_axis, 0, 0, tiled=True)
+    return grouped.permute_rows(y_JRD.reshape(ep * R, D), slot_M, source_JR.reshape(-1))
+
+  start_J, sent_J = start_J.astype(jnp.int32), sent_J.astype(jnp.int32)
+
+  def as_varying_like(a, like):  # shard_map's types: ragged_all_to_all's result (and the
+    # buffer it writes into) must vary over the token axes as the rows do, or the backward
+    # pass's cotangents would not match
+    missing = tuple(sorted(_varying_axes(like) - _varying_axes(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+  def zeros_like_tokens(shape, like):
+    return as_varying_like(jnp.zeros(shape, like.dtype), like)
+
+  def ragged_there(x_MD):  # Source chunk s lands at rows [s*R, s*R + its size) of the receiver.
+    recv_J = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)
+    return jax.lax.ragged_all_to_all(
+        x_MD, zeros_like_tokens((ep * R, D), x_MD), start_J, sent_J,
+        jnp.full((ep,), me * R, jnp.int32), recv_J, axis_name=expert_axis)
+
+  def ragged_back(y_XD):  # ... and back to where each source's rows started.
+    recv_J = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)
+    remote_start_J = jax.lax.all_to_all(start_J, expert_axis, 0, 0, tiled=True)
+    return jax.lax.ragged_all_to_all(
+        y_XD, zeros_like_tokens((M, D), y_XD), (jnp.arange(ep) * R).astype(jnp.int32), recv_J,
+        remote_start_J, sent_J, axis_name=expert_axis)
+
+  def run(there, back):
+    x_XD = there(x_MD)
+    # On the receiver: each row's local expert from the counts, rows sorted by it.
+    end_SL = jnp.cumsum(recv_count_SL, axis=1)
+    local_SR = jax.vmap(lambda e: jnp.searchsorted(e, r_X, side="right"))(end_SL)
+    key_X = local_SR.reshape(-1).astype(jnp.int32)  # El: an empty row
+    order_X = jnp.argsort(key_X, stable=True).astype(jnp.int32)
+    kept_X = key_X[order_X] < El
+    take_X = jnp.where(kept_X, order_X, ep * R)
+    inverse_X = jnp.full((ep * R + 1,), ep * R, jnp.int32).at[
+        jnp.where(kept_X, order_X, ep * R)].set(jnp.arange(ep * R, dtype=jnp.int32))[:ep * R]
+    xs_XD = grouped.permute_rows(x_XD, take_X, inverse_X)
+    ys_XD = ffn(xs_XD, jnp.sum(recv_count_SL, axis=0))
+    return as_varying_like(back(grouped.permute_rows(ys_XD, inverse_X, take_X)), x_MD)
+
+  if resolve_transport(cfg.ep_transport) == "ragged":
+    return run(ragged_there, ragged_back), dropped
+  return run(buffered_there, buffered_back), dropped
+
+
+def _varying_axes(a: jax.Array) -> frozenset[str]:
+  """The shard_map axes `a` varies over (empty outside shard_map)."""
+  return frozenset(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ()))
+
+
+def resolve_transport(transport: str) -> str:
+  """`auto` -> `ragged` when JAX's default backend is an accelerator, else `buffered` (XLA:CPU
+  has no ragged all-to-all). Chosen when the program is traced: a program exported for TPU or
+  CUDA from a CPU machine (`moejax.audit`) names the transport it wants."""
+  if transport != "auto":
+    return transport
+  return "buffered" if jax.default_backend() == "cpu" else "ragged"
 
 
 class ExpertBias(nnx.Variable):
@@ -517,7 +732,11 @@ class MoELayer(nnx.Module):
         uniform_GSK = jax.random.uniform(self.rngs.routing(), (G, S, K), jnp.float32)
     if not deterministic and cfg.expert_dropout > 0:
       dropout_key = self.rngs.dropout()
-
+    forced_GSK = None
+    if cfg.router != "learned":  # Benchmarks: experts picked without the router.
+      forced_GSK = routing.forced_choices(
+          cfg.router, (G, S, K), cfg.num_experts,
+          key=self.rngs.routing() if cfg.router == "random" else None)
 
     run = functools.partial(moe_groups, cfg=cfg, capacity=C, second_expert_policy=policy)
     mesh = jax.sharding.get_abstract_mesh()
@@ -525,7 +744,7 @@ class MoELayer(nnx.Module):
       run = _sharded(run, mesh, G=G, num_experts=cfg.num_experts)
     bias_E = self.expert_bias[...] if hasattr(self, "expert_bias") else None
     y_GSD, sums, record = run(x_GSD, valid_GS, self.weights(), jitter_GSD, uniform_GSK,
-                              dropout_key, bias_E)
+                              dropout_key, bias_E, forced_GSK)
     if self.record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
       self.sow(nnx.Intermediate, "router_topk", record["router_topk"].reshape(B, L, -1))
       self.sow(nnx.Intermediate, "router_kept", record["kept"].reshape(B, L, -1))
@@ -540,6 +759,8 @@ class MoELayer(nnx.Module):
                                  activation=cfg.activation).reshape(B, L, D).astype(self.dtype)
     metrics = routing.finalize_sums(sums, balance_loss_scope=cfg.balance_loss_scope,
                                     step_balance=step_balance)
+    if cfg.dispatch == "dropless":  # Pairs a full receive buffer dropped (expert parallelism).
+      metrics["ep_overflow_fraction"] = sums["ep_overflow"] / jnp.maximum(sums["assignments"], 1)
     loss = (cfg.balance_loss_weight * metrics["balance_loss"]
             + cfg.gshard_loss_weight * metrics["gshard_loss"]
             + cfg.z_loss_weight * metrics["z_loss"])
@@ -565,15 +786,17 @@ def _sharded(run, mesh, *, G: int, num_experts: int):
                  "wi_gate": P(sharding.EXPERT, None, model_axis),
                  "wo": P(sharding.EXPERT, model_axis, None)}
 
-  def sharded_run(x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E):
+  def sharded_run(x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E,
+                  forced_GSK):
     weight_specs = {name: weight_spec[name] for name in weights}
     def optional(arg, spec):  # optional inputs (training-only ones in eval) get no spec
       return None if arg is None else spec
 
     in_specs = (groups, groups, weight_specs, optional(jitter_GSD, groups),
-                optional(uniform_GSK, groups), optional(dropout_key, P()), optional(bias_E, P()))
+                optional(uniform_GSK, groups), optional(dropout_key, P()), optional(bias_E, P()),
+                optional(forced_GSK, groups))
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(groups, P(), groups))(
-        x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E)
+        x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E, forced_GSK)
 
   return sharded_run
 

@@ -182,7 +182,8 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
                 uniform_SK: jax.Array | None = None, priority: str = "position",
                 overflow: str = "drop", score: str = "softmax",
                 routed_scaling_factor: float = 1.0, num_expert_groups: int = 1,
-                topk_groups: int = 1, selection_bias_E: jax.Array | None = None) -> Routing:
+                topk_groups: int = 1, selection_bias_E: jax.Array | None = None,
+                forced_expert_SK: jax.Array | None = None) -> Routing:
   """Routes the S tokens of one group to E experts with C slots each. See the module docstring.
 
   `uniform_SK` holds the U(0, 1) draws of the `random` policy (training only; column 0 unused);
@@ -193,6 +194,9 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   each token first keeps its `topk_groups` best groups of E/n consecutive experts, a group
   scored by the sum of its two best (biased) scores, and picks its top-k inside them
   (DeepSeek-V3's group-limited, "node-limited", routing).
+
+  `forced_expert_SK` (benchmarks: `forced_choices`) replaces the router's top-K; everything
+  after selection (policy, capacity, gates from the scores at those experts) is unchanged.
   """
   S, E = logits_SE.shape
   K = top_k
@@ -217,6 +221,8 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   _, ranking_SX = jax.lax.top_k(select_SE, num_ranked)
   top_p_SX = jnp.take_along_axis(probs_SE, ranking_SX, axis=-1)  # scores, without the bias
   router_expert_SK = ranking_SX[:, :K].astype(jnp.int32)
+  if forced_expert_SK is not None:
+    router_expert_SK = ranking_SX = forced_expert_SK.astype(jnp.int32)
   top_p_SK = top_p_SX[:, :K]
   topk_sum_S = jnp.sum(top_p_SK, axis=-1)
 
@@ -321,17 +327,38 @@ def expert_choice_group(logits_SE: jax.Array, valid_S: jax.Array, *, capacity: i
 
 
 def route(logits_GSE: jax.Array, valid_GS: jax.Array, *, uniform_GSK: jax.Array | None = None,
-          choice: str = "token", **kwargs) -> Routing:
+          forced_expert_GSK: jax.Array | None = None, choice: str = "token",
+          **kwargs) -> Routing:
   """`route_group` (`choice="token"`) or `expert_choice_group` (`"expert"`; it takes only
   `capacity`, `score` and `routed_scaling_factor`) for every group (vmapped); fields get a
   leading G axis."""
   if choice == "expert":
     ec = {k: kwargs[k] for k in ("capacity", "score", "routed_scaling_factor") if k in kwargs}
     return jax.vmap(lambda l, v: expert_choice_group(l, v, **ec))(logits_GSE, valid_GS)
-  if uniform_GSK is None:
-    return jax.vmap(lambda l, v: route_group(l, v, **kwargs))(logits_GSE, valid_GS)
-  return jax.vmap(lambda l, v, u: route_group(l, v, uniform_SK=u, **kwargs))(
-      logits_GSE, valid_GS, uniform_GSK)
+  return jax.vmap(lambda l, v, u, f: route_group(l, v, uniform_SK=u, forced_expert_SK=f,
+                                                 **kwargs))(
+      logits_GSE, valid_GS, uniform_GSK, forced_expert_GSK)
+
+
+def forced_choices(router: str, shape_GSK: tuple[int, int, int], num_experts: int, *,
+                   key: jax.Array | None = None) -> jax.Array:
+  """Experts for the benchmark routers, bypassing the learned router (`MoEConfig.router`):
+
+  - `balanced`: token s of every group takes experts `(s + j) mod E`, j < K: K distinct
+    experts per token, and with E dividing S every expert gets exactly S/E of each choice rank
+    (so the first choices are balanced too; MaxText's
+    `use_random_routing` and Megatron's `moe_router_force_load_balancing` serve the same need);
+  - `random`: K distinct experts per token, uniformly at random (the top-K of U(0, 1) noise from
+    `key`).
+  """
+  G, S, K = shape_GSK
+  if router == "balanced":
+    index_SK = jnp.arange(S)[:, None] + jnp.arange(K)[None, :]
+    return jnp.broadcast_to(index_SK % num_experts, (G, S, K)).astype(jnp.int32)
+  if router == "random":
+    noise_GSE = jax.random.uniform(key, (G, S, num_experts))
+    return jax.lax.top_k(noise_GSE, K)[1].astype(jnp.int32)
+  raise ValueError(f"forced router={router!r}; allowed: 'balanced' | 'random'.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -579,7 +579,10 @@ KEY_NEUTRAL_DEFAULTS = {
     **{("model", "moe", name): default for name, default in (
         ("choice", "token"), ("score", "softmax"), ("routed_scaling_factor", 1.0),
         ("num_expert_groups", 1), ("topk_groups", 1), ("bias_update_rate", 0.0),
-        ("num_shared_experts", 0), ("shared_d_ff", None), ("balance_loss_scope", "group"))},
+        ("num_shared_experts", 0), ("shared_d_ff", None), ("balance_loss_scope", "group"),
+        ("grouped_matmul", "auto"), ("ep_transport", "auto"), ("receive_buffer_factor", None),
+        ("router", "learned"))},
+    ("benchmark",): False,
 }
 
 

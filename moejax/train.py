@@ -106,6 +106,9 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
   _check_layout(model_cfg, mesh_shape, fail)
   if model_cfg.moe_layer_indices:
     moe = model_cfg.moe_config()
+    if moe.router != "learned" and not config.get("benchmark", False):
+      fail("model.moe.router", "'learned' for training; 'balanced' and 'random' force the "
+           "experts for throughput benchmarks only (set config.benchmark=True)")
     try:
       group_size = moe.group_size_for(micro_batch, config.seq_len)
     except ValueError as e:

@@ -1,6 +1,7 @@
 """Expert parallelism on 8 fake CPU devices: sharded == single-device, and the wire is minimal."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -222,3 +223,109 @@ def test_expert_dropout_drops_its_rate_of_units():
   part = expert_dropout_mask(jax.random.key(0), 0.3, jnp.arange(2, 4), jnp.arange(3, 5), 5, 32)
   np.testing.assert_array_equal(part.reshape(2, 2, 5, 32),
                                 keep.reshape(8, 16, 5, 32)[2:4, 3:5])
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropless experts under expert parallelism (moejax.moe._exchange)
+# ------------------------------------------------------------------------------------------------
+
+DROPLESS_CASES = {
+    "top2_swiglu": dict(top_k=2, gate="gshard", activation="swiglu", router_jitter=0.1,
+                        second_expert_policy="random", balance_loss_scope="batch"),
+    "top3_sigmoid_shared_groups": dict(top_k=3, score="sigmoid", gate="gshard",
+                                       num_expert_groups=4, topk_groups=2, bias_update_rate=1e-3,
+                                       num_shared_experts=1, routed_scaling_factor=2.5),
+}
+
+
+@pytest.fixture(scope="module")
+def dropless_references():
+  return {name: STEP(_layer(dict(kw, dispatch="dropless")), *data())
+          for name, kw in DROPLESS_CASES.items()}
+
+
+def _sharded_step(mesh_shape, kw):
+  mesh = sharding.make_mesh(mesh_shape)
+  with jax.set_mesh(mesh):
+    layer = _layer(kw)
+    x, mask = data()
+    return STEP(layer, jax.device_put(x, sharding.batch_sharding(mesh, 3)), mask)
+
+
+def _assert_same_step(got, want):
+  (loss, (y, metrics)), (g, gx) = got
+  (ref_loss, (ref_y, ref_metrics)), (ref_g, ref_gx) = want
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               metrics, ref_metrics)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               nnx.to_pure_dict(nnx.state(g, nnx.Param)),
+               nnx.to_pure_dict(nnx.state(ref_g, nnx.Param)))
+  np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES,
+                         ids=["x".join(f"{k}{v}" for k, v in m.items()) for m in MESHES])
+@pytest.mark.parametrize("case", list(DROPLESS_CASES))
+def test_dropless_buffered_transport_equals_single_device(dropless_references, mesh_shape, case):
+  """Exact receive buffers (the default factor): outputs, losses, metrics and gradients equal
+  the one-device dropless layer, which equals the no-drop capacity layer (test_dropless.py)."""
+  kw = dict(DROPLESS_CASES[case], dispatch="dropless", ep_transport="buffered")
+  got = _sharded_step(mesh_shape, kw)
+  assert float(got[0][1][1]["ep_overflow_fraction"]) == 0.0
+  _assert_same_step(got, dropless_references[case])
+
+
+def _fake_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                            recv_sizes, *, axis_name, axis_index_groups=None):
+  """`jax.lax.ragged_all_to_all`'s documented semantics from all_gather and a scatter, for CPU
+  (XLA:CPU has no ragged all-to-all): source s's rows [in_off[s][me], + size[s][me]) land at
+  out_off[s][me] of this device's output."""
+  del recv_sizes, axis_index_groups
+  me = jax.lax.axis_index(axis_name)
+  rows_S = jax.lax.all_gather(operand, axis_name)
+  in_off_S, sizes_S, out_off_S = (jax.lax.all_gather(a, axis_name)[:, me]
+                                  for a in (input_offsets, send_sizes, output_offsets))
+  p = jnp.arange(operand.shape[0])
+  sent_SP = (p[None] >= in_off_S[:, None]) & (p[None] < (in_off_S + sizes_S)[:, None])
+  dest_SP = jnp.where(sent_SP, out_off_S[:, None] + p[None] - in_off_S[:, None], output.shape[0])
+  return output.at[dest_SP.reshape(-1)].set(rows_S.reshape(-1, operand.shape[-1]), mode="drop")
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 2, "expert": 4}, {"data": 1, "expert": 8}])
+@pytest.mark.parametrize("factor", [None, 1.0])
+def test_dropless_ragged_transport_equals_buffered(monkeypatch, mesh_shape, factor):
+  """The ragged transport's offsets and sizes, checked on CPU with an emulated
+  `ragged_all_to_all`: it equals the buffered transport, exact and overflowing alike."""
+  kw = dict(DROPLESS_CASES["top2_swiglu"], dispatch="dropless", receive_buffer_factor=factor)
+  want = _sharded_step(mesh_shape, dict(kw, ep_transport="buffered"))
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", _fake_ragged_all_to_all)
+  got = _sharded_step(mesh_shape, dict(kw, ep_transport="ragged"))
+  _assert_same_step(got, want)
+  assert (float(got[0][1][1]["ep_overflow_fraction"]) > 0) == (factor is not None)
+
+
+def test_dropless_overflow_is_counted():
+  """A receive buffer of R = ceil(factor * M / ep) rows per source: pairs past it are dropped
+  and counted; the count equals one computed from the routing by hand."""
+  mesh_shape, factor = {"data": 2, "expert": 4}, 1.0
+  kw = dict(top_k=2, gate="gshard", dispatch="dropless", receive_buffer_factor=factor)
+  (_, (_, metrics)), _ = _sharded_step(mesh_shape, dict(kw, ep_transport="buffered"))
+  layer = _layer(kw)
+  layer.record_routing = True
+  x, mask = data()
+  _, captured = nnx.capture(lambda l: l(x, mask), nnx.Intermediate)(layer)
+  experts = np.asarray(captured["router_topk"][0])  # [B, L, K]
+  kept = np.asarray(captured["router_kept"][0])
+  devices, ep = 8, 4
+  per_device = B // devices  # sequences per device, in mesh order (data-major)
+  M = per_device * L * 2
+  R = math.ceil(factor * M / ep)
+  dropped = 0
+  for d in range(devices):
+    e = experts[d * per_device:(d + 1) * per_device][kept[d * per_device:(d + 1) * per_device]]
+    per_dest = np.bincount(e // (8 // ep), minlength=ep)
+    dropped += int(np.maximum(per_dest - R, 0).sum())
+  assert dropped > 0
+  np.testing.assert_allclose(metrics["ep_overflow_fraction"], dropped / kept.sum(), rtol=1e-6)
