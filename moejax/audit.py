@@ -140,3 +140,149 @@ def classify(found: list[Collective], weight_shapes_: set[tuple[int, ...]],
     else:
       out.append("activations")
   return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Lowering audit: what a program becomes on TPU / GPU, read on a CPU machine
+# ----------------------------------------------------------------------------------------------
+#
+# `jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",))` (or "cuda") lowers for a platform
+# that is not present, to the StableHLO module that XLA:TPU / XLA:GPU would compile (what
+# `jax.export` serialises). `lowered_ops` walks it: every matmul (dense `dot_general`, or grouped
+# `chlo.ragged_dot`, with its FLOPs) and every collective that moves data. A composite op
+# (`chlo.ragged_dot`) carries a decomposition function, a dense fallback for compilers without
+# the op (`@chlo.ragged_dot.impl*`), which the accelerator backends replace by their
+# grouped-matmul kernel: ops inside such bodies are skipped.
+
+LOWERED_COLLECTIVES = ("all_to_all", "ragged_all_to_all", "all_reduce", "all_gather",
+                       "reduce_scatter", "collective_permute")
+_CONTRACT_RE = re.compile(r"lhs_contracting_dimensions = \[([\d,\s]*)\]")
+_MLIR_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "i32": 4, "ui32": 4, "i64": 8, "i1": 1,
+               "i8": 1, "ui8": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredOp:
+  name: str  # dot_general, ragged_dot, all_to_all, ragged_all_to_all, all_reduce, ...
+  flops: int  # matmuls: 2 * (output elements) * (contracted size); 0 otherwise
+  bytes: int  # collectives: bytes of the results per device; 0 otherwise
+  result: str  # the (first) result type, e.g. "tensor<128x64xf32>"
+  operand_shapes: tuple[tuple[int, ...], ...] = ()
+
+
+def lower(fn, args: tuple, platform: str):
+  """`fn(*args)` lowered for `platform` ("tpu" | "cuda" | "cpu") on this machine: the StableHLO
+  module (an MLIR `ir.Module`). `args` may be `jax.ShapeDtypeStruct`s (with `sharding=` under a
+  mesh)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  traced = jax.jit(fn).trace(*args)
+  return traced.lower(lowering_platforms=(platform,)).compiler_ir("stablehlo")
+
+
+def _shape(value) -> tuple[tuple[int, ...], str]:
+  t = value.type
+  element = str(t.element_type) if hasattr(t, "element_type") else str(t)
+  return tuple(getattr(t, "shape", ())), element
+
+
+def _func_name(op) -> str:
+  parent = op.parent
+  while parent is not None:
+    if parent.name == "func.func":
+      return str(parent.attributes["sym_name"]).strip('"')
+    parent = parent.parent
+  return ""
+
+
+def _moves_nothing(op) -> bool:
+  """A collective whose replica groups all hold one device (left by size-1 mesh axes)."""
+  try:
+    groups = op.attributes["replica_groups"]
+  except KeyError:
+    return False
+  shape = getattr(groups.type, "shape", ())
+  return len(shape) == 2 and shape[1] == 1
+
+
+def lowered_ops(module) -> list[LoweredOp]:
+  """Matmuls and collectives of a StableHLO module from `lower` (see above), in program order,
+  outside the decomposition bodies of composite ops and skipping collectives that move nothing."""
+  from jax.extend.mlir import ir  # pylint: disable=import-outside-toplevel
+  found = []
+
+  def visit(op):
+    name = op.name.split(".", 1)[-1]
+    if op.name == "stablehlo.composite":
+      name = str(op.attributes["name"]).strip('"').split(".", 1)[-1]
+    elif op.name == "stablehlo.custom_call":
+      name = str(op.attributes["call_target_name"]).strip('"')
+    if name not in ("dot_general", "ragged_dot") + LOWERED_COLLECTIVES:
+      return ir.WalkResult.ADVANCE
+    if ".impl" in _func_name(op) or (name in LOWERED_COLLECTIVES and _moves_nothing(op)):
+      return ir.WalkResult.ADVANCE
+    out_dims, _ = _shape(op.results[0])
+    flops = size = 0
+    if name == "dot_general":
+      lhs_dims, _ = _shape(op.operands[0])
+      m = _CONTRACT_RE.search(str(op.attributes["dot_dimension_numbers"]))
+      axes = [int(a) for a in m.group(1).split(",") if a.strip()] if m else []
+      flops = 2 * math.prod(out_dims) * math.prod(lhs_dims[a] for a in axes)
+    elif name == "ragged_dot":
+      # Forward [M, K] x [E, K, N] -> [M, N], and the gradients' variants, hold the same three
+      # tensors in some order, whose sizes multiply to E (M K N)^2; the work is 2 M K N.
+      sizes = [math.prod(_shape(v)[0]) for v in (op.operands[0], op.operands[1], op.results[0])]
+      groups = math.prod(_shape(op.operands[2])[0])
+      flops = 2 * round(math.sqrt(math.prod(sizes) / groups))
+    else:
+      for result in op.results:
+        dims, element = _shape(result)
+        size += math.prod(dims) * _MLIR_BYTES.get(element, 4)
+    found.append(LoweredOp(name, flops, size, str(op.results[0].type),
+                           tuple(_shape(v)[0] for v in op.operands)))
+    return ir.WalkResult.ADVANCE
+
+  module.operation.walk(visit)
+  return found
+
+
+def format_lowered(ops: list[LoweredOp]) -> str:
+  """One row per op kind: count, total matmul FLOPs or collective bytes, largest result."""
+  rows: dict[str, list] = {}
+  for op in ops:
+    row = rows.setdefault(op.name, [0, 0, 0, "", -1])
+    row[0] += 1
+    row[1] += op.flops
+    row[2] += op.bytes
+    if op.flops + op.bytes > row[4]:
+      row[3], row[4] = op.result, op.flops + op.bytes
+  lines = [f"{'op':<18} {'count':>5} {'MFLOP':>10} {'bytes/device':>13}  largest result"]
+  for name, (count, flops, size, largest, _) in sorted(rows.items()):
+    lines.append(f"{name:<18} {count:>5} {flops / 1e6:>10.2f} {size:>13,}  {largest}")
+  return "\n".join(lines)
+
+
+def lower_train_step(config, platform: str, devices=None):
+  """One whole train step of `config` (model, optimizer, gradient accumulation, the MoE layers'
+  dispatch and transport) lowered for `platform`, on the mesh `config.mesh` resolves to over
+  `devices` (default: all local devices; fake CPU devices stand in for the accelerator's). Only
+  shapes are traced: nothing is initialised or compiled."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from moejax import optim, sharding, train  # pylint: disable=import-outside-toplevel
+  devices = list(jax.devices() if devices is None else devices)
+  model_cfg = train.validate_config(config, len(devices))
+  tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  with jax.set_mesh(mesh):
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: train._new_model_and_optimizer(model_cfg, tx, config.seed)))  # pylint: disable=protected-access
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                         state)
+    tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32,
+                                  sharding=sharding.batch_sharding(mesh, 2))
+    batch = {key: tokens if key != "mask" else jax.ShapeDtypeStruct(
+        tokens.shape, jnp.bool_, sharding=tokens.sharding) for key in train.BATCH_KEYS}
+    step = train.make_train_step(graphdef, config.grad_accum_steps, schedule)
+    return lower(step, (state, batch), platform)
