@@ -3,8 +3,10 @@
     python experiments/bench_moe.py                 # the issue's setting (T=8192, D=256, F=1024)
     python experiments/bench_moe.py --tokens 2048 --experts 8,32 --repeats 3   # quicker
     python experiments/bench_moe.py --options --experts 32 --top_k 2 --dispatch sort  # options
+    python experiments/bench_moe.py --dispatch sort,dropless,dropless:ragged_dot  # grouped impls
 
-For each E in --experts, k in --top_k and dispatch in {sort, onehot} it times one jitted
+For each E in --experts, k in --top_k and dispatch in --dispatch (capacity buffers: sort, onehot;
+no capacity: dropless, whose experts do exactly the dense FLOPs) it times one jitted
 `value_and_grad` step (loss = sum(y^2) + aux loss; gradients w.r.t. all params and the input) and
 prints the median over --repeats runs after a warm-up, next to a dense FFN whose hidden width is
 k*F (the same active parameters and FLOPs per token, without the capacity slack). Ratios:
@@ -28,16 +30,17 @@ from flax import nnx
 from moejax.moe import MoEConfig, MoELayer
 
 
-def dense_ffn_step(d_model: int, d_ff: int, tokens: int):
+def dense_ffn_step(d_model: int, d_ff: int, tokens: int, dtype=jnp.float32):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   params = {"wi": jax.random.normal(k1, (d_model, d_ff)) * d_model**-0.5,
             "wo": jax.random.normal(k2, (d_ff, d_model)) * d_ff**-0.5}
-  x = jax.random.normal(k3, (tokens, d_model))
+  x = jax.random.normal(k3, (tokens, d_model), dtype)
 
   @jax.jit
   def step(params, x):
     def loss(params, x):
-      return jnp.sum(jnp.square(jax.nn.relu(x @ params["wi"]) @ params["wo"]))
+      h = jax.nn.relu(x @ params["wi"].astype(x.dtype))
+      return jnp.sum(jnp.square((h @ params["wo"].astype(x.dtype)).astype(jnp.float32)))
     return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
   return lambda: step(params, x)
@@ -57,21 +60,27 @@ OPTIONS = {
 
 
 def moe_step(d_model: int, d_ff: int, tokens: int, groups: int, experts: int, top_k: int,
-             capacity_factor: float, dispatch: str, **options):
-  # A training step: eval capacity plays no part, so it is set to the train CF (which expert
-  # choice requires: its capacity is part of the model).
-  cfg = MoEConfig(num_experts=experts, top_k=top_k, d_ff=d_ff, capacity_factor=capacity_factor,
-                  eval_capacity_factor=capacity_factor, num_groups=groups, dispatch=dispatch,
+             capacity_factor: float, dispatch: str, dtype=jnp.float32, **options):
+  """`dispatch`: sort | onehot | dropless, or dropless:<grouped_matmul> (e.g.
+  dropless:ragged_dot) to pick the grouped-matmul implementation."""
+  dispatch, _, impl = dispatch.partition(":")
+  if dispatch == "dropless":  # no capacity
+    sizes = {"grouped_matmul": impl or "auto"}
+  else:  # A training step: eval capacity plays no part, so it is set to the train CF (which
+    # expert choice requires: its capacity is part of the model).
+    sizes = {"capacity_factor": capacity_factor, "eval_capacity_factor": capacity_factor}
+  cfg = MoEConfig(num_experts=experts, top_k=top_k, d_ff=d_ff, num_groups=groups,
+                  dispatch=dispatch, **sizes,
                   **{"gate": "softmax" if top_k == 1 else "gshard", **options})
-  layer = MoELayer(cfg, d_model, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (groups, tokens // groups, d_model))
+  layer = MoELayer(cfg, d_model, dtype=dtype, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (groups, tokens // groups, d_model), dtype)
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
   @jax.jit
   def step(params, x):
     def loss(params, x):
       y, aux = nnx.merge(graphdef, params, rest)(x)
-      return jnp.sum(jnp.square(y)) + aux.loss
+      return jnp.sum(jnp.square(y.astype(jnp.float32))) + aux.loss
     return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
   return lambda: step(params, x)
@@ -105,8 +114,12 @@ def main():
   parser.add_argument("--capacity_factor", type=float, default=1.25)
   parser.add_argument("--experts", default="8,32,128")
   parser.add_argument("--top_k", default="1,2")
-  parser.add_argument("--dispatch", default="sort,onehot")
+  parser.add_argument("--dispatch", default="sort,dropless",
+                      help="comma-separated: sort, onehot, dropless (grouped matmuls: 'auto' = "
+                           "blocked on CPU, ragged_dot on GPU/TPU), dropless:ragged_dot, "
+                           "dropless:blocked, dropless:megablox")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--dtype", default="float32", help="activations: float32 | bfloat16")
   parser.add_argument("--options", action="store_true",
                       help="time each routing option of OPTIONS at the first E, k and dispatch "
                            "(interleaved rounds, median)")
@@ -127,20 +140,23 @@ def main():
       print(f"{name:>20} {1e3 * t:>9.1f} ms {t / base:>6.2f}x", flush=True)
     return
   experts = [int(e) for e in args.experts.split(",")]
+  dtype = jnp.dtype(args.dtype)
   print(f"# fwd+bwd, T={args.tokens} D={args.d_model} F={args.d_ff} G={args.groups} "
-        f"CF={args.capacity_factor}, median of {args.repeats}, {jax.devices()[0].platform}")
-  print(f"{'k':>2} {'dispatch':>8} {'E':>4} {'param MB':>9} {'ms':>9} {'dense ms':>9} "
+        f"CF={args.capacity_factor} {args.dtype}, median of {args.repeats}, "
+        f"{jax.devices()[0].device_kind}")
+  print(f"{'k':>2} {'dispatch':>19} {'E':>4} {'param MB':>9} {'ms':>9} {'dense ms':>9} "
         f"{'vs dense':>9} {'vs E=min':>9}")
   for k in [int(k) for k in args.top_k.split(",")]:
-    dense = time_it(dense_ffn_step(args.d_model, k * args.d_ff, args.tokens), args.repeats)
+    dense = time_it(dense_ffn_step(args.d_model, k * args.d_ff, args.tokens, dtype),
+                    args.repeats)
     for dispatch in args.dispatch.split(","):
       base = None
       for e in experts:
         t = time_it(moe_step(args.d_model, args.d_ff, args.tokens, args.groups, e, k,
-                             args.capacity_factor, dispatch), args.repeats)
+                             args.capacity_factor, dispatch, dtype), args.repeats)
         base = base or t
         param_mb = e * 2 * args.d_model * args.d_ff * 4 / 2**20
-        print(f"{k:>2} {dispatch:>8} {e:>4} {param_mb:>9.0f} {1e3 * t:>9.1f} {1e3 * dense:>9.1f} "
+        print(f"{k:>2} {dispatch:>19} {e:>4} {param_mb:>9.0f} {1e3 * t:>9.1f} {1e3 * dense:>9.1f} "
               f"{t / dense:>9.2f} {t / base:>9.2f}", flush=True)
 
 

@@ -511,6 +511,12 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
       out[f"{prefix}accuracy"] = totals.pop("correct") / n
       out[f"{prefix}perplexity"] = float(np.exp(min(out[f"{prefix}ce"], 50.0)))
       out.update({f"{prefix}{k}": v / len(eval_batches) for k, v in totals.items()})
+      overflow = out.get(f"{prefix}moe/ep_overflow_fraction", 0.0)
+      if overflow > 0:  # Dropless expert parallelism with bounded receive buffers dropped pairs.
+        logging.warning(
+            "%s at step %d: %.4g of the expert assignments overflowed a receive buffer and were "
+            "dropped (model.moe.receive_buffer_factor=%s); this is not a no-drop evaluation.",
+            name, step, overflow, model_cfg.moe_config().receive_buffer_factor)
     return out
 
   # ----------------------------------------------------------------------------------------------

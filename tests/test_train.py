@@ -311,3 +311,32 @@ def test_upcycled_checkpoint_trains_from_the_dense_weights(tmp_path):
   assert sorted(_train_losses(str(tmp_path / "moe"))[0]) == [1, 2] and math.isfinite(final["ce"])
   with pytest.raises(FileExistsError, match="already holds a checkpoint"):
     upcycle_cli.upcycle_run(str(tmp_path / "dense"), moe_config, str(tmp_path / "moe"))
+
+
+def test_dropless_training_on_the_expert_mesh(tmp_path, caplog):
+  """Dropless experts train end to end on (data=2, expert=4): nothing is dropped, so the eval
+  and no-drop eval are the same number; a bounded receive buffer that overflows is counted in
+  the metrics and warned about at eval."""
+  overrides = {"model.moe.dispatch": "dropless", "num_train_steps": 2, "eval_every": 2,
+               "checkpoint_every": 2}
+  train.train_and_evaluate(_config(**overrides), str(tmp_path / "exact"))
+  _, records = _train_losses(str(tmp_path / "exact"))
+  eval_rec = [r for r in records if r["split"] == "eval"][-1]
+  assert eval_rec["ce"] == eval_rec["nodrop/ce"]
+  assert sum(eval_rec["moe/layer1/dropped_fraction"]) == 0
+  assert eval_rec["moe/ep_overflow_fraction"] == 0
+  caplog.set_level("WARNING")
+  train.train_and_evaluate(_config(**overrides, **{"model.moe.receive_buffer_factor": 0.5}),
+                           str(tmp_path / "bounded"))
+  _, records = _train_losses(str(tmp_path / "bounded"))
+  eval_rec = [r for r in records if r["split"] == "eval"][-1]
+  assert eval_rec["moe/ep_overflow_fraction"] > 0
+  assert "overflowed a receive buffer" in caplog.text
+
+
+def test_forced_routers_are_refused_outside_benchmarks():
+  config = _config(**{"model.moe.router": "balanced"})
+  with pytest.raises(ValueError, match=r"config.model.moe.router='balanced'.*config.benchmark"):
+    train.validate_config(config, 8)
+  config.benchmark = True
+  train.validate_config(config, 8)
