@@ -2,6 +2,8 @@
 memory and model FLOPs utilisation (MFU).
 
     python experiments/bench_train.py --config=configs/switch.py --steps=10
+    python experiments/bench_train.py --config=configs/dense.py --revisions=054c109,. \
+        --rounds=5 --steps=20        # side by side: two git revisions, interleaved rounds
     python experiments/bench_train.py --config=configs/switch.py --config.mesh.fsdp=2 \
         --config.mesh.data=-1 --config.model.dtype=bfloat16 --steps=20 --peak_tflops=989
 
@@ -24,6 +26,8 @@ pipeline: what is timed is the step), and reports:
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import sys
 import time
@@ -46,16 +50,10 @@ def peak_tflops(device_kind: str) -> float | None:
   return next((peak for name, peak in PEAK_TFLOPS if name in kind), None)
 
 
-def benchmark(config, steps: int = 10, warmup: int = 2,
-              peak_tflops_per_device: float | None = None, audit: bool = False) -> dict[str, Any]:
-  """Times the train step of `config` (see the module docstring); returns the numbers. With
-  `audit`, also the step's collectives (`moejax.audit`: kind x weights / activations /
-  statistics) as `collectives` [(kind, class, bytes)] and the printable `audit_table`."""
-  from moejax import audit as audit_lib  # pylint: disable=import-outside-toplevel
+def compiled_step(config):
+  """`(step, state, batch, mesh, model_cfg, compile_s)`: the train step of `config` compiled as
+  `train_and_evaluate` compiles it (state donated), its state, and a batch of random tokens."""
   from moejax import optim, sharding, train  # pylint: disable=import-outside-toplevel
-  from moejax.model import count_params  # pylint: disable=import-outside-toplevel
-  if steps < 1 or warmup < 0:
-    raise ValueError(f"steps={steps}, warmup={warmup}; allowed: steps >= 1, warmup >= 0.")
   model_cfg = train.validate_config(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   tx, schedule = optim.make_optimizer(config.optim, config.num_train_steps)
@@ -75,7 +73,21 @@ def benchmark(config, steps: int = 10, warmup: int = 2,
                       out_shardings=(state_sharding, None), donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
+  return compiled, state, batch, mesh, model_cfg, time.perf_counter() - start
+
+
+def benchmark(config, steps: int = 10, warmup: int = 2,
+              peak_tflops_per_device: float | None = None, audit: bool = False) -> dict[str, Any]:
+  """Times the train step of `config` (see the module docstring); returns the numbers. With
+  `audit`, also the step's collectives (`moejax.audit`: kind x weights / activations /
+  statistics) as `collectives` [(kind, class, bytes)] and the printable `audit_table`."""
+  from moejax import audit as audit_lib  # pylint: disable=import-outside-toplevel
+  from moejax.model import count_params  # pylint: disable=import-outside-toplevel
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"steps={steps}, warmup={warmup}; allowed: steps >= 1, warmup >= 0.")
+  compiled, state, batch, mesh, model_cfg, compile_s = compiled_step(config)
+  B, L = config.batch_size, config.seq_len
+  with jax.set_mesh(mesh):
     if audit:
       found = audit_lib.collectives(compiled)
       classes = audit_lib.classify(found, audit_lib.weight_shapes(state, mesh))
@@ -130,8 +142,107 @@ def format_report(config, out: dict[str, float]) -> str:
   return "\n".join(lines)
 
 
+def serve(config) -> None:
+  """Worker of `compare`: compiles the step of `config`, prints one JSON line, then for every
+  integer n read from stdin runs n steps and prints `{"seconds", "loss", "steps"}`."""
+  import moejax  # pylint: disable=import-outside-toplevel
+  compiled, state, batch, mesh, _, compile_s = compiled_step(config)
+  print(json.dumps({"ready": True, "compile_s": compile_s, "moejax": moejax.__file__}), flush=True)
+  done = 0
+  with jax.set_mesh(mesh):
+    for line in sys.stdin:
+      n = int(line)
+      start = time.perf_counter()
+      for _ in range(n):
+        state, metrics = compiled(state, batch)
+      loss = float(metrics["loss"])  # waits for the last step
+      done += n
+      print(json.dumps({"seconds": time.perf_counter() - start, "loss": loss, "steps": done}),
+            flush=True)
+
+
+def compare(revisions: list[str], rounds: int, steps: int, warmup: int) -> str:
+  """Tokens/s of the same command at several git revisions, in interleaved rounds.
+
+  Each revision's tree is exported (`git archive`; "." = the working tree as it is) to a temporary
+  directory, and one worker process per revision (`--serve`, with that tree's `moejax` and
+  `configs`) compiles its step. Then, `rounds` times, each worker in turn runs `steps` steps while
+  the others wait: a change of machine load lands on every revision alike. Prints the median
+  tokens/s of each, the ratio to the first, and each one's loss after the same number of steps
+  (equal numbers = the same math)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                        check=True).stdout.strip()
+  me = os.path.abspath(__file__)
+  passed = [a for a in sys.argv[1:] if not a.startswith(("--revisions", "--rounds", "--steps",
+                                                         "--warmup"))]
+  workers, trees = {}, []
+  try:
+    for rev in revisions:
+      if rev == ".":
+        tree = repo
+      else:
+        tree = tempfile.mkdtemp(prefix="bench_train_")
+        trees.append(tree)
+        archive = subprocess.run(["git", "-C", repo, "archive", rev], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+      env = {**os.environ, "PYTHONPATH": tree}
+      log = tempfile.NamedTemporaryFile("w", prefix=f"bench_train_{rev}_", suffix=".log",
+                                        delete=False)
+      workers[rev] = subprocess.Popen([sys.executable, me, "--serve", *passed], cwd=tree,
+                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=log, text=True)
+      ready = json.loads(workers[rev].stdout.readline() or "{}")
+      if not ready.get("ready"):
+        raise RuntimeError(f"revision {rev}: the worker failed to start; its log: {log.name}")
+      if not ready["moejax"].startswith(tree):
+        raise RuntimeError(f"revision {rev}: imported {ready['moejax']}, not its own tree")
+
+    def run(rev, n):
+      workers[rev].stdin.write(f"{n}\n")
+      workers[rev].stdin.flush()
+      return json.loads(workers[rev].stdout.readline())
+
+    for rev in revisions:
+      run(rev, warmup)
+    times = {rev: [] for rev in revisions}
+    last = {}
+    for r in range(rounds):
+      order = revisions if r % 2 == 0 else revisions[::-1]
+      for rev in order:
+        last[rev] = run(rev, steps)
+        times[rev].append(last[rev]["seconds"] / steps)
+  finally:
+    for proc in workers.values():
+      proc.kill()
+    for tree in trees:
+      shutil.rmtree(tree, ignore_errors=True)
+  config = _CONFIG.value
+  tokens = config.batch_size * config.seq_len
+  base = statistics.median(times[revisions[0]])
+  lines = [f"# {' '.join(passed)}: {rounds} interleaved rounds of {steps} steps "
+           f"(+{warmup} warm-up), {jax.devices()[0].device_kind}",
+           f"{'revision':<12} {'step ms':>9} {'tokens/s':>10} {'min..max tok/s':>17} "
+           f"{'speed-up':>8}  loss after {last[revisions[0]]['steps']} steps"]
+  for rev in revisions:
+    t = statistics.median(times[rev])
+    lo, hi = tokens / max(times[rev]), tokens / min(times[rev])
+    lines.append(f"{rev:<12} {1e3 * t:>9.1f} {tokens / t:>10,.0f} {lo:>8,.0f}..{hi:<8,.0f} "
+                 f"{base / t:>8.2f}  {last[rev]['loss']:.9g}")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
+  if _SERVE.value:
+    serve(_CONFIG.value)
+    return
+  if _REVISIONS.value:
+    print(compare(_REVISIONS.value, _ROUNDS.value, _STEPS.value, _WARMUP.value))
+    return
   out = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _PEAK.value, _AUDIT.value)
   print(format_report(_CONFIG.value, out))
 
@@ -146,5 +257,10 @@ if __name__ == "__main__":
   _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
   _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (default: by kind).")
   _AUDIT = flags.DEFINE_bool("audit", False, "Also print the step's collectives.")
+  _REVISIONS = flags.DEFINE_list(
+      "revisions", None, "Compare git revisions (e.g. 054c109,.): tokens/s of each in "
+      "interleaved rounds of --steps steps ('.' = the working tree).")
+  _ROUNDS = flags.DEFINE_integer("rounds", 5, "With --revisions: interleaved rounds.")
+  _SERVE = flags.DEFINE_bool("serve", False, "Internal: the worker of --revisions.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -217,6 +217,15 @@ class Attention(nnx.Module):
       out_BLHd = jax.nn.dot_product_attention(q_BLHd, k_BMNd, v_BMNd,
                                               mask=visible_BLM[:, None, :, :])
       return jnp.einsum("BLHd,HdD->BLD", out_BLHd.astype(dt), self.wo_HdD[...].astype(dt))
+    if R == 1:  # Multi-head: 4-D einsums. The same math as the grouped form below, and 16%
+      # faster fwd+bwd on XLA:CPU (whose layouts for the 5-D form cost transposes; measured
+      # on B=16, L=128, H=4, d=32: 24.4 vs 29.0 ms, docs/training.md).
+      logits_BHLM = jnp.einsum("BLHd,BMHd->BHLM", q_BLHd, k_BMNd,
+                               preferred_element_type=jnp.float32) / math.sqrt(d)
+      logits_BHLM = jnp.where(visible_BLM[:, None], logits_BHLM, -1e30)
+      probs_BHLM = jax.nn.softmax(logits_BHLM, axis=-1).astype(dt)
+      out_BLHd = jnp.einsum("BHLM,BMHd->BLHd", probs_BHLM, v_BMNd)
+      return jnp.einsum("BLHd,HdD->BLD", out_BLHd, self.wo_HdD[...].astype(dt))
     q_BLNRd = q_BLHd.reshape(B, L, N, R, d)
     logits_BNRLM = jnp.einsum("BLNRd,BMNd->BNRLM", q_BLNRd, k_BMNd,
                               preferred_element_type=jnp.float32) / math.sqrt(d)
