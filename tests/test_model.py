@@ -206,3 +206,43 @@ def test_dot_product_attention_equals_the_einsum_attention(dtype, tol):
   steps = [m.decode(tokens, positions, segment_ids, c)[0] for m, c in zip(models, caches)]
   np.testing.assert_allclose(np.asarray(steps[1], np.float32), np.asarray(steps[0], np.float32),
                              rtol=tol, atol=tol)
+
+
+def test_multi_head_attention_equals_the_grouped_query_form():
+  """The multi-head fast path (4-D einsums, R = 1) against the grouped-query form (5-D): a model
+  with 2 kv heads, each serving 2 query heads (R = 2), equals a 4-kv-head model whose kv weights
+  repeat each head twice — logits and every gradient, in packed rows."""
+  base = {**SMALL, "num_heads": 4, "head_dim": 8}
+  grouped = Transformer(TransformerConfig(**{**base, "num_kv_heads": 2}), rngs=nnx.Rngs(0))
+  multi = Transformer(TransformerConfig(**{**base, "num_kv_heads": 4}), rngs=nnx.Rngs(0))
+  state = nnx.to_pure_dict(nnx.state(grouped, nnx.Param))
+  multi_state = nnx.to_pure_dict(nnx.state(multi, nnx.Param))
+
+  def copy(src, dst):
+    for key, value in src.items():
+      if isinstance(value, dict):
+        copy(value, dst[key])
+      elif key in ("wk_DNd", "wv_DNd"):
+        dst[key] = jnp.repeat(value, 2, axis=1)  # query heads 2j, 2j+1 read kv head j
+      else:
+        dst[key] = value
+  copy(state, multi_state)
+  nnx.update(multi, multi_state)
+  tokens = _tokens()
+  segment_ids = jnp.array([[1] * 5 + [2] * 6] * 2)
+  positions = jnp.array([list(range(5)) + list(range(6))] * 2)
+  mask = jnp.ones_like(tokens, bool)
+
+  def loss(model):
+    return jnp.sum(jnp.sin(model(tokens, positions, segment_ids, mask)[0]))
+  np.testing.assert_allclose(loss(multi), loss(grouped), rtol=1e-5)
+  g_multi = nnx.to_pure_dict(nnx.grad(loss)(multi))
+  g_grouped = nnx.to_pure_dict(nnx.grad(loss)(grouped))
+  for layer, block in g_grouped["blocks"].items():
+    for name in ("wq_DHd", "wo_HdD"):
+      np.testing.assert_allclose(g_multi["blocks"][layer]["attn"][name],
+                                 block["attn"][name], rtol=1e-4, atol=2e-5)
+    for name in ("wk_DNd", "wv_DNd"):  # the repeated heads' gradients add up to the shared one
+      summed = g_multi["blocks"][layer]["attn"][name].reshape(*block["attn"][name].shape[:1], 2,
+                                                              2, -1).sum(2)
+      np.testing.assert_allclose(summed, block["attn"][name], rtol=1e-4, atol=2e-5)
