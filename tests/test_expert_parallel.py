@@ -60,6 +60,32 @@ def loss_fn(layer, x, mask):
 STEP = nnx.jit(nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
 
 
+def _sharded_step(mesh_shape, kw):
+  mesh = sharding.make_mesh(mesh_shape)
+  with jax.set_mesh(mesh):
+    layer = _layer(kw)
+    x, mask = data()
+    return STEP(layer, jax.device_put(x, sharding.batch_sharding(mesh, 3)), mask)
+
+
+def _assert_same_step(got, want):
+  (loss, (y, metrics)), (g, gx) = got
+  (ref_loss, (ref_y, ref_metrics)), (ref_g, ref_gx) = want
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               metrics, ref_metrics)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               nnx.to_pure_dict(nnx.state(g, nnx.Param)),
+               nnx.to_pure_dict(nnx.state(ref_g, nnx.Param)))
+  np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-6)
+
+
+# The first case on every mesh, the second on two (CI time).
+DROPLESS_PLAN = [("top2_swiglu", m) for m in MESHES] + [
+    ("top3_sigmoid_shared_groups", m) for m in (MESHES[1], MESHES[4])]
+
+
 @pytest.fixture(scope="module")
 def references():
   out = {}
@@ -72,23 +98,12 @@ def references():
                          ids=["x".join(f"{k}{v}" for k, v in m.items()) for m in MESHES])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_layer_equals_single_device(references, mesh_shape, case):
-  (ref_loss, (ref_y, ref_metrics)), (ref_g, ref_gx) = references[case]
+  ref_metrics = references[case][0][1][1]
   assert float(jnp.sum(ref_metrics["dropped_fraction"])) > 0  # drops are happening
   mesh = sharding.make_mesh(mesh_shape)
   with jax.set_mesh(mesh):
-    layer = _layer(CASES[case])
-    assert layer.wi[...].sharding.spec[0] == "expert"
-    x, mask = data()
-    x = jax.device_put(x, sharding.batch_sharding(mesh, 3))
-    (loss, (y, metrics)), (g, gx) = STEP(layer, x, mask)
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               metrics, ref_metrics)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               nnx.to_pure_dict(nnx.state(g, nnx.Param)),
-               nnx.to_pure_dict(nnx.state(ref_g, nnx.Param)))
-  np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-6)
+    assert _layer(CASES[case]).wi[...].sharding.spec[0] == "expert"
+  _assert_same_step(_sharded_step(mesh_shape, CASES[case]), references[case])
 
 
 def test_forward_moves_only_the_capacity_buffer():
@@ -242,32 +257,6 @@ DROPLESS_CASES = {
 def dropless_references():
   return {name: STEP(_layer(dict(kw, dispatch="dropless")), *data())
           for name, kw in DROPLESS_CASES.items()}
-
-
-def _sharded_step(mesh_shape, kw):
-  mesh = sharding.make_mesh(mesh_shape)
-  with jax.set_mesh(mesh):
-    layer = _layer(kw)
-    x, mask = data()
-    return STEP(layer, jax.device_put(x, sharding.batch_sharding(mesh, 3)), mask)
-
-
-def _assert_same_step(got, want):
-  (loss, (y, metrics)), (g, gx) = got
-  (ref_loss, (ref_y, ref_metrics)), (ref_g, ref_gx) = want
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               metrics, ref_metrics)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               nnx.to_pure_dict(nnx.state(g, nnx.Param)),
-               nnx.to_pure_dict(nnx.state(ref_g, nnx.Param)))
-  np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-6)
-
-
-# The first case on every mesh, the second on two (CI time).
-DROPLESS_PLAN = [("top2_swiglu", m) for m in MESHES] + [
-    ("top3_sigmoid_shared_groups", m) for m in (MESHES[1], MESHES[4])]
 
 
 @pytest.mark.parametrize("case, mesh_shape", DROPLESS_PLAN,
