@@ -18,9 +18,12 @@ V = 37
 MOE = dict(num_experts=4, top_k=2, d_ff=8, gate="gshard", eval_capacity_factor=0.5)
 
 
-def _model(moe: bool) -> Transformer:
+def _model(moe: bool | str) -> Transformer:
+  """`moe`: False (dense), True (capacity experts), "dropless"."""
+  experts = ({**MOE, "eval_capacity_factor": 2.0, "dispatch": "dropless"} if moe == "dropless"
+             else MOE)
   cfg = TransformerConfig(vocab_size=V, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                          d_ff=32, moe_every=1 if moe else 0, moe=MOE if moe else None)
+                          d_ff=32, moe_every=1 if moe else 0, moe=experts if moe else None)
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   model.eval()
   return model
@@ -49,7 +52,7 @@ def _recompute_greedy(model, prompt, steps):
   return np.asarray(tokens[len(prompt):]), np.stack(logits)
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("moe", [False, True, "dropless"], ids=["dense", "moe", "dropless"])
 @pytest.mark.parametrize("devices", [1, 8])
 def test_cached_decoding_equals_recomputing_the_prefix(moe, devices):
   model, steps = _model(moe), 6
