@@ -2,7 +2,7 @@
 
     python experiments/lowering_audit.py                       # layer, capacity vs dropless
     python experiments/lowering_audit.py --config=configs/switch.py --platforms=tpu
-    python experiments/lowering_audit.py --mesh data=2,expert=4 --transport=ragged
+    python experiments/lowering_audit.py --mesh data=2,expert=4 --platforms=tpu
 
 Lowers with `jax.jit(...).trace(...).lower(lowering_platforms=(platform,))` (no accelerator needed:
 fake CPU devices stand in for the mesh) and prints, per platform and variant, every matmul (dense
@@ -17,6 +17,7 @@ dispatch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -26,8 +27,8 @@ def main():
   parser.add_argument("--platforms", default="tpu,cuda", help="comma-separated: tpu, cuda, cpu")
   parser.add_argument("--mesh", default="data=1",
                       help="mesh axis sizes, e.g. data=2,expert=4 (fake CPU devices)")
-  parser.add_argument("--transport", default="ragged", choices=("ragged", "buffered"),
-                      help="dropless expert-parallel transport to lower")
+  parser.add_argument("--transport", default="auto", choices=("auto", "ragged", "buffered"),
+                      help="dropless expert-parallel transport (auto: ragged for TPU/GPU)")
   parser.add_argument("--config", default=None,
                       help="also lower one train step of this config file (e.g. configs/tiny.py)")
   parser.add_argument("--batch", type=int, default=8, help="layer: sequences")
@@ -48,7 +49,7 @@ def main():
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from moejax import audit, sharding  # pylint: disable=import-outside-toplevel
-  from moejax.moe import MoEConfig, MoELayer  # pylint: disable=import-outside-toplevel
+  from moejax.moe import DROPLESS_IGNORES, MoEConfig, MoELayer  # pylint: disable=import-outside-toplevel
 
   shape = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
   devices = jax.devices()[:math.prod(shape.values())]
@@ -57,7 +58,7 @@ def main():
   platforms = args.platforms.split(",")
 
   def layer_ops(platform, dispatch):
-    extra = {"ep_transport": args.transport} if dispatch == "dropless" and ep > 1 else {}
+    extra = {"ep_transport": args.transport} if dispatch == "dropless" else {}
     cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, d_ff=args.d_ff,
                     gate="gshard" if args.top_k > 1 else "softmax", dispatch=dispatch, **extra)
     with jax.set_mesh(mesh):
@@ -89,9 +90,12 @@ def main():
         path, _, arg = args.config.partition(":")
         config = study.load_config_module(path).get_config(arg or None)
         config.mesh.update({"data": 1, "fsdp": 1, "expert": 1, "model": 1, **shape})
-        config.model.moe.dispatch = dispatch
-        if dispatch == "dropless" and ep > 1:
+        if dispatch == "dropless":  # capacity-only fields back to their defaults
+          defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig)}
+          for name in DROPLESS_IGNORES:
+            config.model.moe[name] = defaults[name]
           config.model.moe.ep_transport = args.transport
+        config.model.moe.dispatch = dispatch
         ops = audit.lowered_ops(audit.lower_train_step(config, platform, devices))
         print(f"\n## {platform}: one train step of {args.config}, dispatch={dispatch}")
         print(audit.format_lowered(ops))

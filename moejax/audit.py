@@ -158,14 +158,16 @@ LOWERED_COLLECTIVES = ("all_to_all", "ragged_all_to_all", "all_reduce", "all_gat
                        "reduce_scatter", "collective_permute")
 _CONTRACT_RE = re.compile(r"lhs_contracting_dimensions = \[([\d,\s]*)\]")
 _MLIR_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "i32": 4, "ui32": 4, "i64": 8, "i1": 1,
-               "i8": 1, "ui8": 1}
+               "i8": 1, "ui8": 1, "i16": 2, "ui16": 2, "ui64": 8, "f8E4M3FN": 1, "f8E5M2": 1}
 
 
 @dataclasses.dataclass(frozen=True)
 class LoweredOp:
   name: str  # dot_general, ragged_dot, all_to_all, ragged_all_to_all, all_reduce, ...
   flops: int  # matmuls: 2 * (output elements) * (contracted size); 0 otherwise
-  bytes: int  # collectives: bytes of the results per device; 0 otherwise
+  # collectives: bytes of the results per device; 0 otherwise. For ragged_all_to_all that is
+  # its output buffer: an upper bound on what moves (only the sent rows travel).
+  bytes: int
   result: str  # the (first) result type, e.g. "tensor<128x64xf32>"
   operand_shapes: tuple[tuple[int, ...], ...] = ()
 
@@ -232,7 +234,7 @@ def lowered_ops(module) -> list[LoweredOp]:
       # tensors in some order, whose sizes multiply to E (M K N)^2; the work is 2 M K N.
       sizes = [math.prod(_shape(v)[0]) for v in (op.operands[0], op.operands[1], op.results[0])]
       groups = math.prod(_shape(op.operands[2])[0])
-      flops = 2 * round(math.sqrt(math.prod(sizes) / groups))
+      flops = 2 * math.isqrt(math.prod(sizes) // groups)
     else:
       for result in op.results:
         dims, element = _shape(result)

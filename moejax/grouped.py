@@ -18,8 +18,9 @@ Implementations (`impl`), all computing the same function (tests check values an
 - `blocked` (the CPU formulation): every expert's rows start at a block boundary of b rows (rows
   gathered into `[N, b, D]` blocks, N = ceil(M / b) + E, a static bound: each expert leaves less
   than one block partly empty), each block takes its expert's weights, and two batched matmuls
-  do the work: `(M + E*b)` rows of FLOPs instead of `E*M`. Both directions are gathers (custom
-  VJPs), the weight gradient a one-hot contraction over blocks: no scatter-add.
+  do the work: `(M + E*b)` rows of FLOPs instead of `E*M`. Rows move by gathers in both
+  directions (custom VJPs, no scatter-add); the per-block weights are a gather too, whose
+  gradient sums each expert's blocks (a scatter-add over N blocks).
 - `megablox`: the Pallas TPU kernel that ships with JAX
   (`jax.experimental.pallas.ops.tpu.megablox.gmm`); TPU only (`interpret=True` on CPU, for tests).
 - `auto` (default): `blocked` when lowered for CPU, `ragged_dot` for every other platform, chosen
@@ -64,14 +65,16 @@ def _megablox(x_MK, w_EKN, group_sizes_E):
   from jax.experimental.pallas.ops.tpu.megablox import ops  # pylint: disable=import-outside-toplevel
   M, K = x_MK.shape
   N = w_EKN.shape[-1]
-  tiling = (min(128, M), min(128, K), min(128, N))
+  tiling = (128, min(128, K), min(128, N))
+  padded = -(-M // tiling[0]) * tiling[0]  # the kernel wants whole row tiles
   interpret = jax.default_backend() == "cpu"
   # The kernel leaves the rows past the groups unwritten, forward and backward (NaN in interpret
   # mode): the selects zero them in the output and in the input's gradient.
-  in_group_M1 = (jnp.arange(M) < jnp.sum(group_sizes_E))[:, None]
-  out_MN = ops.gmm(jnp.where(in_group_M1, x_MK, 0), w_EKN, group_sizes_E,
+  in_group_P1 = (jnp.arange(padded) < jnp.sum(group_sizes_E))[:, None]
+  x_PK = jnp.pad(x_MK, ((0, padded - M), (0, 0)))
+  out_PN = ops.gmm(jnp.where(in_group_P1, x_PK, 0), w_EKN, group_sizes_E,
                    preferred_element_type=x_MK.dtype, tiling=tiling, interpret=interpret)
-  return jnp.where(in_group_M1, out_MN, 0)
+  return jnp.where(in_group_P1, out_PN, 0)[:M]
 
 
 def _ffn_rows(x_MD, weights, group_sizes_E, activation, matmul, keep_MF, dropout_rate):

@@ -152,8 +152,8 @@ class MoEConfig:
   grouped_matmul: str = "auto"
   # Dropless under expert parallelism: how pairs reach their experts' devices. buffered (a dense
   # all_to_all of a fixed receive buffer per source: runs everywhere), ragged
-  # (jax.lax.ragged_all_to_all: TPU/GPU), auto (ragged when JAX's default backend is TPU/GPU,
-  # buffered on CPU; see resolve_transport).
+  # (jax.lax.ragged_all_to_all: TPU/GPU), auto (chosen when lowered: buffered for CPU, ragged for
+  # TPU/GPU, so a program lowered for TPU on a CPU machine holds the ragged transport).
   ep_transport: str = "auto"
   # Dropless under expert parallelism: rows each device receives from each other device, as a
   # multiple of its fair share (M / ep for M local pairs); pairs past it are dropped and counted
@@ -495,12 +495,12 @@ def _dropless_experts(x_GSD, r, weights, *, cfg, expert_axis, model_axis):
   pairs = dispatch_lib.expert_sort(r.expert_SK.reshape(G * S, K), kept_TK, E)
   x_MD = dispatch_lib.dispatch_sorted(x_GSD.reshape(G * S, D), pairs)
 
-  def ffn(x_RD, group_sizes):
-    y_RD = grouped.grouped_ffn(x_RD, {n: w for n, w in weights.items() if n != "router"},
-                               group_sizes, activation=cfg.activation, impl=cfg.grouped_matmul)
+  def ffn(x_XD, group_sizes_L):  # rows sorted by (local) expert, L = local experts
+    y_XD = grouped.grouped_ffn(x_XD, {n: w for n, w in weights.items() if n != "router"},
+                               group_sizes_L, activation=cfg.activation, impl=cfg.grouped_matmul)
     if model_axis is not None:  # Partial sums over this device's hidden units -> full output.
-      y_RD = jax.lax.psum(y_RD, model_axis)
-    return y_RD
+      y_XD = jax.lax.psum(y_XD, model_axis)
+    return y_XD
 
   if expert_axis is None:
     y_MD, overflow = ffn(x_MD, pairs.group_sizes_E), jnp.zeros((), jnp.float32)
@@ -534,6 +534,8 @@ def _exchange(x_MD, group_sizes_E, ffn, *, cfg, expert_axis):
   M, D = x_MD.shape
   E = group_sizes_E.shape[0]
   ep = jax.lax.axis_size(expert_axis)
+  if ep == 1:  # Every expert is local: nothing to move, nothing to drop.
+    return ffn(x_MD, group_sizes_E), jnp.zeros((), jnp.float32)
   me = jax.lax.axis_index(expert_axis)
   El = E // ep
   R = receive_rows(M, ep, cfg.receive_buffer_factor)
@@ -555,8 +557,8 @@ def _exchange(x_MD, group_sizes_E, ffn, *, cfg, expert_axis):
   dest_M = jnp.minimum(dest_M, ep - 1)
   r_M = row_M - start_J[dest_M]
   slot_M = jnp.where(in_range_M & (r_M < R), dest_M * R + r_M, ep * R)
-  r_X = jnp.arange(R, dtype=jnp.int32)
-  source_JR = jnp.where(r_X[None, :] < sent_J[:, None], start_J[:, None] + r_X[None, :], M)
+  r_R = jnp.arange(R, dtype=jnp.int32)
+  source_JR = jnp.where(r_R[None, :] < sent_J[:, None], start_J[:, None] + r_R[None, :], M)
 
   def buffered_there(x_MD):
     send_JRD = grouped.permute_rows(x_MD, source_JR.reshape(-1), slot_M).reshape(ep, R, D)
@@ -578,23 +580,23 @@ def _exchange(x_MD, group_sizes_E, ffn, *, cfg, expert_axis):
     return as_varying_like(jnp.zeros(shape, like.dtype), like)
 
   def ragged_there(x_MD):  # Source chunk s lands at rows [s*R, s*R + its size) of the receiver.
-    recv_J = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)
+    recv_S = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)
     return jax.lax.ragged_all_to_all(
         x_MD, zeros_like_tokens((ep * R, D), x_MD), start_J, sent_J,
-        jnp.full((ep,), me * R, jnp.int32), recv_J, axis_name=expert_axis)
+        jnp.full((ep,), me * R, jnp.int32), recv_S, axis_name=expert_axis)
 
   def ragged_back(y_XD):  # ... and back to where each source's rows started.
-    recv_J = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)
-    remote_start_J = jax.lax.all_to_all(start_J, expert_axis, 0, 0, tiled=True)
+    recv_S = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)
+    source_start_S = jax.lax.all_to_all(start_J, expert_axis, 0, 0, tiled=True)
     return jax.lax.ragged_all_to_all(
-        y_XD, zeros_like_tokens((M, D), y_XD), (jnp.arange(ep) * R).astype(jnp.int32), recv_J,
-        remote_start_J, sent_J, axis_name=expert_axis)
+        y_XD, zeros_like_tokens((M, D), y_XD), (jnp.arange(ep) * R).astype(jnp.int32), recv_S,
+        source_start_S, sent_J, axis_name=expert_axis)
 
   def run(there, back):
     x_XD = there(x_MD)
     # On the receiver: each row's local expert from the counts, rows sorted by it.
     end_SL = jnp.cumsum(recv_count_SL, axis=1)
-    local_SR = jax.vmap(lambda e: jnp.searchsorted(e, r_X, side="right"))(end_SL)
+    local_SR = jax.vmap(lambda e: jnp.searchsorted(e, r_R, side="right"))(end_SL)
     key_X = local_SR.reshape(-1).astype(jnp.int32)  # El: an empty row
     order_X = jnp.argsort(key_X, stable=True).astype(jnp.int32)
     kept_X = key_X[order_X] < El
@@ -605,23 +607,26 @@ def _exchange(x_MD, group_sizes_E, ffn, *, cfg, expert_axis):
     ys_XD = ffn(xs_XD, jnp.sum(recv_count_SL, axis=0))
     return as_varying_like(back(grouped.permute_rows(ys_XD, inverse_X, take_X)), x_MD)
 
-  if resolve_transport(cfg.ep_transport) == "ragged":
+  if cfg.ep_transport == "ragged":
     return run(ragged_there, ragged_back), dropped
-  return run(buffered_there, buffered_back), dropped
+  if cfg.ep_transport == "buffered":
+    return run(buffered_there, buffered_back), dropped
+  # auto: chosen when lowered, per platform (XLA:CPU has no ragged all-to-all).
+  return jax.lax.platform_dependent(cpu=lambda: run(buffered_there, buffered_back),
+                                    default=lambda: run(ragged_there, ragged_back)), dropped
 
 
 def _varying_axes(a: jax.Array) -> frozenset[str]:
-  """The shard_map axes `a` varies over (empty outside shard_map)."""
-  return frozenset(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ()))
-
-
-def resolve_transport(transport: str) -> str:
-  """`auto` -> `ragged` when JAX's default backend is an accelerator, else `buffered` (XLA:CPU
-  has no ragged all-to-all). Chosen when the program is traced: a program exported for TPU or
-  CUDA from a CPU machine (`moejax.audit`) names the transport it wants."""
-  if transport != "auto":
-    return transport
-  return "buffered" if jax.default_backend() == "cpu" else "ragged"
+  """The shard_map axes `a` varies over (its type's `vma`; `manual_axis_type.varying` in JAX
+  0.10). Raises rather than guess: a wrong answer would only fail in the backward pass of the
+  ragged transport, on an accelerator."""
+  aval = jax.typeof(a)
+  if hasattr(aval, "vma"):
+    return frozenset(aval.vma)
+  if hasattr(aval, "manual_axis_type"):
+    return frozenset(aval.manual_axis_type.varying)
+  raise NotImplementedError(f"cannot read the varying mesh axes of {aval} in jax "
+                            f"{jax.__version__}; moejax's ragged transport needs them.")
 
 
 class ExpertBias(nnx.Variable):

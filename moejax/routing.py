@@ -219,10 +219,10 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   # Router's choices. With reroute the full ranking is needed; top_k(E) breaks ties as top_k(K).
   num_ranked = E if overflow == "reroute" else K
   _, ranking_SX = jax.lax.top_k(select_SE, num_ranked)
+  if forced_expert_SK is not None:  # Benchmarks: these experts instead of the router's top-K.
+    ranking_SX = forced_expert_SK.astype(jnp.int32)
   top_p_SX = jnp.take_along_axis(probs_SE, ranking_SX, axis=-1)  # scores, without the bias
   router_expert_SK = ranking_SX[:, :K].astype(jnp.int32)
-  if forced_expert_SK is not None:
-    router_expert_SK = ranking_SX = forced_expert_SK.astype(jnp.int32)
   top_p_SK = top_p_SX[:, :K]
   topk_sum_S = jnp.sum(top_p_SK, axis=-1)
 

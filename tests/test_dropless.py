@@ -173,6 +173,14 @@ def test_forced_routers():
   np.testing.assert_allclose(m["router_load"], np.full(E, 1 / E), rtol=1e-6)
   np.testing.assert_allclose(m["expert_load"], np.full(E, 1 / E), rtol=1e-6)
   assert float(jnp.max(jnp.abs(g.router[...]))) > 0
+  # Gates are the router's scores at the forced experts, normalised over them (gshard).
+  logits_SE = jax.random.normal(jax.random.key(4), (16, E))
+  forced_SK = routing.forced_choices("balanced", (1, 16, 2), E)[0]
+  r = routing.route_group(logits_SE, jnp.ones(16, bool), top_k=2, capacity=16, gate="gshard",
+                          forced_expert_SK=forced_SK)
+  probs_SK = jnp.take_along_axis(jax.nn.softmax(logits_SE), forced_SK, axis=-1)
+  np.testing.assert_allclose(r.gate_SK, probs_SK / probs_SK.sum(-1, keepdims=True), rtol=1e-6)
+  np.testing.assert_array_equal(r.expert_SK, forced_SK)
 
 
 @pytest.mark.parametrize("kw, match", [

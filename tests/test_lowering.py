@@ -63,11 +63,11 @@ def test_capacity_layer_lowering_is_unchanged(platform):
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_dropless_expert_parallel_lowers_to_ragged_all_to_all(platform):
-  """EP dropless with the ragged transport: tokens travel by ragged all-to-all only; the dense
+  """EP dropless with the default transport, lowered for an accelerator (on this CPU machine): tokens travel by ragged all-to-all only; the dense
   all-to-alls carry int32 counts (a few bytes), the all-reduces routing statistics and the
   data-parallel gradient reduction; nothing is all-gathered."""
-  mesh_shape = {"data": 2, "expert": 4}
-  ops = lowered_layer(platform, mesh_shape, dispatch="dropless", ep_transport="ragged")
+  mesh_shape = {"data": 2, "expert": 4}  # ep_transport="auto": ragged when lowered for TPU/GPU
+  ops = lowered_layer(platform, mesh_shape, dispatch="dropless")
   kinds = {op.name for op in ops}
   assert "ragged_all_to_all" in kinds and "ragged_dot" in kinds
   assert "all_gather" not in kinds and "collective_permute" not in kinds
