@@ -336,7 +336,9 @@ def run_records(run_dir: str, study: str, arm: str, seed: int, wall_s: float) ->
   """One record per evaluation of a finished run (from its metrics.jsonl): every scalar eval
   metric, the drop fraction of each eval variant (`drop`, `nodrop/drop`, `cf{x}/drop`), and the
   training drop fraction (`train_drop`): the mean of the logged training steps (one every
-  `log_every`) in the last fifth of training, each averaged over MoE layers and choices."""
+  `log_every`) in the last fifth of training, each averaged over MoE layers and choices. The
+  final record also has `train_ce`, the training-batch CE over the same steps, and
+  `generalisation_gap` = no-drop eval CE - `train_ce`."""
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   train = [r for r in rows if r["split"] == "train"]
@@ -346,6 +348,7 @@ def run_records(run_dir: str, study: str, arm: str, seed: int, wall_s: float) ->
   last_step = max(r["step"] for r in rows)
   late = [d for r in train if r["step"] > 0.8 * last_step
           if (d := _mean_over(r, "", "dropped_fraction")) is not None]
+  late_ce = [r["ce"] for r in train if r["step"] > 0.8 * last_step and "ce" in r]
   tokens_per_sec = [r["tokens_per_sec"] for r in train[1:] if "tokens_per_sec" in r]
   out = []
   for i, r in enumerate(evals):
@@ -367,6 +370,9 @@ def run_records(run_dir: str, study: str, arm: str, seed: int, wall_s: float) ->
     if i == len(evals) - 1:
       if late:
         metrics["train_drop"] = statistics.mean(late)
+      if late_ce:  # Training-batch CE (train mode) over the last fifth, and the gap to eval.
+        metrics["train_ce"] = statistics.mean(late_ce)
+        metrics["generalisation_gap"] = metrics.get("nodrop/ce", metrics["ce"]) - metrics["train_ce"]
       metrics["loss_spikes"] = loss_spikes([float(t["loss"]) for t in train if "loss" in t])
       record.update(final=True, wall_s=round(wall_s, 1),
                     tokens_per_sec=round(statistics.median(tokens_per_sec)) if tokens_per_sec
@@ -583,6 +589,7 @@ KEY_NEUTRAL_DEFAULTS = {
         ("grouped_matmul", "auto"), ("ep_transport", "auto"), ("receive_buffer_factor", None),
         ("router", "learned"))},
     ("benchmark",): False,
+    ("data", "train_max_bytes"): None, ("data", "train_max_docs"): None,
 }
 
 

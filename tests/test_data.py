@@ -466,3 +466,62 @@ def test_bad_configuration_raises(field, value, kwargs, match):
     (c[section] if section else c)[name] = value
   with pytest.raises(ValueError, match=match):
     pipeline(c, **kwargs)
+
+
+# --- capped training text (data.train_max_bytes / data.train_max_docs) -------------------------
+
+
+def test_capped_training_split_reads_only_its_documents_and_resumes_exactly():
+  c = small_config()
+  c.train_max_docs = 15
+  capped = md.get_source(c, "train")
+  full = md.get_source(small_config(), "train")
+  assert capped.num_docs == 15 and capped.key != full.key
+  kept = {capped.get(i)[0] for i in range(capped.num_docs)}
+  assert kept < {full.get(i)[0] for i in range(full.num_docs)}
+  # One epoch of the pipeline holds exactly the capped documents' tokens.
+  it = pipeline(c, seq_len=32, global_batch_size=4, num_epochs=1)
+  tok = md.get_tokenizer(c)
+  got = reconstruct_documents(epoch(it), tok.bos_id)
+  assert sorted(map(tuple, got)) == sorted(map(tuple, tokenized_documents(capped, tok)))
+  # Evaluation is never capped.
+  assert md.get_source(c, "validation").num_docs == c.builtin.num_eval_docs
+  # Resume: identical batches; a checkpoint of another cap is refused.
+  reference = take(pipeline(c, seq_len=24, global_batch_size=4), 10)
+  it = pipeline(c, seq_len=24, global_batch_size=4)
+  take(it, 4)
+  state = json.loads(json.dumps(it.get_state()))
+  resumed = pipeline(c, seq_len=24, global_batch_size=4)
+  resumed.set_state(state)
+  for x, y in zip(take(resumed, 6), reference[4:]):
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+  c.train_max_docs = 16
+  with pytest.raises(ValueError, match="train_max_docs=16"):
+    pipeline(c, seq_len=24, global_batch_size=4).set_state(state)
+
+
+def test_byte_caps_are_nested_fixed_subsets():
+  def docs(**cap):
+    c = small_config()
+    c.update(cap)
+    source = md.get_source(c, "train")
+    return [source.get(i)[0] for i in range(source.num_docs)]
+  small, large = docs(train_max_bytes=1_000), docs(train_max_bytes=3_000)
+  assert set(small) < set(large) and small == docs(train_max_bytes=1_000)
+  for texts, cap in ((small, 1_000), (large, 3_000)):
+    sizes = [len(t.encode()) for t in texts]
+    assert sum(sizes) >= cap > sum(sizes) - max(sizes)  # stops at the document crossing the cap
+
+
+@pytest.mark.parametrize("cap, match", [
+    (dict(train_max_bytes=0), r"data.train_max_bytes=0: allowed values are integers >= 1"),
+    (dict(train_max_docs=0), r"data.train_max_docs=0: allowed"),
+    (dict(train_max_docs=61), r"data.train_max_docs=61 exceeds the 60 documents"),
+    (dict(train_max_bytes=10**9), r"data.train_max_bytes=1000000000 exceeds the \d+ bytes"),
+    (dict(train_max_bytes=100, train_max_docs=5), "both set"),
+])
+def test_bad_training_caps_are_named(cap, match):
+  c = small_config()
+  c.update(cap)
+  with pytest.raises(ValueError, match=match):
+    md.get_source(c, "train")

@@ -465,6 +465,9 @@ def test_config_key_ignores_fields_added_later_at_their_original_default():
     for part in path[:-1]:
       node = node[part]
     node[path[-1]] = {"einsum": "dot_product", "token": "expert", "softmax": "sigmoid", "": "x",
-                      "none": "full", False: True, "group": "batch", None: 64}.get(default,
-                                                   2 if isinstance(default, int) else 0.5)
+                      "none": "full", False: True, "group": "batch", None: 64,
+                      "auto": "ragged_dot", "learned": "random"}.get(
+                          default, 2 if isinstance(default, int) else 0.5)
+    if path[-1] == "receive_buffer_factor":
+      node[path[-1]] = 2.0
     assert study_lib.config_key(changed) != study_lib.config_key(config), path

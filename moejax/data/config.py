@@ -7,6 +7,7 @@ it is used, and errors name the field as `data.<section>.<field>`.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 SOURCES = ("builtin", "tfds", "text_files")
 TOKENIZERS = ("byte", "sentencepiece")
@@ -33,6 +34,14 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Tokenizer: 'byte' (UTF-8 bytes, no training, vocab 259) or 'sentencepiece' (trained on the
   # training split once and cached).
   c.tokenizer = "byte"
+  # Cap on the unique training text, for data-size studies: the training split is cut to a fixed
+  # random subset of its documents (`moejax.data.sources.cap_training_documents`: the same subset
+  # for every run and seed, nested across caps: a smaller cap's documents are a prefix of a larger
+  # one's), holding at least `train_max_bytes` bytes of UTF-8 text, or `train_max_docs`
+  # documents. Evaluation splits are never capped, so capped and uncapped runs are evaluated on
+  # the same held-out documents. None: the whole split. At most one of the two.
+  c.train_max_bytes = config_dict.placeholder(int)
+  c.train_max_docs = config_dict.placeholder(int)
 
   c.tfds = ml_collections.ConfigDict()
   # TFDS dataset name, optionally with config/version, e.g. 'lm1b', 'c4/en', 'wiki40b/en'.

@@ -352,13 +352,62 @@ def text_files_source(data_config, split: str) -> DocSource:
 
 
 def get_source(data_config, split: str) -> DocSource:
-  """The `DocSource` of `data.source` for `split`."""
+  """The `DocSource` of `data.source` for `split`; the training split capped by
+  `data.train_max_bytes` / `data.train_max_docs` (`cap_training_documents`)."""
   _check_choice("data.source", data_config.source, SOURCES)
   if data_config.source == "builtin":
-    return builtin_source(data_config, split)
-  if data_config.source == "tfds":
-    return tfds_source(data_config, split)
-  return text_files_source(data_config, split)
+    source = builtin_source(data_config, split)
+  elif data_config.source == "tfds":
+    source = tfds_source(data_config, split)
+  else:
+    source = text_files_source(data_config, split)
+  if split == data_config.train_split:
+    source = cap_training_documents(source, data_config.get("train_max_bytes"),
+                                    data_config.get("train_max_docs"))
+  return source
+
+
+CAP_SEED = 20_260_101  # The cap's document order: fixed, independent of every run's seed.
+
+
+def cap_training_documents(source: DocSource, max_bytes: int | None,
+                           max_docs: int | None) -> DocSource:
+  """`source` cut to a fixed random subset of its documents: the first documents of one
+  permutation (seeded by `CAP_SEED`) until they hold `max_bytes` bytes of UTF-8 text (the
+  document that crosses the cap is kept whole) or number `max_docs`. Subsets are nested: a
+  smaller cap's documents are a prefix of a larger one's. The kept documents are read in the
+  source's order (the pipeline shuffles them per epoch with the run's seed). The key names the
+  cap, so a checkpoint of one cap does not resume under another."""
+  if max_bytes is None and max_docs is None:
+    return source
+  if max_bytes is not None and max_docs is not None:
+    raise ValueError(f"data.train_max_bytes={max_bytes} and data.train_max_docs={max_docs} are "
+                     "both set; allowed: at most one (None: the whole training split).")
+  field, cap = (("train_max_bytes", max_bytes) if max_bytes is not None
+                else ("train_max_docs", max_docs))
+  if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+    raise ValueError(f"data.{field}={cap!r}: allowed values are integers >= 1, or None for the "
+                     "whole training split.")
+  order = np.random.default_rng(CAP_SEED).permutation(source.num_docs)
+  if field == "train_max_docs":
+    if cap > source.num_docs:
+      raise ValueError(f"data.train_max_docs={cap} exceeds the {source.num_docs} documents of "
+                       f"the training split ({source.key}); allowed: 1..{source.num_docs}, or "
+                       "None for all of them.")
+    kept = order[:cap]
+  else:
+    total, n = 0, 0
+    while total < cap and n < source.num_docs:
+      text = source.get(int(order[n]))[0]
+      total += len(text.encode("utf-8") if isinstance(text, str) else text)
+      n += 1
+    if total < cap:
+      raise ValueError(f"data.train_max_bytes={cap} exceeds the {total} bytes of the training "
+                       f"split ({source.key}); allowed: at most {total}, or None for all of it.")
+    kept = order[:n]
+  kept = np.sort(kept)
+  return DocSource(key=f"{source.key}|{field}={cap}", num_docs=len(kept),
+                   get=lambda i: source.get(int(kept[i])))
 
 
 def domain_names(data_config) -> list[str]:
