@@ -120,6 +120,10 @@ def main():
                            "dropless:blocked, dropless:megablox")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--dtype", default="float32", help="activations: float32 | bfloat16")
+  parser.add_argument("--peer_python", default="",
+                      help="a Python with torch + transformers (a separate venv): also time the "
+                           "Hugging Face Switch / Mixtral blocks at the same sizes "
+                           "(experiments/bench_hf_moe.py) and print them in the same table")
   parser.add_argument("--options", action="store_true",
                       help="time each routing option of OPTIONS at the first E, k and dispatch "
                            "(interleaved rounds, median)")
@@ -158,6 +162,32 @@ def main():
         param_mb = e * 2 * args.d_model * args.d_ff * 4 / 2**20
         print(f"{k:>2} {dispatch:>19} {e:>4} {param_mb:>9.0f} {1e3 * t:>9.1f} {1e3 * dense:>9.1f} "
               f"{t / dense:>9.2f} {t / base:>9.2f}", flush=True)
+  if args.peer_python:
+    peers(args, experts)
+
+
+def peers(args, experts):
+  """The Hugging Face blocks at the same sizes, in a subprocess of `--peer_python` (torch and
+  transformers stay out of this process); printed as rows of the same table (no dense column:
+  compare ms with our rows of the same k and E)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_hf_moe.py")
+  proc = subprocess.run(
+      [args.peer_python, script, "--tokens", str(args.tokens), "--groups", str(args.groups),
+       "--d_model", str(args.d_model), "--d_ff", str(args.d_ff), "--capacity_factor",
+       str(args.capacity_factor), "--repeats", str(args.repeats),
+       "--experts", ",".join(map(str, experts))], capture_output=True, text=True, check=False)
+  rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode or not rows:
+    print(f"# peer benchmark failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return
+  print(f"# Hugging Face blocks: torch {rows[0]['torch']}, transformers {rows[0]['transformers']}"
+        " (hf-switch: top-1, capacity C per sequence; hf-mixtral: top-2, dropless)")
+  for r in rows:
+    ms = f"{r['ms']:>9.1f}" if isinstance(r["ms"], float) else f"{r['ms']:>9}"
+    print(f"{r['k']:>2} {r['block']:>19} {r['E']:>4} {'':>9} {ms}", flush=True)
 
 
 if __name__ == "__main__":
