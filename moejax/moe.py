@@ -10,6 +10,11 @@ expert `i` runs its FFN on its `[G*C, D]` slots with stacked weights `wi [E, D, 
 `wo [E, F, D]`; outputs are gate-weighted back into `[B, L, D]` (`combine`). A dropped choice
 contributes exactly zero: the token continues through the residual connection of the block.
 
+Dropless (`dispatch="dropless"`, `_dropless_experts`): no capacity buffer. The kept (token,
+choice) pairs of the device's groups are sorted by expert into `[M, D]` rows (M = T*K) and each
+expert's FFN runs on its rows as grouped matmuls (`moejax.grouped`); under expert parallelism the
+rows travel to their experts' devices by a buffered or ragged all-to-all (`_exchange`).
+
 Expert parallelism: when a mesh with an `expert` axis is set (`jax.set_mesh`), groups are sharded
 over (`data`, `expert`) and expert weights over `expert`. Inside `jax.shard_map` every device
 routes its own groups, builds its `[E, g*C, D]` buffer, `all_to_all` over `expert` sends each
