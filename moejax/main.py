@@ -11,6 +11,7 @@ finishes its step, saves a checkpoint there and exits 0; see docs/reliability.md
 """
 
 import difflib
+import os
 import sys
 
 from absl import app, flags, logging
@@ -26,15 +27,35 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+TRACEBACK_ENV = "MOEJAX_TRACEBACK"  # set to 1: user errors show their traceback too
+
+
+def user_error(message: str) -> None:
+  """Exit 2 with one `error: ...` line (a user error: a bad flag, field, value or file)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   del argv
   # After flag parsing, so --jax_* flags apply.
   from moejax import checkpoint, sharding, train  # pylint: disable=import-outside-toplevel
+  # config_flags defers a file it could not load to the config's first use: check it now.
+  problem = config_load_error(sys.argv[1:])
+  if problem is not None and not os.environ.get(TRACEBACK_ENV):
+    user_error(problem)
+  config = _CONFIG.value
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
   except checkpoint.Preempted as e:  # The checkpoint is saved: exit 0, the scheduler restarts us.
     logging.warning("%s", e)
+  except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    # Config validation and bad inputs raise these (naming field, value, allowed) before
+    # anything is compiled; one line, unless the traceback is asked for.
+    if os.environ.get(TRACEBACK_ENV):
+      raise
+    user_error(str(e))
 
 
 def _config_of(argv: list[str]):
@@ -44,7 +65,10 @@ def _config_of(argv: list[str]):
     return None
   from moejax import study  # pylint: disable=import-outside-toplevel
   path, _, arg = spec.partition(":")
-  return path, study.load_config_module(path).get_config(arg or None)
+  try:
+    return path, study.load_config_module(path).get_config(arg or None)
+  except Exception:  # pylint: disable=broad-except
+    return None  # The config itself fails to load: that error is reported, not this one.
 
 
 def unknown_override(argv: list[str]) -> str | None:
@@ -81,15 +105,43 @@ def expected_type(argv: list[str], error: str) -> str:
   return f"; allowed: {'an' if kind[0] in 'aeiou' else 'a'} {kind} ({path} sets {node!r})"
 
 
+def config_load_error(argv: list[str]) -> str | None:
+  """Why `--config=path[:arg]` cannot be loaded (missing file, unknown arg, ...), or None."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  from moejax import study  # pylint: disable=import-outside-toplevel
+  path, _, arg = spec.partition(":")
+  try:
+    study.load_config_module(path).get_config(arg or None)
+  except FileNotFoundError:
+    return f"--config={spec}: no such config file {path!r} (run from the repository root, or " \
+           "give a path to a configs/*.py file)"
+  except Exception as e:  # pylint: disable=broad-except
+    return f"--config={spec}: {e}"
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a one-line error for a misspelled config field or a value of the
-  wrong type (not a traceback)."""
+  """absl flag parsing, with a one-line error (exit 2, no traceback; set MOEJAX_TRACEBACK=1 for
+  one) for a config file that does not load, a misspelled config field or a value of the wrong
+  type."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    sys.exit(f"error: {unknown_override(argv[1:]) or e}")
+    if os.environ.get(TRACEBACK_ENV):
+      raise
+    user_error(unknown_override(argv[1:]) or config_load_error(argv[1:]) or str(e))
   except flags.IllegalFlagValueError as e:  # `--config.batch_size=abc`: name the expected type.
-    sys.exit(f"error: {str(e).removeprefix('flag ')}{expected_type(argv[1:], str(e))}")
+    if os.environ.get(TRACEBACK_ENV):
+      raise
+    user_error(config_load_error(argv[1:])
+               or f"{str(e).removeprefix('flag ')}{expected_type(argv[1:], str(e))}")
+  except Exception:  # pylint: disable=broad-except  # the config file raised while loading
+    problem = config_load_error(argv[1:])
+    if problem is None or os.environ.get(TRACEBACK_ENV):
+      raise
+    user_error(problem)
 
 
 if __name__ == "__main__":

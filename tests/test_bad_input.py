@@ -271,6 +271,32 @@ def test_command_line_type_errors_and_typos_are_one_line(flag, message, tmp_path
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/tiny.py:runlocl"],
+     r"^error: --config=configs/tiny.py:runlocl: config arg 'runlocl': allowed names are "
+     r"\['runlocal'\]"),
+    (["--config=configs/no_such_config.py"],
+     r"^error: --config=configs/no_such_config.py: no such config file"),
+    (["--config=configs/tiny.py:runlocal", "--config.model.moe.top_k=0"],
+     r"^error: config.model.moe.top_k=0; allowed: an integer in \[1, num_experts=8\]"),
+    (["--config=configs/tiny.py:runlocal", "--config.model.moe.dispatch=dropless",
+      "--config.model.moe.capacity_factor=2.0"],
+     r"^error: config.model.moe.capacity_factor=2.0 with dispatch='dropless'"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(args, message, tmp_path):
+  """A config file that does not load and a bad value: one `error:` line on stderr, exit 2, no
+  traceback, nothing written (MOEJAX_TRACEBACK=1 would show the traceback)."""
+  env = {k: v for k, v in os.environ.items() if k != "MOEJAX_TRACEBACK"}
+  result = subprocess.run([sys.executable, "-m", "moejax.main", *args,
+                           f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                          text=True, env={**env, "JAX_PLATFORMS": "cpu"}, check=False)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(lines) <= 3 and re.search(message, lines[-1]), lines
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
 def _print_catalogue() -> None:
   """`python tests/test_bad_input.py`: the catalogue as docs/reliability.md's table."""
   import pathlib
