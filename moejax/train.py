@@ -386,9 +386,10 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   # ----------------------------------------------------------------------------------------------
   # Config, workdir and writers.
   # ----------------------------------------------------------------------------------------------
+  metrics_lib.quiet_library_logs()  # first: validation may start JAX's backends (their probe)
+  start_time = time.time()
   model_cfg = validate_config(config)
   is_main = jax.process_index() == 0
-  metrics_lib.quiet_library_logs()
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file; allowed: a directory (new or a "
                              "run's, to resume it).")
@@ -593,4 +594,9 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   # ----------------------------------------------------------------------------------------------
   checkpointer.close()
   writer.close()
-  return {k: float(v) for k, v in final_eval.items() if np.ndim(v) == 0}
+  summary = {k: float(v) for k, v in final_eval.items() if np.ndim(v) == 0}
+  nodrop = f", no-drop CE {summary['nodrop/ce']:.4f}" if "nodrop/ce" in summary else ""
+  logging.info("finished at step %d: eval CE %.4f%s; %s tokens; %.0f s; checkpoints in %s",
+               step, summary.get("ce", float("nan")), nodrop,
+               f"{step * tokens_per_step:,}", time.time() - start_time, checkpointer.directory)
+  return summary

@@ -326,3 +326,23 @@ if __name__ == "__main__":
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   _print_catalogue()
+
+
+def test_a_resumed_run_logs_no_library_noise_and_ends_with_a_summary(tmp_path):
+  """The console of a run and of its resumption: no JAX backend probe line, no orbax
+  'Metadata file does not exist' warning on restore, and one closing summary line."""
+  logs = []
+  for steps in (4, 6):
+    result = subprocess.run(
+        [sys.executable, "-m", "moejax.main", "--config=configs/tiny.py:runlocal",
+         f"--config.num_train_steps={steps}", "--config.checkpoint_every=2",
+         f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs.append(result.stderr)
+  assert "restored" in logs[1] or "resumed" in logs[1]
+  for log in logs:
+    assert "Unable to initialize backend" not in log
+    assert "Metadata file does not exist" not in log
+  assert re.search(r"finished at step 6: eval CE \d\.\d{4}, no-drop CE \d\.\d{4}; 1,536 tokens",
+                   logs[1]), logs[1][-2000:]
