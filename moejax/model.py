@@ -297,12 +297,14 @@ class Block(nnx.Module):
     else:
       self.ffn = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None,
+               routes_BLK=None):
     x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
-    if step_balance is None:
+    if step_balance is None and routes_BLK is None:
       y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL)
-    else:  # Only an MoE FFN takes the step's balance counts.
-      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL, step_balance=step_balance)
+    else:  # Only an MoE FFN takes the step's balance counts and replayed routes.
+      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL, step_balance=step_balance,
+                            routes_BLK=routes_BLK)
     return x_BLD + y_BLD, aux
 
   def decode(self, x_BTD, positions_BT, segment_ids_BT, cache_segment_ids_BM, k_BMNd, v_BMNd,
@@ -343,8 +345,9 @@ def _stack_units(blocks: list[Block], period: int) -> nnx.List:
   return out
 
 
-def _call_block(block: Block, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None):
-  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance)
+def _call_block(block: Block, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None,
+                routes_BLK=None):
+  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance, routes_BLK)
 
 
 @struct.dataclass
@@ -384,10 +387,13 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None, mask_BL: jax.Array | None = None, *,
-               moe_step_balance: dict[int, routing.StepBalance] | None = None):
+               moe_step_balance: dict[int, routing.StepBalance] | None = None,
+               moe_routes: dict[int, jax.Array] | None = None):
     """`mask_BL` marks real tokens for the MoE layers (padding takes no capacity, no loss).
     `moe_step_balance` `{layer index: StepBalance}`: the optimizer step's f for each MoE layer's
-    `batch`-scope balance losses (gradient accumulation; `moejax.train` counts it)."""
+    `batch`-scope balance losses (gradient accumulation; `moejax.train` counts it).
+    `moe_routes` `{layer index: int [B, L, K]}`: routing replay, one entry per MoE layer (e.g.
+    `{i: aux.routes for i, aux in moe_aux.items()}` of an earlier call); see `MoELayer`."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, L = tokens_BL.shape
     if positions_BL is None:
@@ -399,13 +405,22 @@ class Transformer(nnx.Module):
     if self.cfg.remat != "none":  # Recompute the block in the backward pass, by the policy.
       run = nnx.remat(_call_block, policy=REMATS[self.cfg.remat], prevent_cse=True)
     step_balance = moe_step_balance or {}
+    if moe_routes is not None:
+      layers = set(cfg.moe_layer_indices)
+      if set(moe_routes) != layers:
+        raise ValueError(f"moe_routes for layers {sorted(moe_routes)}; allowed: one entry per MoE "
+                         f"layer, {sorted(layers)} (routes of another model?).")
+      if cfg.scan_layers:
+        raise ValueError("moe_routes (routing replay) needs model.scan_layers=False.")
+    routes = moe_routes or {}
     if cfg.scan_layers:
       x_BLD, moe_aux = self._scan_units(run, x_BLD, positions_BL, segment_ids_BL, mask_BL,
                                         step_balance)
       return self._logits(x_BLD), moe_aux
     moe_aux = {}
     for i, block in enumerate(self.blocks):
-      x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance.get(i))
+      x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance.get(i),
+                       routes.get(i))
       x_BLD = constrain(x_BLD, ACTIVATION)
       if aux is not None:
         moe_aux[i] = aux

@@ -362,6 +362,10 @@ class MoEAux:
   loss: jax.Array
   metrics: dict[str, jax.Array]
   balance_counts: dict[str, jax.Array]
+  # int32 [B, L, K]: each token's experts as selected (the router's top-K, or the forced or
+  # replayed ones), before the second-expert policy and capacity. Pass it back as `routes_BLK`
+  # to replay this routing in a later forward (routing replay).
+  routes: jax.Array | None = None
 
 
 def expert_ffn(x_EXD: jax.Array, weights: dict[str, jax.Array], *, activation: str,
@@ -705,11 +709,16 @@ class MoELayer(nnx.Module):
 
   def __call__(self, x_BLD: jax.Array, mask_BL: jax.Array | None = None, *,
                deterministic: bool | None = None, group_size: int | None = None,
-               step_balance: routing.StepBalance | None = None) -> tuple[jax.Array, MoEAux]:
+               step_balance: routing.StepBalance | None = None,
+               routes_BLK: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
     """`group_size` (tokens per routing group) overrides the config's grouping for this call;
     `Transformer.decode` uses it to route the new tokens of a decoding step together.
     `step_balance` (`balance_loss_scope="batch"` only): the whole optimizer step's f, so that a
-    micro-batch's balance losses are its exact share of the step's (gradient accumulation)."""
+    micro-batch's balance losses are its exact share of the step's (gradient accumulation).
+    `routes_BLK` (int [B, L, K], e.g. an earlier call's `aux.routes`): routing replay. Each
+    token uses these experts instead of the router's top-K; gates are recomputed from the
+    current router's scores at them (so the router still learns), and the second-expert policy,
+    capacity and dispatch work as usual on them."""
     cfg = self.cfg
     if x_BLD.ndim != 3 or x_BLD.shape[-1] != self.d_model:
       raise ValueError(f"MoELayer input shape {tuple(x_BLD.shape)}; allowed: rank 3 "
@@ -743,7 +752,9 @@ class MoELayer(nnx.Module):
     if not deterministic and cfg.expert_dropout > 0:
       dropout_key = self.rngs.dropout()
     forced_GSK = None
-    if cfg.router != "learned":  # Benchmarks: experts picked without the router.
+    if routes_BLK is not None:
+      forced_GSK = self._replayed_routes(routes_BLK, B, L).reshape(G, S, K)
+    elif cfg.router != "learned":  # Benchmarks: experts picked without the router.
       forced_GSK = routing.forced_choices(
           cfg.router, (G, S, K), cfg.num_experts,
           key=self.rngs.routing() if cfg.router == "random" else None)
@@ -775,7 +786,30 @@ class MoELayer(nnx.Module):
             + cfg.gshard_loss_weight * metrics["gshard_loss"]
             + cfg.z_loss_weight * metrics["z_loss"])
     counts = {name: jax.lax.stop_gradient(sums[name]) for name in routing.BALANCE_COUNTS}
-    return y_BLD, MoEAux(loss=loss, metrics=metrics, balance_counts=counts)
+    return y_BLD, MoEAux(loss=loss, metrics=metrics, balance_counts=counts,
+                         routes=record["router_topk"].reshape(B, L, -1))
+
+  def _replayed_routes(self, routes_BLK, B: int, L: int) -> jax.Array:
+    """`routes_BLK` checked (ValueError naming what is wrong) before anything is traced further;
+    expert ids are range-checked when the array is concrete (not inside jit)."""
+    cfg = self.cfg
+    for name, value, default in (("choice", cfg.choice, "token"), ("router", cfg.router, "learned"),
+                                 ("overflow", cfg.overflow, "drop")):
+      if value != default:
+        raise ValueError(f"routing replay with MoEConfig.{name}={value!r}; allowed: "
+                         f"{name}={default!r} (replay gives each token its experts).")
+    shape = tuple(routes_BLK.shape)
+    if shape != (B, L, cfg.top_k):
+      raise ValueError(f"replayed routes of shape {shape}; allowed: [batch, length, top_k] = "
+                       f"{(B, L, cfg.top_k)} (this layer's input and top_k).")
+    if not jnp.issubdtype(routes_BLK.dtype, jnp.integer):
+      raise ValueError(f"replayed routes of dtype {routes_BLK.dtype}; allowed: integer expert ids.")
+    if not isinstance(routes_BLK, jax.core.Tracer):
+      lo, hi = int(jnp.min(routes_BLK)), int(jnp.max(routes_BLK))
+      if lo < 0 or hi >= cfg.num_experts:
+        raise ValueError(f"replayed routes hold expert ids in [{lo}, {hi}]; allowed: [0, "
+                         f"num_experts - 1 = {cfg.num_experts - 1}] (routes of another model?).")
+    return routes_BLK.astype(jnp.int32)
 
 
 def _sharded(run, mesh, *, G: int, num_experts: int):
