@@ -77,25 +77,22 @@ def _megablox(x_MK, w_EKN, group_sizes_E):
   return jnp.where(in_group_P1, out_PN, 0)[:M]
 
 
-def _ffn_rows(x_MD, weights, group_sizes_E, activation, matmul, keep_MF, dropout_rate):
+def _ffn_rows(x_MD, weights, group_sizes_E, activation, matmul):
   act, gated = ACTIVATIONS[activation]
   h_MF = matmul(x_MD, weights["wi"], group_sizes_E)
   if gated:
     h_MF = act(matmul(x_MD, weights["wi_gate"], group_sizes_E)) * h_MF
   else:
     h_MF = act(h_MF)
-  if keep_MF is not None and dropout_rate > 0:
-    h_MF = jnp.where(keep_MF, h_MF / (1.0 - dropout_rate), 0.0).astype(h_MF.dtype)
   return matmul(h_MF, weights["wo"], group_sizes_E)
 
 
 def grouped_ffn(x_MD: jax.Array, weights: dict[str, jax.Array], group_sizes_E: jax.Array, *,
-                activation: str, impl: str = "auto", block_rows: int | None = None,
-                keep_MF: jax.Array | None = None, dropout_rate: float = 0.0) -> jax.Array:
+                activation: str, impl: str = "auto", block_rows: int | None = None) -> jax.Array:
   """Each row through its expert's FFN: `[M, D] -> [M, D]`, rows sorted by expert (see module
   docstring). `weights`: `wi`, `wo` and, for gated activations, `wi_gate`, stacked over E.
-  `keep_MF` (bool) drops hidden units at `dropout_rate` (inverted dropout), as
-  `moejax.moe.expert_ffn` does."""
+  `block_rows`: b of the `blocked` layout (default `default_block_rows`). No expert dropout
+  (dropless refuses it)."""
   if impl not in IMPLS:
     raise ValueError(f"grouped_ffn impl={impl!r}; allowed: {' | '.join(map(repr, IMPLS))}.")
   dtype = x_MD.dtype
@@ -104,11 +101,10 @@ def grouped_ffn(x_MD: jax.Array, weights: dict[str, jax.Array], group_sizes_E: j
 
   def with_matmul(kind):
     return _ffn_rows(x_MD, weights, group_sizes_E, activation,
-                     functools.partial(grouped_matmul, impl=kind), keep_MF, dropout_rate)
+                     functools.partial(grouped_matmul, impl=kind))
 
   def blocked():
-    return _blocked_ffn(x_MD, weights, group_sizes_E, activation, block_rows, keep_MF,
-                        dropout_rate)
+    return _blocked_ffn(x_MD, weights, group_sizes_E, activation, block_rows)
 
   if impl == "auto":
     return jax.lax.platform_dependent(cpu=blocked, default=lambda: with_matmul("ragged_dot"))
@@ -154,7 +150,7 @@ def blocked_layout(group_sizes_E: jax.Array, rows: int, block_rows: int
   return dest_M.astype(jnp.int32), source_P, expert_N.astype(jnp.int32)
 
 
-def _blocked_ffn(x_MD, weights, group_sizes_E, activation, block_rows, keep_MF, dropout_rate):
+def _blocked_ffn(x_MD, weights, group_sizes_E, activation, block_rows):
   M, D = x_MD.shape
   E = group_sizes_E.shape[0]
   b = block_rows or default_block_rows(M, E)
@@ -170,9 +166,6 @@ def _blocked_ffn(x_MD, weights, group_sizes_E, activation, block_rows, keep_MF, 
     h_NbF = act(jnp.einsum("NbD,NDF->NbF", x_NbD, w["wi_gate"])) * h_NbF
   else:
     h_NbF = act(h_NbF)
-  if keep_MF is not None and dropout_rate > 0:
-    keep_NbF = permute_rows(keep_MF.astype(h_NbF.dtype), source_P, dest_M).reshape(h_NbF.shape)
-    h_NbF = jnp.where(keep_NbF > 0, h_NbF / (1.0 - dropout_rate), 0.0).astype(h_NbF.dtype)
   y_PD = jnp.einsum("NbF,NFD->NbD", h_NbF, w["wo"]).reshape(N * b, D)
   return permute_rows(y_PD, dest_M, source_P)
 
