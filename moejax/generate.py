@@ -52,6 +52,15 @@ class Generation:
   `return_logits=True`)."""
   tokens: list[np.ndarray]
   logits: np.ndarray | None = None
+  # With `record_routes=True`: every MoE layer's experts for each column the model was fed
+  # ({layer: int32 [num_prompts, P + max_new_tokens - 1, K]}: the left-padded prompt, then each
+  # sampled token but the last), and those columns (`tokens`, `positions`, `segment_ids`, the
+  # same shape; segment id 0 = padding or after EOS). Scoring them with
+  # `model(columns["tokens"], columns["positions"], columns["segment_ids"],
+  # columns["segment_ids"] > 0, moe_routes=routes)` uses the experts of sampling time: its
+  # logits at column P - 1 + j are those token j was drawn from (routing replay for RL).
+  routes: dict[int, np.ndarray] | None = None
+  columns: dict[str, np.ndarray] | None = None
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
@@ -150,7 +159,8 @@ def check_decodable(choice: str) -> None:
 def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
              key: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | None = None, capacity_factor: float | None = math.inf,
-             max_len: int | None = None, return_logits: bool = False) -> Generation:
+             max_len: int | None = None, return_logits: bool = False,
+             record_routes: bool = False) -> Generation:
   """Samples `max_new_tokens` after each token-id prompt (see the module docstring).
 
   Runs under the caller's mesh (`jax.set_mesh`), or on one device without one, and leaves the
@@ -173,22 +183,29 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   graphdef, state = nnx.split(model)
   for layer, value in zip(model.moe_layers(), previous):  # The caller's setting, unchanged.
     layer.capacity_factor_override = value
-  tokens_BT, logits_BTV = jax.device_get(_generate_jit(
+  tokens_BT, logits_BTV, recorded = jax.device_get(_generate_jit(
       state, batch["tokens"], batch["segment_ids"], batch["positions"], key, graphdef=graphdef,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-      eos_id=eos_id, return_logits=return_logits))
+      eos_id=eos_id, return_logits=return_logits, record_routes=record_routes))
   out = []
   for row in tokens_BT[:len(prompts)]:
     if eos_id is not None and (row == eos_id).any():
       row = row[:int(np.argmax(row == eos_id))]
     out.append(np.asarray(row))
-  return Generation(out, None if logits_BTV is None else np.asarray(logits_BTV[:len(prompts)]))
+  n = len(prompts)
+  routes = columns = None
+  if record_routes:
+    routes = {i: np.asarray(r[:n]) for i, r in recorded["routes"].items()}
+    columns = {k: np.asarray(v[:n]) for k, v in recorded["columns"].items()}
+  return Generation(out, None if logits_BTV is None else np.asarray(logits_BTV[:n]), routes,
+                    columns)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "eos_id", "return_logits"))
+                                             "top_p", "eos_id", "return_logits", "record_routes"))
 def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphdef,
-                  max_new_tokens, temperature, top_k, top_p, eos_id, return_logits):
+                  max_new_tokens, temperature, top_k, top_p, eos_id, return_logits,
+                  record_routes):
   """Prefill, then a scan of one-token steps; one compilation per (model, shapes, settings)."""
   model = nnx.merge(graphdef, state)
   if not jax.sharding.get_abstract_mesh().empty:  # Rows over the batch shards, like training.
@@ -199,7 +216,8 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
                                               top_p=top_p)
   B, P = tokens_BP.shape
   cache = model.init_cache(B, P + max_new_tokens)
-  logits_BPV, cache = model.decode(tokens_BP, positions_BP, segment_ids_BP, cache)
+  logits_BPV, cache, prompt_routes = model.decode(tokens_BP, positions_BP, segment_ids_BP, cache,
+                                                  return_routes=True)
   logits_BV = logits_BPV[:, -1]
   token_B = sample(jax.random.fold_in(key, 0), logits_BV)
   done_B = jnp.zeros((B,), bool) if eos_id is None else token_B == eos_id
@@ -207,16 +225,27 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
   def step(carry, n):
     cache, token_B, position_B, done_B = carry
     segment_B = jnp.where(done_B, 0, 1).astype(jnp.int32)  # A finished row takes no capacity.
-    logits_B1V, cache = model.decode(token_B[:, None], position_B[:, None], segment_B[:, None],
-                                     cache)
+    logits_B1V, cache, routes = model.decode(token_B[:, None], position_B[:, None],
+                                             segment_B[:, None], cache, return_routes=True)
     next_B = sample(jax.random.fold_in(key, n), logits_B1V[:, 0])
     if eos_id is not None:
       done_B = done_B | (next_B == eos_id)
-    return (cache, next_B, position_B + 1, done_B), (next_B, logits_B1V[:, 0])
+    fed = {"tokens": token_B, "positions": position_B, "segment_ids": segment_B}
+    return (cache, next_B, position_B + 1, done_B), (next_B, logits_B1V[:, 0], routes, fed)
 
   carry = (cache, token_B, positions_BP[:, -1] + 1, done_B)
-  _, (tokens_TB, logits_TBV) = jax.lax.scan(step, carry, jnp.arange(1, max_new_tokens))
+  _, (tokens_TB, logits_TBV, routes_T, fed_T) = jax.lax.scan(step, carry,
+                                                             jnp.arange(1, max_new_tokens))
   tokens_BT = jnp.concatenate([token_B[:, None], tokens_TB.T], axis=1)
+  recorded = None
+  if record_routes:  # [B, P + T - 1] columns: the prompt, then every token fed back
+    recorded = {
+        "routes": {i: jnp.concatenate([prompt_routes[i], r.transpose(1, 0, 2, 3)[:, :, 0]], 1)
+                   for i, r in routes_T.items()},
+        "columns": {k: jnp.concatenate([prompt, fed_T[k].T], axis=1) for k, prompt in
+                    (("tokens", tokens_BP), ("positions", positions_BP),
+                     ("segment_ids", segment_ids_BP))}}
   if not return_logits:
-    return tokens_BT, None
-  return tokens_BT, jnp.concatenate([logits_BV[:, None], logits_TBV.transpose(1, 0, 2)], axis=1)
+    return tokens_BT, None, recorded
+  return (tokens_BT, jnp.concatenate([logits_BV[:, None], logits_TBV.transpose(1, 0, 2)], axis=1),
+          recorded)

@@ -310,17 +310,20 @@ class Block(nnx.Module):
   def decode(self, x_BTD, positions_BT, segment_ids_BT, cache_segment_ids_BM, k_BMNd, v_BMNd,
              index, group_size):
     """`__call__` for T new tokens against the KV cache; an MoE FFN routes them in groups of
-    `group_size` tokens. Returns `(x_BTD, k_BMNd, v_BMNd)`."""
+    `group_size` tokens. Returns `(x_BTD, k_BMNd, v_BMNd, routes_BTK)` (routes: the MoE
+    layer's experts per token, `aux.routes`; None for a dense block)."""
     out_BTD, k_BMNd, v_BMNd = self.attn.decode(self.attn_norm(x_BTD), positions_BT,
                                                segment_ids_BT, cache_segment_ids_BM, k_BMNd,
                                                v_BMNd, index)
     x_BTD = x_BTD + out_BTD
     mask_BT = segment_ids_BT != 0
+    routes_BTK = None
     if self.is_moe:
-      y_BTD, _ = self.ffn(self.ffn_norm(x_BTD), mask_BT, group_size=group_size)
+      y_BTD, aux = self.ffn(self.ffn_norm(x_BTD), mask_BT, group_size=group_size)
+      routes_BTK = aux.routes
     else:
       y_BTD, _ = self.ffn(self.ffn_norm(x_BTD), mask_BT)
-    return x_BTD + y_BTD, k_BMNd, v_BMNd
+    return x_BTD + y_BTD, k_BMNd, v_BMNd, routes_BTK
 
 
 def _stack_units(blocks: list[Block], period: int) -> nnx.List:
@@ -506,7 +509,7 @@ class Transformer(nnx.Module):
                    index=jnp.zeros((), jnp.int32))
 
   def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-             cache: KVCache) -> tuple[jax.Array, KVCache]:
+             cache: KVCache, *, return_routes: bool = False):
     """The next T tokens of every row, attending to the cache: `(logits_BTV, cache)`.
 
     The same function as `__call__` on the whole row: `decode` of a prompt and then of one token
@@ -515,6 +518,8 @@ class Transformer(nnx.Module):
     shorter prompts, finished rows): it takes no MoE capacity and only attends to other padding.
     MoE layers route the B * T new tokens, split evenly over the mesh's batch shards, as one group
     per shard (on one device: one group of the whole batch); `B` must divide over the shards.
+    With `return_routes`, returns `(logits_BTV, cache, {MoE layer: routes [B, T, K]})` (routing
+    replay: `Transformer.__call__(..., moe_routes=)`).
     """
     B, T = tokens_BT.shape
     shards = 1
@@ -528,14 +533,19 @@ class Transformer(nnx.Module):
     segment_ids_BM = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BM, segment_ids_BT,
                                                          index, 1)
     x_BTD = jnp.take(self._embedding_table(), tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
-    k_cache, v_cache = [], []
-    for block, k_BMNd, v_BMNd in zip(self.layer_blocks(), cache.k, cache.v):
-      x_BTD, k_BMNd, v_BMNd = block.decode(x_BTD, positions_BT, segment_ids_BT, segment_ids_BM,
-                                           k_BMNd, v_BMNd, index, B * T // shards)
+    k_cache, v_cache, routes = [], [], {}
+    for i, (block, k_BMNd, v_BMNd) in enumerate(zip(self.layer_blocks(), cache.k, cache.v)):
+      x_BTD, k_BMNd, v_BMNd, routes_BTK = block.decode(
+          x_BTD, positions_BT, segment_ids_BT, segment_ids_BM, k_BMNd, v_BMNd, index,
+          B * T // shards)
       k_cache.append(k_BMNd)
       v_cache.append(v_BMNd)
+      if routes_BTK is not None:
+        routes[i] = routes_BTK
     cache = KVCache(k=tuple(k_cache), v=tuple(v_cache), segment_ids_BM=segment_ids_BM,
                     index=index + T)
+    if return_routes:
+      return self._logits(x_BTD), cache, routes
     return self._logits(x_BTD), cache
 
   def moe_layers(self) -> list[nnx.Module]:

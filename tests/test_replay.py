@@ -104,3 +104,43 @@ def test_bad_routes_are_named_before_compiling(routes, match):
   layer = MoELayer(MoEConfig(num_experts=8, top_k=2, d_ff=6, gate="gshard"), D, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=match):
     layer(data()[0], routes_BLK=routes)
+
+
+def test_rl_check_sampling_routes_replayed_in_the_training_forward():
+  """Sample with `generate` while recording, then score the same columns with the training
+  forward: with the recorded routes, the logits equal those each token was sampled from. After a
+  (simulated) update of the routers, scoring without replay picks other experts for some tokens
+  while replay keeps the sampling-time ones."""
+  from moejax import generate as gen  # pylint: disable=import-outside-toplevel
+  # Dropless experts: nothing is dropped at sampling or at scoring time, whatever the grouping.
+  cfg = TransformerConfig(vocab_size=41, d_model=16, num_layers=2, num_heads=2, d_ff=24,
+                          moe_every=1, moe=dict(num_experts=8, top_k=2, d_ff=8, gate="gshard",
+                                                dispatch="dropless"))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  prompts = [np.array([5, 7, 9, 11, 3], np.int32), np.array([2, 4, 6], np.int32)]
+  steps = 6
+  out = gen.generate(model, prompts, max_new_tokens=steps, key=jax.random.key(3),
+                     temperature=1.0, return_logits=True, record_routes=True)
+  cols = out.columns
+  P = cols["tokens"].shape[1] - (steps - 1)
+  assert sorted(out.routes) == [0, 1] and out.routes[0].shape == (2, P + steps - 1, 2)
+
+  def score(model, routes):
+    logits, aux = model(jnp.asarray(cols["tokens"]), jnp.asarray(cols["positions"]),
+                        jnp.asarray(cols["segment_ids"]), jnp.asarray(cols["segment_ids"] > 0),
+                        moe_routes=routes)
+    return np.asarray(logits[:, P - 1:]), aux
+
+  replayed, _ = score(model, {i: jnp.asarray(r) for i, r in out.routes.items()})
+  np.testing.assert_allclose(replayed, out.logits, rtol=1e-4, atol=1e-4)
+  for layer in model.moe_layers():  # a small policy update of the routers
+    layer.router[...] = layer.router[...] + 0.5 * jax.random.normal(
+        jax.random.key(11), layer.router[...].shape)
+  _, fresh = score(model, None)
+  _, kept = score(model, {i: jnp.asarray(r) for i, r in out.routes.items()})
+  real = cols["segment_ids"] > 0
+  changed = np.mean([(np.asarray(fresh[i].routes) != out.routes[i]).any(-1)[real].mean()
+                     for i in out.routes])
+  assert changed > 0.05, changed  # without replay, other experts for some tokens
+  for i in out.routes:
+    np.testing.assert_array_equal(np.asarray(kept[i].routes)[real], out.routes[i][real])
