@@ -165,6 +165,10 @@ def base_config() -> ml_collections.ConfigDict:
   # At the last step, also evaluate at each of these capacity factors, logged as `cf{x}/ce` etc.
   # (the eval-capacity curve of ST-MoE Table 8), e.g. (0.5, 1.0, 2.0, float("inf")).
   c.eval_capacity_factors = ()
+  # Every this many steps (and at the end), write each MoE layer's experts for every token of
+  # the first eval batch (no-drop, eval mode) to workdir/routing/step_<N>.npz; 0 = never.
+  # `experiments/routing_analysis.py --traces=WORKDIR/routing` plots how routing settles.
+  c.routing_trace_every = 0
   # Save a checkpoint every this many steps (and at the end).
   c.checkpoint_every = 200
   # Keep the last N checkpoints.

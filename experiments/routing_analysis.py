@@ -2,6 +2,7 @@
 
     python experiments/routing_analysis.py --workdir=RUN --out=DIR \
         [--data=PATHS] [--tokens=131072] [--steps=all] [--mesh=data=-1,expert=1]
+    python experiments/routing_analysis.py --traces=RUN/routing --out=DIR   # traces only
 
 Restores RUN's checkpoints with the config the run wrote, reads `--tokens` real tokens of held-out
 text (the run's eval split, or `--data`: comma-separated text files or globs, each one *domain*
@@ -358,9 +359,43 @@ def _jsonable(x):
   raise TypeError(type(x))
 
 
+def traces_report(trace_dir: str, out_dir: str) -> str:
+  """`--traces`: routing stability over training from a run's routing traces alone (no
+  checkpoint): `trace_stability.png` and `trace_stability.json` in `out_dir`."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  stability = analysis.routing_stability(analysis.read_routing_traces(trace_dir))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "trace_stability.json"), "w") as f:
+    json.dump(stability, f, indent=1)
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  for layer, rec in stability.items():
+    left.plot(rec["steps"], rec["changed"], marker=".", label=f"{layer}: experts changed")
+    left.plot(rec["steps"], rec["top1_changed"], linestyle="--", label=f"{layer}: top-1 changed")
+    right.plot(rec["trace_steps"], rec["final_agreement"], marker=".", label=layer)
+  left.set(xlabel="training step", ylabel="fraction of traced tokens",
+           title="routing changed since the previous trace")
+  right.set(xlabel="training step", ylabel="fraction of traced tokens", ylim=(0, 1.02),
+            title="top-1 expert equals the final trace's")
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"routing traces: {trace_dir}", fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "trace_stability.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a run's directory (its config.json)")
+  parser.add_argument("--traces", default=None,
+                      help="a run's routing traces (WORKDIR/routing, written with "
+                           "--config.routing_trace_every=N): plot routing stability over "
+                           "training from them alone, no checkpoint needed")
+  parser.add_argument("--workdir", default=None, help="a run's directory (its config.json)")
   parser.add_argument("--out", required=True, help="where report.md, PNGs, analysis.json go")
   parser.add_argument("--data", default=None,
                       help="comma-separated text files / globs, one domain each (default: the "
@@ -369,6 +404,14 @@ def main() -> None:
   parser.add_argument("--steps", default="all", help="all | last | comma-separated steps")
   parser.add_argument("--mesh", default="data=-1,expert=1")
   args = parser.parse_args()
+  if args.traces:
+    try:
+      print(f"wrote {traces_report(args.traces, args.out)}")
+    except FileNotFoundError as e:
+      sys.exit(f"error: --traces={args.traces}: {e}")
+    return
+  if not args.workdir:
+    sys.exit("error: --workdir is required (or --traces=WORKDIR/routing)")
   if args.tokens < 1:
     sys.exit(f"error: --tokens={args.tokens}: allowed: a positive number of tokens")
   run(args.workdir, args.out, paths=args.data, tokens=args.tokens, steps=args.steps,

@@ -263,3 +263,44 @@ def router_dtype_disagreement(x_BLD, w_DE, valid_BL) -> float:
   valid = np.asarray(valid_BL, bool)
   differ = np.asarray(top1[jnp.float32] != top1[jnp.bfloat16])
   return float(differ[valid].mean()) if valid.any() else 0.0
+
+
+def read_routing_traces(trace_dir: str) -> dict[int, dict[str, np.ndarray]]:
+  """`{step: {"mask": [B, L] bool, "layer<i>": [B, L, K] experts}}` from the `step_<N>.npz`
+  files a run with `config.routing_trace_every` wrote to `workdir/routing` (sorted by step)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  traces = {}
+  for name in os.listdir(trace_dir):
+    m = re.fullmatch(r"step_(\d+)\.npz", name)
+    if m:
+      with np.load(os.path.join(trace_dir, name)) as z:
+        traces[int(m.group(1))] = {k: z[k] for k in z.files}
+  if not traces:
+    raise FileNotFoundError(f"{trace_dir}: no step_<N>.npz routing traces (train with "
+                            "--config.routing_trace_every=N)")
+  return dict(sorted(traces.items()))
+
+
+def routing_stability(traces: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[str, list]]:
+  """Per MoE layer, over consecutive traces of the same tokens: `steps` (the later step of each
+  pair), `changed` (the fraction of real tokens whose set of experts changed since the previous
+  trace; top-1 and any-of-k alike for k = 1) and `top1_changed` (first choice only), and
+  `final_agreement` (the fraction whose first choice equals the last trace's)."""
+  steps = list(traces)
+  last = traces[steps[-1]]
+  mask = last["mask"].astype(bool)
+  out = {}
+  for layer in sorted(k for k in last if k.startswith("layer")):
+    rec = {"steps": [], "changed": [], "top1_changed": [], "final_agreement": []}
+    for prev, cur in zip(steps, steps[1:]):
+      a, b = np.sort(traces[prev][layer], -1), np.sort(traces[cur][layer], -1)
+      rec["steps"].append(cur)
+      rec["changed"].append(float((a != b).any(-1)[mask].mean()))
+      rec["top1_changed"].append(float(
+          (traces[prev][layer][..., 0] != traces[cur][layer][..., 0])[mask].mean()))
+    rec["final_agreement"] = [float((traces[s][layer][..., 0] == last[layer][..., 0])[mask].mean())
+                              for s in steps]
+    rec["trace_steps"] = steps
+    out[layer] = rec
+  return out

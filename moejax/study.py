@@ -588,7 +588,7 @@ KEY_NEUTRAL_DEFAULTS = {
         ("num_shared_experts", 0), ("shared_d_ff", None), ("balance_loss_scope", "group"),
         ("grouped_matmul", "auto"), ("ep_transport", "auto"), ("receive_buffer_factor", None),
         ("router", "learned"))},
-    ("benchmark",): False,
+    ("benchmark",): False, ("routing_trace_every",): 0,
     ("data", "train_max_bytes"): None, ("data", "train_max_docs"): None,
 }
 

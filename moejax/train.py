@@ -19,6 +19,7 @@ checkpoint/resume → jitted steps → loop). Design decisions, each for a reaso
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -94,6 +95,8 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
   if model_cfg.vocab_size < tokenizer_vocab:
     fail("model.vocab_size", f"0 (follow the tokenizer) or at least the tokenizer's vocabulary, "
          f"{tokenizer_vocab} (data.tokenizer={config.data.tokenizer!r})")
+  if not is_int(config.get("routing_trace_every", 0)) or config.get("routing_trace_every", 0) < 0:
+    fail("routing_trace_every", "integers >= 0 (0 = no routing traces)")
   if config.batch_size % config.grad_accum_steps:
     fail("grad_accum_steps", f"divisors of batch_size={config.batch_size}")
   mesh_shape = sharding.resolve_mesh_shape(dict(config.mesh),
@@ -257,6 +260,15 @@ def make_train_step(graphdef, grad_accum_steps: int, schedule):
     return nnx.state((model, optimizer)), metrics
 
   return train_step
+
+
+def _routes_of(state, batch, *, graphdef, model_graphdef) -> dict[int, jax.Array]:
+  """Each MoE layer's experts per token (`aux.routes`) for `batch`, with the `model_graphdef`
+  variant (e.g. no-drop eval) of the (model, optimizer) `state`."""
+  _, params, rest = nnx.split(nnx.merge(graphdef, state)[0], nnx.Param, ...)
+  model = nnx.merge(model_graphdef, params, rest, copy=True)
+  _, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["mask"])
+  return {i: aux.routes for i, aux in moe_aux.items()}
 
 
 def make_eval_step(graphdef):
@@ -496,6 +508,28 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
                                 in_shardings=(state_sharding, batch_shardings))
                   for name, gd in variants}
 
+  trace_every = config.get("routing_trace_every", 0) if model_cfg.moe_layer_indices else 0
+  if trace_every:  # Every process computes (the arrays are global); process 0 writes.
+    trace_batch = to_device(eval_batches[0])
+    with jax.set_mesh(mesh):
+      trace_fn = jax.jit(functools.partial(_routes_of, graphdef=graphdef,
+                                           model_graphdef=nodrop_graphdef))
+
+  def write_routing_trace(state, at_step: int) -> None:
+    """`routing/step_<at_step>.npz`: per MoE layer (`layer<i>`), each token's experts on the
+    first eval batch ([B, L, K], uint8 when E <= 256), and the batch's `mask`."""
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    routes = multihost_utils.process_allgather(trace_fn(state, trace_batch), tiled=True)
+    if not is_main:
+      return
+    E = model_cfg.moe_config().num_experts
+    os.makedirs(os.path.join(workdir, "routing"), exist_ok=True)
+    path = os.path.join(workdir, "routing", f"step_{at_step}.npz")
+    np.savez_compressed(path + ".tmp.npz", mask=np.asarray(eval_batches[0]["mask"], bool),
+                        **{f"layer{i}": np.asarray(r, np.uint8 if E <= 256 else np.int32)
+                           for i, r in routes.items()})
+    os.replace(path + ".tmp.npz", path)
+
   def evaluate(state, final: bool) -> dict[str, Any]:
     out = {}
     for name, fn in eval_fns.items():
@@ -563,6 +597,10 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
         writer.write(step, host, "train",
                      f" | {host['tokens_per_sec']:,.0f} tok/s ETA {eta / 60:.1f} min")
         last_log_time, last_log_step = time.time(), step
+
+      if trace_every and (step % trace_every == 0 or is_last):
+        with jax.set_mesh(mesh):
+          write_routing_trace(state, step)
 
       if step % config.eval_every == 0 or is_last:
         check_finite(step, jax.device_get(step_metrics))

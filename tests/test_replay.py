@@ -144,3 +144,29 @@ def test_rl_check_sampling_routes_replayed_in_the_training_forward():
   assert changed > 0.05, changed  # without replay, other experts for some tokens
   for i in out.routes:
     np.testing.assert_array_equal(np.asarray(kept[i].routes)[real], out.routes[i][real])
+
+
+def test_routing_traces_are_written_and_read(tmp_path):
+  """`routing_trace_every=N`: every N steps each MoE layer's experts of the first eval batch
+  (uint8, [B, L, K]) and its mask; `analysis.routing_stability` reads them back."""
+  import os  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from moejax import analysis, train  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config("runlocal")
+  config.num_train_steps, config.routing_trace_every = 6, 3
+  train.train_and_evaluate(config, str(tmp_path))
+  traces = analysis.read_routing_traces(str(tmp_path / "routing"))
+  assert list(traces) == [3, 6]
+  layer = traces[6]["layer1"]
+  assert layer.dtype == np.uint8 and layer.shape == (config.batch_size, config.seq_len, 2)
+  assert traces[6]["mask"].shape == (config.batch_size, config.seq_len)
+  stability = analysis.routing_stability(traces)["layer1"]
+  mask = traces[6]["mask"]
+  moved = (np.sort(traces[3]["layer1"], -1) != np.sort(layer, -1)).any(-1)[mask].mean()
+  assert stability["steps"] == [6] and stability["changed"] == [pytest.approx(moved)]
+  assert stability["final_agreement"][-1] == 1.0
+  config.routing_trace_every = -1
+  with pytest.raises(ValueError, match="config.routing_trace_every=-1"):
+    train.validate_config(config)
