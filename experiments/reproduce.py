@@ -27,6 +27,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from moejax import checkpoint  # noqa: E402  pylint: disable=wrong-import-position
+from moejax import cli  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import study as study_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -35,7 +36,7 @@ def load_study(name: str) -> study_lib.Study:
   if not os.path.exists(path):
     known = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, "studies"))
                    if f.endswith(".py") and not f.startswith("_") and f != "scales.py")
-    raise SystemExit(f"--study={name!r}: no such study; known studies are {known}")
+    cli.user_error(f"--study={name!r}: no such study; known studies are {known}")
   spec = importlib.util.spec_from_file_location(f"study_{os.path.basename(path)[:-3]}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -75,15 +76,15 @@ def main() -> None:
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   if args.dry_run:
-    dry_run(study, args.scale, args.data, args.tokenizer)
+    cli.run(dry_run, study, args.scale, args.data, args.tokenizer)
     return
   command = "python experiments/reproduce.py " + " ".join(
       shlex.quote(a) for a in sys.argv[1:] if a != "--report_only")
   if not (args.report_only or study.reuse):
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    try:
-      study_lib.run_study(study, args.workdir, scale=args.scale, data=args.data,
-                          tokenizer=args.tokenizer, seeds=seeds)
+    try:  # Bad data, config or workdir: one line, before anything trains (moejax.cli).
+      cli.run(study_lib.run_study, study, args.workdir, scale=args.scale, data=args.data,
+              tokenizer=args.tokenizer, seeds=seeds)
     except checkpoint.Preempted as e:  # The run's checkpoint is saved; nothing was recorded.
       print(f"[{study.name}] {e}", flush=True)
       return

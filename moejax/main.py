@@ -11,11 +11,12 @@ finishes its step, saves a checkpoint there and exits 0; see docs/reliability.md
 """
 
 import difflib
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from moejax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -27,35 +28,20 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-TRACEBACK_ENV = "MOEJAX_TRACEBACK"  # set to 1: user errors show their traceback too
-
-
-def user_error(message: str) -> None:
-  """Exit 2 with one `error: ...` line (a user error: a bad flag, field, value or file)."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   del argv
   # After flag parsing, so --jax_* flags apply.
   from moejax import checkpoint, sharding, train  # pylint: disable=import-outside-toplevel
   # config_flags defers a file it could not load to the config's first use: check it now.
   problem = config_load_error(sys.argv[1:])
-  if problem is not None and not os.environ.get(TRACEBACK_ENV):
-    user_error(problem)
+  if problem is not None and not cli.tracebacks_wanted():
+    cli.user_error(problem)
   config = _CONFIG.value
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  try:
-    train.train_and_evaluate(config, _WORKDIR.value)
+  try:  # Config validation and bad inputs: one line (moejax.cli), before anything is compiled.
+    cli.run(train.train_and_evaluate, config, _WORKDIR.value)
   except checkpoint.Preempted as e:  # The checkpoint is saved: exit 0, the scheduler restarts us.
     logging.warning("%s", e)
-  except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-    # Config validation and bad inputs raise these (naming field, value, allowed) before
-    # anything is compiled; one line, unless the traceback is asked for.
-    if os.environ.get(TRACEBACK_ENV):
-      raise
-    user_error(str(e))
 
 
 def _config_of(argv: list[str]):
@@ -129,19 +115,19 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    if os.environ.get(TRACEBACK_ENV):
+    if cli.tracebacks_wanted():
       raise
-    user_error(unknown_override(argv[1:]) or config_load_error(argv[1:]) or str(e))
+    cli.user_error(unknown_override(argv[1:]) or config_load_error(argv[1:]) or str(e))
   except flags.IllegalFlagValueError as e:  # `--config.batch_size=abc`: name the expected type.
-    if os.environ.get(TRACEBACK_ENV):
+    if cli.tracebacks_wanted():
       raise
-    user_error(config_load_error(argv[1:])
-               or f"{str(e).removeprefix('flag ')}{expected_type(argv[1:], str(e))}")
+    cli.user_error(config_load_error(argv[1:])
+                   or f"{str(e).removeprefix('flag ')}{expected_type(argv[1:], str(e))}")
   except Exception:  # pylint: disable=broad-except  # the config file raised while loading
     problem = config_load_error(argv[1:])
-    if problem is None or os.environ.get(TRACEBACK_ENV):
+    if problem is None or cli.tracebacks_wanted():
       raise
-    user_error(problem)
+    cli.user_error(problem)
 
 
 if __name__ == "__main__":

@@ -346,3 +346,18 @@ def test_a_resumed_run_logs_no_library_noise_and_ends_with_a_summary(tmp_path):
     assert "Metadata file does not exist" not in log
   assert re.search(r"finished at step 6: eval CE \d\.\d{4}, no-drop CE \d\.\d{4}; 1,536 tokens",
                    logs[1]), logs[1][-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--study=no_such_study", "--dry_run"], r"^error: --study='no_such_study': no such study"),
+    (["--study=capacity", "--dry_run", "--data=/no/such/file.txt"],
+     r"^error: --data: text files \['/no/such/file.txt'\] do not exist"),
+])
+def test_reproduce_user_errors_are_one_line(args, message):
+  env = {k: v for k, v in os.environ.items() if k != "MOEJAX_TRACEBACK"}
+  result = subprocess.run([sys.executable, "experiments/reproduce.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, env={**env, "JAX_PLATFORMS": "cpu"},
+                          check=False)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) <= 3, result.stderr[-2000:]
+  assert re.search(message, lines[-1]) and "Traceback" not in result.stderr
