@@ -152,6 +152,9 @@ def serve(config) -> None:
   with jax.set_mesh(mesh):
     for line in sys.stdin:
       n = int(line)
+      if n < 1:  # nothing to run (--warmup=0)
+        print(json.dumps({"seconds": 0.0, "loss": None, "steps": done}), flush=True)
+        continue
       start = time.perf_counter()
       for _ in range(n):
         state, metrics = compiled(state, batch)

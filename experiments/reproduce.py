@@ -43,19 +43,25 @@ def load_study(name: str) -> study_lib.Study:
   return module.STUDY
 
 
-def dry_run(study: study_lib.Study, scale: str, data: str, tokenizer: str) -> None:
-  """Builds and validates every arm's config at `scale` and prints its size (nothing trained)."""
+def validate(study: study_lib.Study, scale: str, data: str, tokenizer: str, *,
+             verbose: bool = False) -> None:
+  """Builds and validates every arm's config at `scale` (nothing trained); `verbose` prints
+  each arm's size (`--dry_run`)."""
   from moejax import model, train  # pylint: disable=import-outside-toplevel
   from studies import scales  # pylint: disable=import-outside-toplevel
-  devices = scales.TPU_DEVICES if scale == "tpu" else 1
+  # --dry_run sizes a cpu study for one device (its committed setting); before a real run, the
+  # devices present.
+  devices = scales.TPU_DEVICES if scale == "tpu" else (1 if verbose else None)
   overrides = study_lib.data_overrides(data, tokenizer) if scale != "tpu" else {}
-  print(f"{study.name} at scale {scale} ({devices} devices):")
+  if verbose:
+    print(f"{study.name} at scale {scale} ({devices} devices):")
   for arm in study.arms:
     config = study_lib.arm_config(study, arm, 0, scale, overrides)
     model_cfg = train.validate_config(config, num_devices=devices)
-    counts = model.count_params(model_cfg, config.seq_len)
-    tokens = config.num_train_steps * config.batch_size * config.seq_len
-    print(f"  {arm.name:30s} {counts.summary()}; {tokens / 1e6:,.1f}M train tokens")
+    if verbose:
+      counts = model.count_params(model_cfg, config.seq_len)
+      tokens = config.num_train_steps * config.batch_size * config.seq_len
+      print(f"  {arm.name:30s} {counts.summary()}; {tokens / 1e6:,.1f}M train tokens")
 
 
 def main() -> None:
@@ -76,15 +82,18 @@ def main() -> None:
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   if args.dry_run:
-    cli.run(dry_run, study, args.scale, args.data, args.tokenizer)
+    cli.run(validate, study, args.scale, args.data, args.tokenizer, verbose=True)
     return
   command = "python experiments/reproduce.py " + " ".join(
       shlex.quote(a) for a in sys.argv[1:] if a != "--report_only")
   if not (args.report_only or study.reuse):
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    try:  # Bad data, config or workdir: one line, before anything trains (moejax.cli).
-      cli.run(study_lib.run_study, study, args.workdir, scale=args.scale, data=args.data,
-              tokenizer=args.tokenizer, seeds=seeds)
+    # Bad data or configs: one line (moejax.cli) before anything trains; later errors keep
+    # their traceback.
+    cli.run(validate, study, args.scale, args.data, args.tokenizer)
+    try:
+      study_lib.run_study(study, args.workdir, scale=args.scale, data=args.data,
+                          tokenizer=args.tokenizer, seeds=seeds)
     except checkpoint.Preempted as e:  # The run's checkpoint is saved; nothing was recorded.
       print(f"[{study.name}] {e}", flush=True)
       return

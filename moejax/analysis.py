@@ -291,7 +291,7 @@ def routing_stability(traces: dict[int, dict[str, np.ndarray]]) -> dict[str, dic
   last = traces[steps[-1]]
   mask = last["mask"].astype(bool)
   out = {}
-  for layer in sorted(k for k in last if k.startswith("layer")):
+  for layer in sorted((k for k in last if k.startswith("layer")), key=lambda k: int(k[5:])):
     rec = {"steps": [], "changed": [], "top1_changed": [], "final_agreement": []}
     for prev, cur in zip(steps, steps[1:]):
       a, b = np.sort(traces[prev][layer], -1), np.sort(traces[cur][layer], -1)

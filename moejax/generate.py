@@ -58,7 +58,9 @@ class Generation:
   # same shape; segment id 0 = padding or after EOS). Scoring them with
   # `model(columns["tokens"], columns["positions"], columns["segment_ids"],
   # columns["segment_ids"] > 0, moe_routes=routes)` uses the experts of sampling time: its
-  # logits at column P - 1 + j are those token j was drawn from (routing replay for RL).
+  # logits at column P - 1 + j are those token j was drawn from (routing replay for RL) when
+  # neither pass drops choices (the default no-drop sampling, and dropless or no-drop scoring)
+  # and the second-expert policy is "all" (the routes are recorded before policy and capacity).
   routes: dict[int, np.ndarray] | None = None
   columns: dict[str, np.ndarray] | None = None
 

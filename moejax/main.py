@@ -11,6 +11,7 @@ finishes its step, saves a checkpoint there and exits 0; see docs/reliability.md
 """
 
 import difflib
+import os
 import sys
 
 from absl import app, flags, logging
@@ -38,8 +39,15 @@ def main(argv):
     cli.user_error(problem)
   config = _CONFIG.value
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  try:  # Config validation and bad inputs: one line (moejax.cli), before anything is compiled.
-    cli.run(train.train_and_evaluate, config, _WORKDIR.value)
+  # User errors found before anything is built are one line (moejax.cli); errors later in the
+  # run keep their traceback.
+  cli.run(train.validate_config, config)
+  workdir = _WORKDIR.value
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    cli.user_error(f"--workdir={workdir} is a file; allowed: a directory (new or a run's, to "
+                   "resume it).")
+  try:
+    train.train_and_evaluate(config, workdir)
   except checkpoint.Preempted as e:  # The checkpoint is saved: exit 0, the scheduler restarts us.
     logging.warning("%s", e)
 
@@ -98,13 +106,15 @@ def config_load_error(argv: list[str]) -> str | None:
     return None
   from moejax import study  # pylint: disable=import-outside-toplevel
   path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    return (f"--config={spec}: no such config file {path!r} (run from the repository root, or "
+            "give a path to a configs/*.py file)")
   try:
     study.load_config_module(path).get_config(arg or None)
-  except FileNotFoundError:
-    return f"--config={spec}: no such config file {path!r} (run from the repository root, or " \
-           "give a path to a configs/*.py file)"
-  except Exception as e:  # pylint: disable=broad-except
+  except ValueError as e:  # a config's own message (e.g. an unknown config arg)
     return f"--config={spec}: {e}"
+  except Exception as e:  # pylint: disable=broad-except
+    return f"--config={spec}: {type(e).__name__}: {e}"
   return None
 
 

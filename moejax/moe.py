@@ -364,7 +364,8 @@ class MoEAux:
   balance_counts: dict[str, jax.Array]
   # int32 [B, L, K]: each token's experts as selected (the router's top-K, or the forced or
   # replayed ones), before the second-expert policy and capacity. Pass it back as `routes_BLK`
-  # to replay this routing in a later forward (routing replay).
+  # to replay this routing in a later forward (routing replay; exact when neither pass drops and
+  # the second-expert policy is "all"). Under expert choice: each token's ranking of all E.
   routes: jax.Array | None = None
 
 

@@ -97,6 +97,10 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
          f"{tokenizer_vocab} (data.tokenizer={config.data.tokenizer!r})")
   if not is_int(config.get("routing_trace_every", 0)) or config.get("routing_trace_every", 0) < 0:
     fail("routing_trace_every", "integers >= 0 (0 = no routing traces)")
+  if (config.get("routing_trace_every", 0) and model_cfg.moe_layer_indices
+      and model_cfg.moe_config().choice == "expert"):
+    fail("routing_trace_every", "0 with model.moe.choice='expert' (traces record the experts "
+         "each token chose; under expert choice the experts choose)")
   if config.batch_size % config.grad_accum_steps:
     fail("grad_accum_steps", f"divisors of batch_size={config.batch_size}")
   mesh_shape = sharding.resolve_mesh_shape(dict(config.mesh),
@@ -489,6 +493,11 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     state, _, meta = checkpointer.restore(state, resume_step)
     step = int(meta["step"])
     writer.drop_after(step)  # Steps logged after this checkpoint are about to be redone.
+    if is_main and os.path.isdir(os.path.join(workdir, "routing")):  # ... and their traces.
+      for name in os.listdir(os.path.join(workdir, "routing")):
+        traced = name.removeprefix("step_").removesuffix(".npz")
+        if traced.isdigit() and int(traced) > step:
+          os.remove(os.path.join(workdir, "routing", name))
     logging.info("resumed from %s at step %d", checkpointer.directory, step)
 
   # ----------------------------------------------------------------------------------------------
@@ -519,13 +528,14 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     """`routing/step_<at_step>.npz`: per MoE layer (`layer<i>`), each token's experts on the
     first eval batch ([B, L, K], uint8 when E <= 256), and the batch's `mask`."""
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    routes = multihost_utils.process_allgather(trace_fn(state, trace_batch), tiled=True)
+    routes, mask = multihost_utils.process_allgather(
+        (trace_fn(state, trace_batch), trace_batch["mask"]), tiled=True)
     if not is_main:
       return
     E = model_cfg.moe_config().num_experts
     os.makedirs(os.path.join(workdir, "routing"), exist_ok=True)
     path = os.path.join(workdir, "routing", f"step_{at_step}.npz")
-    np.savez_compressed(path + ".tmp.npz", mask=np.asarray(eval_batches[0]["mask"], bool),
+    np.savez_compressed(path + ".tmp.npz", mask=np.asarray(mask, bool),
                         **{f"layer{i}": np.asarray(r, np.uint8 if E <= 256 else np.int32)
                            for i, r in routes.items()})
     os.replace(path + ".tmp.npz", path)

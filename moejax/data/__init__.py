@@ -43,7 +43,12 @@ def get_tokenizer(data_config):
     if not os.path.isfile(path):
       raise FileNotFoundError(f"data.sentencepiece.model_path={csp.model_path!r}: no such file.")
     return SentencePieceTokenizer(path)
-  source = sources_lib.get_source(data_config, data_config.train_split)
+  # Trained on the whole training split, never a capped one (data.train_max_*): runs with
+  # different caps share one vocabulary, so their eval CE stays comparable.
+  uncapped = data_config.copy_and_resolve_references()
+  with uncapped.unlocked():
+    uncapped.train_max_bytes = uncapped.train_max_docs = None
+  source = sources_lib.get_source(uncapped, data_config.train_split)
   name = tok_lib.sentencepiece_cache_name(source.key, csp.vocab_size, csp.model_type,
                                           csp.max_train_sentences)
   path = os.path.join(sources_lib.tokenizer_cache_dir(data_config), name)
