@@ -66,29 +66,23 @@ def main():
 
   versions = {"torch": torch.__version__, "transformers": transformers.__version__}
   for E in (int(e) for e in args.experts.split(",")):
+    blocks = (  # (name, k, config, block class)
+        ("hf-switch", 1, switch.SwitchTransformersConfig(
+            d_model=D, d_ff=F, num_experts=E, router_jitter_noise=0.0, dropout_rate=0.0,
+            expert_capacity=math.ceil(args.capacity_factor * L / E)),
+         switch.SwitchTransformersSparseMLP),
+        ("hf-mixtral", 2, modeling_mixtral.MixtralConfig(
+            hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=2,
+            router_jitter_noise=0.0), modeling_mixtral.MixtralSparseMoeBlock))
     for impl in args.impls.split(","):
-      capacity = math.ceil(args.capacity_factor * L / E)
-      cfg = switch.SwitchTransformersConfig(d_model=D, d_ff=F, num_experts=E,
-                                            expert_capacity=capacity, router_jitter_noise=0.0,
-                                            dropout_rate=0.0)
-      cfg._experts_implementation = impl  # pylint: disable=protected-access
-      try:
-        ms = 1e3 * time_block(switch.SwitchTransformersSparseMLP(cfg))
-      except Exception as e:  # pylint: disable=broad-except
-        ms = f"failed: {type(e).__name__}"
-      print(json.dumps({"block": f"hf-switch:{impl}", "k": 1, "E": E, "ms": ms, **versions}),
-            flush=True)
-      cfg = modeling_mixtral.MixtralConfig(hidden_size=D, intermediate_size=F,
-                                           num_local_experts=E, num_experts_per_tok=2,
-                                           router_jitter_noise=0.0)
-      cfg._experts_implementation = impl  # pylint: disable=protected-access
-      try:
-        ms = 1e3 * time_block(modeling_mixtral.MixtralSparseMoeBlock(cfg))
-      except Exception as e:  # pylint: disable=broad-except
-        ms = f"failed: {type(e).__name__}"
-      print(json.dumps({"block": f"hf-mixtral:{impl}", "k": 2, "E": E, "ms": ms, **versions}),
-            flush=True)
-
+      for name, k, cfg, block in blocks:
+        cfg._experts_implementation = impl  # pylint: disable=protected-access
+        try:
+          ms = 1e3 * time_block(block(cfg))
+        except Exception as e:  # pylint: disable=broad-except
+          ms = f"failed: {type(e).__name__}"
+        print(json.dumps({"block": f"{name}:{impl}", "k": k, "E": E, "ms": ms, **versions}),
+              flush=True)
 
 if __name__ == "__main__":
   main()
