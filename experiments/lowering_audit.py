@@ -45,11 +45,9 @@ def main():
   import math  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from moejax import audit, sharding  # pylint: disable=import-outside-toplevel
-  from moejax.moe import DROPLESS_IGNORES, MoEConfig, MoELayer  # pylint: disable=import-outside-toplevel
+  from moejax.moe import DROPLESS_IGNORES, MoEConfig  # pylint: disable=import-outside-toplevel
 
   shape = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
   devices = jax.devices()[:math.prod(shape.values())]
@@ -61,20 +59,8 @@ def main():
     extra = {"ep_transport": args.transport} if dispatch == "dropless" else {}
     cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, d_ff=args.d_ff,
                     gate="gshard" if args.top_k > 1 else "softmax", dispatch=dispatch, **extra)
-    with jax.set_mesh(mesh):
-      graphdef, params, rest = nnx.split(MoELayer(cfg, args.d_model, rngs=nnx.Rngs(0)),
-                                         nnx.Param, ...)
-
-      def loss(params, x):
-        y, aux = nnx.merge(graphdef, params, rest)(x)
-        return jnp.sum(y ** 2) + aux.loss
-
-      x = jax.ShapeDtypeStruct((args.batch, args.seq_len, args.d_model), jnp.float32,
-                               sharding=sharding.batch_sharding(mesh, 3))
-      shapes = jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
-      return audit.lowered_ops(audit.lower(jax.grad(loss, argnums=(0, 1)), (shapes, x),
-                                           platform))
+    return audit.lowered_ops(audit.lower_moe_layer(cfg, args.d_model, (args.batch, args.seq_len),
+                                                   mesh, platform))
 
   print(f"# MoE layer fwd+bwd: B={args.batch} L={args.seq_len} D={args.d_model} F={args.d_ff} "
         f"E={args.experts} k={args.top_k}, mesh {dict(mesh.shape)}, float32")

@@ -263,6 +263,31 @@ def format_lowered(ops: list[LoweredOp]) -> str:
   return "\n".join(lines)
 
 
+def lower_moe_layer(cfg, d_model: int, shape_BL: tuple[int, int], mesh, platform: str):
+  """Forward + backward (w.r.t. parameters and input; loss = sum(y^2) + aux loss) of one
+  `MoELayer(cfg, d_model)` on a float32 `[B, L, d_model]` batch sharded over `mesh`'s batch axes,
+  lowered for `platform` (see `lower`). Shapes only: nothing is initialised on a device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from moejax import sharding  # pylint: disable=import-outside-toplevel
+  from moejax.moe import MoELayer  # pylint: disable=import-outside-toplevel
+  with jax.set_mesh(mesh):
+    graphdef, params, rest = nnx.split(
+        nnx.eval_shape(lambda: MoELayer(cfg, d_model, rngs=nnx.Rngs(0))), nnx.Param, ...)
+
+    def loss(params, x):
+      y, aux = nnx.merge(graphdef, params, rest)(x)
+      return jnp.sum(jnp.square(y.astype(jnp.float32))) + aux.loss
+
+    x = jax.ShapeDtypeStruct((*shape_BL, d_model), jnp.float32,
+                             sharding=sharding.batch_sharding(mesh, 3))
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          params)
+    return lower(jax.grad(loss, argnums=(0, 1)), (shapes, x), platform)
+
+
 def lower_train_step(config, platform: str, devices=None):
   """One whole train step of `config` (model, optimizer, gradient accumulation, the MoE layers'
   dispatch and transport) lowered for `platform`, on the mesh `config.mesh` resolves to over

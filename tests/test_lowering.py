@@ -7,10 +7,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from moejax import audit, sharding
-from moejax.moe import MoEConfig, MoELayer
+from moejax.moe import MoEConfig
 
 B, L, D, E, F, K = 8, 16, 32, 8, 64, 2
 PLATFORMS = ("tpu", "cuda")
@@ -18,20 +17,9 @@ PLATFORMS = ("tpu", "cuda")
 
 def lowered_layer(platform, mesh_shape, **kw):
   """fwd + bwd (w.r.t. params and input) of one MoE layer on `mesh_shape`."""
-  devices = jax.devices()[:math.prod(mesh_shape.values())]
-  mesh = sharding.make_mesh(mesh_shape, devices)
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape.values())])
   cfg = MoEConfig(num_experts=E, top_k=K, gate="gshard", d_ff=F, **kw)
-  with jax.set_mesh(mesh):
-    graphdef, params, rest = nnx.split(MoELayer(cfg, D, rngs=nnx.Rngs(0)), nnx.Param, ...)
-
-    def loss(params, x):
-      y, aux = nnx.merge(graphdef, params, rest)(x)
-      return jnp.sum(y ** 2) + aux.loss
-
-    x = jax.ShapeDtypeStruct((B, L, D), jnp.float32, sharding=sharding.batch_sharding(mesh, 3))
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          params)
-    return audit.lowered_ops(audit.lower(jax.grad(loss, argnums=(0, 1)), (shapes, x), platform))
+  return audit.lowered_ops(audit.lower_moe_layer(cfg, D, (B, L), mesh, platform))
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
