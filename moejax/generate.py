@@ -232,8 +232,9 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
     next_B = sample(jax.random.fold_in(key, n), logits_B1V[:, 0])
     if eos_id is not None:
       done_B = done_B | (next_B == eos_id)
-    fed = {"tokens": token_B, "positions": position_B, "segment_ids": segment_B}
-    return (cache, next_B, position_B + 1, done_B), (next_B, logits_B1V[:, 0], routes, fed)
+    recorded = ((routes, {"tokens": token_B, "positions": position_B, "segment_ids": segment_B})
+                if record_routes else ({}, {}))
+    return (cache, next_B, position_B + 1, done_B), (next_B, logits_B1V[:, 0], *recorded)
 
   carry = (cache, token_B, positions_BP[:, -1] + 1, done_B)
   _, (tokens_TB, logits_TBV, routes_T, fed_T) = jax.lax.scan(step, carry,

@@ -579,6 +579,7 @@ def _exchange(x_MD, group_sizes_E, ffn, *, cfg, expert_axis):
     return grouped.permute_rows(y_JRD.reshape(ep * R, D), slot_M, source_JR.reshape(-1))
 
   start_J, sent_J = start_J.astype(jnp.int32), sent_J.astype(jnp.int32)
+  recv_S = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)  # rows from each source
 
   def as_varying_like(a, like):  # shard_map's types: ragged_all_to_all's result (and the
     # buffer it writes into) must vary over the token axes as the rows do, or the backward
@@ -590,13 +591,11 @@ def _exchange(x_MD, group_sizes_E, ffn, *, cfg, expert_axis):
     return as_varying_like(jnp.zeros(shape, like.dtype), like)
 
   def ragged_there(x_MD):  # Source chunk s lands at rows [s*R, s*R + its size) of the receiver.
-    recv_S = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)
     return jax.lax.ragged_all_to_all(
         x_MD, zeros_like_tokens((ep * R, D), x_MD), start_J, sent_J,
         jnp.full((ep,), me * R, jnp.int32), recv_S, axis_name=expert_axis)
 
   def ragged_back(y_XD):  # ... and back to where each source's rows started.
-    recv_S = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)
     source_start_S = jax.lax.all_to_all(start_J, expert_axis, 0, 0, tiled=True)
     return jax.lax.ragged_all_to_all(
         y_XD, zeros_like_tokens((M, D), y_XD), (jnp.arange(ep) * R).astype(jnp.int32), recv_S,

@@ -95,9 +95,10 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
   if model_cfg.vocab_size < tokenizer_vocab:
     fail("model.vocab_size", f"0 (follow the tokenizer) or at least the tokenizer's vocabulary, "
          f"{tokenizer_vocab} (data.tokenizer={config.data.tokenizer!r})")
-  if not is_int(config.get("routing_trace_every", 0)) or config.get("routing_trace_every", 0) < 0:
+  trace_every = config.get("routing_trace_every", 0)
+  if not is_int(trace_every) or trace_every < 0:
     fail("routing_trace_every", "integers >= 0 (0 = no routing traces)")
-  if (config.get("routing_trace_every", 0) and model_cfg.moe_layer_indices
+  if (trace_every and model_cfg.moe_layer_indices
       and model_cfg.moe_config().choice == "expert"):
     fail("routing_trace_every", "0 with model.moe.choice='expert' (traces record the experts "
          "each token chose; under expert choice the experts choose)")
