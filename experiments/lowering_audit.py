@@ -70,11 +70,10 @@ def main():
       print(audit.format_lowered(layer_ops(platform, dispatch)))
 
   if args.config:
-    from moejax import study  # pylint: disable=import-outside-toplevel
+    from moejax import config as config_lib  # pylint: disable=import-outside-toplevel
     for platform in platforms:
       for dispatch in ("sort", "dropless"):
-        path, _, arg = args.config.partition(":")
-        config = study.load_config_module(path).get_config(arg or None)
+        config = config_lib.load_config(args.config)
         config.mesh.update({"data": 1, "fsdp": 1, "expert": 1, "model": 1, **shape})
         if dispatch == "dropless":  # capacity-only fields back to their defaults
           defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig)}

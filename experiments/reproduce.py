@@ -8,8 +8,8 @@
 Studies live in `experiments/studies/<name>.py` (`STUDY`); `--study` also takes a path to such a
 file. Rerunning the command resumes: finished runs (in `results.jsonl`) are skipped, an interrupted
 run continues from its checkpoint; SIGTERM saves the running run and exits 0. `--data` is
-`builtin`, a TFDS name, or comma-separated text files. See `moejax/study.py` for the outputs and
-the verdict rule.
+`builtin`, a TFDS name, or comma-separated text files. See `moejax/study/` for the outputs and
+the verdict rule (`moejax/study/stats.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shlex
 import sys
 
 from absl import logging as absl_logging
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from moejax import checkpoint  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import cli  # noqa: E402  pylint: disable=wrong-import-position
+from moejax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import study as study_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -52,7 +52,7 @@ def validate(study: study_lib.Study, scale: str, data: str, tokenizer: str, *,
   # --dry_run sizes a cpu study for one device (its committed setting); before a real run, the
   # devices present.
   devices = scales.TPU_DEVICES if scale == "tpu" else (1 if verbose else None)
-  overrides = study_lib.data_overrides(data, tokenizer) if scale != "tpu" else {}
+  overrides = config_lib.data_overrides(data, tokenizer) if scale != "tpu" else {}
   if verbose:
     print(f"{study.name} at scale {scale} ({devices} devices):")
   for arm in study.arms:
@@ -84,8 +84,6 @@ def main() -> None:
   if args.dry_run:
     cli.run(validate, study, args.scale, args.data, args.tokenizer, verbose=True)
     return
-  command = "python experiments/reproduce.py " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:] if a != "--report_only")
   if not (args.report_only or study.reuse):
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     # Bad data or configs: one line (moejax.cli) before anything trains; later errors keep
@@ -93,11 +91,14 @@ def main() -> None:
     cli.run(validate, study, args.scale, args.data, args.tokenizer)
     try:
       study_lib.run_study(study, args.workdir, scale=args.scale, data=args.data,
-                          tokenizer=args.tokenizer, seeds=seeds)
+                          tokenizer=args.tokenizer, seeds=seeds,
+                          on_run_finished=lambda: study_lib.report(study, args.workdir))
     except checkpoint.Preempted as e:  # The run's checkpoint is saved; nothing was recorded.
       print(f"[{study.name}] {e}", flush=True)
       return
-  table, plots = study_lib.report(study, args.workdir, command)
+  # The table's regenerate command names the data by the repository's layout, not by the paths
+  # given here, so a report from any clone is the same file.
+  table, plots = study_lib.report(study, args.workdir)
   print(table)
   print("plots:", *plots)
 

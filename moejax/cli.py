@@ -34,3 +34,103 @@ def run(fn: Callable[..., Any], *args, **kwargs) -> Any:
     if tracebacks_wanted():
       raise
     user_error(str(e))
+
+
+def check_workdir(workdir: str) -> None:
+  """A `--workdir` must be a directory (new, or a run's to resume it)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir={workdir} is a file; allowed: a directory (new or a "
+                             "run's, to resume it).")
+
+
+# --------------------------------------------------------------------------------------------------
+# `--config=path[:arg]` and `--config.a.b=v` flags (ml_collections config_flags + absl).
+# --------------------------------------------------------------------------------------------------
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+
+
+def _loaded_config(argv: list[str]):
+  """(path, ConfigDict) of the `--config=path[:arg]` in argv, or None."""
+  from moejax import config as config_lib  # pylint: disable=import-outside-toplevel
+  spec = _config_spec(argv)
+  if spec is None:
+    return None
+  try:
+    return spec.partition(":")[0], config_lib.load_config(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None  # The config itself fails to load: that error is reported, not this one.
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """For a `--config.a.b=v` naming a field the config lacks: a one-line "did you mean"."""
+  from moejax import config as config_lib  # pylint: disable=import-outside-toplevel
+  loaded = _loaded_config(argv)
+  if loaded is None:
+    return None
+  for item in argv:
+    if item.startswith("--config."):
+      try:
+        config_lib.lookup(loaded[1], item[len("--config."):].split("=", 1)[0])
+      except KeyError as e:
+        return f"{item}: {e.args[0]}"
+  return None
+
+
+def expected_type(argv: list[str], error: str) -> str:
+  """`"; allowed: an int (configs/tiny.py sets 2)"` for the config field a flag error names."""
+  from moejax import config as config_lib  # pylint: disable=import-outside-toplevel
+  loaded, name = _loaded_config(argv), error.removeprefix("flag ").split("=", 1)[0]
+  if loaded is None or not name.startswith("--config."):
+    return ""
+  try:
+    node, leaf = config_lib.lookup(loaded[1], name[len("--config."):])
+  except KeyError:
+    return ""
+  value = node[leaf]
+  kind = type(value).__name__
+  return f"; allowed: {'an' if kind[0] in 'aeiou' else 'a'} {kind} ({loaded[0]} sets {value!r})"
+
+
+def config_load_error(argv: list[str]) -> str | None:
+  """Why `--config=path[:arg]` cannot be loaded (missing file, unknown arg, ...), or None."""
+  from moejax import config as config_lib  # pylint: disable=import-outside-toplevel
+  spec = _config_spec(argv)
+  if spec is None:
+    return None
+  path = spec.partition(":")[0]
+  if not os.path.isfile(path):
+    return (f"--config={spec}: no such config file {path!r} (run from the repository root, or "
+            "give a path to a configs/*.py file)")
+  try:
+    config_lib.load_config(spec)
+  except ValueError as e:  # a config's own message (e.g. an unknown config arg)
+    return f"--config={spec}: {e}"
+  except Exception as e:  # pylint: disable=broad-except
+    return f"--config={spec}: {type(e).__name__}: {e}"
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with a one-line error (exit 2) for a config file that does not load, a
+  misspelled config field or a value of the wrong type."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    if tracebacks_wanted():
+      raise
+    user_error(unknown_override(argv[1:]) or config_load_error(argv[1:]) or str(e))
+  except flags.IllegalFlagValueError as e:  # `--config.batch_size=abc`: name the expected type.
+    if tracebacks_wanted():
+      raise
+    user_error(config_load_error(argv[1:])
+               or f"{str(e).removeprefix('flag ')}{expected_type(argv[1:], str(e))}")
+  except Exception:  # pylint: disable=broad-except  # the config file raised while loading
+    problem = config_load_error(argv[1:])
+    if problem is None or tracebacks_wanted():
+      raise
+    user_error(problem)
+  return []  # Unreachable: user_error exits.

@@ -66,14 +66,11 @@ def eval_data_config(config, data: str | None, split: str | None):
   data_config = config.data.copy_and_resolve_references()
   if data is None:
     return data_config, split or config.data.eval_split
-  from moejax import study  # pylint: disable=import-outside-toplevel
+  from moejax import config as config_lib  # pylint: disable=import-outside-toplevel
   with data_config.unlocked():
-    for key, value in study.data_overrides(data, config.data.tokenizer).items():
-      node = data_config
-      *parents, leaf = key.split(".")[1:]
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
+    overrides = config_lib.data_overrides(data, config.data.tokenizer)
+    config_lib.apply_overrides(data_config, {k.removeprefix("data."): v
+                                             for k, v in overrides.items()})
     if data_config.source == "text_files":  # The whole files: nothing held out.
       data_config.text_files.held_out_fraction = 0.0
       return data_config, "train"

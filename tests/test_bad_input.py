@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import tiny  # noqa: E402
-from moejax import study, train  # noqa: E402
+from moejax import train  # noqa: E402
+from moejax import config as config_lib  # noqa: E402
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -33,7 +34,7 @@ def _config(**overrides):
   c = tiny.get_config("runlocal")
   c.mesh.data, c.mesh.expert = 2, 4
   c.num_train_steps, c.checkpoint_every, c.log_every, c.eval_every, c.eval_steps = 4, 2, 2, 4, 1
-  study.apply_overrides(c, overrides)
+  config_lib.apply_overrides(c, overrides)
   return c
 
 

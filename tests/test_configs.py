@@ -117,9 +117,9 @@ def test_booleans_are_not_sizes(field):
 
 
 def test_a_misspelled_override_gets_a_one_line_did_you_mean():
-  from moejax import main  # pylint: disable=import-outside-toplevel
+  from moejax import cli  # pylint: disable=import-outside-toplevel
   config = os.path.join(ROOT, "configs", "switch.py")
-  msg = main.unknown_override([f"--config={config}:experts=4", "--config.model.moe.num_expert=3"])
+  msg = cli.unknown_override([f"--config={config}:experts=4", "--config.model.moe.num_expert=3"])
   assert msg == ("--config.model.moe.num_expert=3: config.model.moe has no field 'num_expert'; "
                  "did you mean config.model.moe.num_experts?")
-  assert main.unknown_override([f"--config={config}", "--config.seed=3"]) is None
+  assert cli.unknown_override([f"--config={config}", "--config.seed=3"]) is None

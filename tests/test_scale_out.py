@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import tiny  # noqa: E402
-from moejax import optim, sharding, study, train  # noqa: E402
+from moejax import optim, sharding, train  # noqa: E402
+from moejax import config as config_lib  # noqa: E402
 from moejax.model import Transformer, TransformerConfig  # noqa: E402
 
 # Every axis in use at least once; fsdp with and without data, model with and without expert.
@@ -89,7 +90,7 @@ def _config(**overrides):
   c.seq_len, c.batch_size, c.num_train_steps = 16, 8, 4
   c.log_every, c.eval_every, c.eval_steps, c.checkpoint_every = 1, 1000, 1, 2
   c.data.builtin.num_docs, c.data.builtin.num_eval_docs = 100, 10
-  study.apply_overrides(c, overrides)
+  config_lib.apply_overrides(c, overrides)
   return c
 
 
@@ -177,7 +178,7 @@ def test_bench_train_reports_and_fsdp_gathers_only_weights():
   sys.path.insert(0, os.path.join(ROOT, "experiments"))
   import bench_train  # pylint: disable=import-outside-toplevel
   config = tiny.get_config()
-  study.apply_overrides(config, {"mesh.data": 1, "mesh.fsdp": 4, "mesh.model": 2,
+  config_lib.apply_overrides(config, {"mesh.data": 1, "mesh.fsdp": 4, "mesh.model": 2,
                                  "model.vocab_size": 0})
   out = bench_train.benchmark(config, steps=2, warmup=1, peak_tflops_per_device=1.0, audit=True)
   assert out["devices"] == 8 and out["step_s"] > 0 and out["compile_s"] > 0

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 from moejax import data as data_lib  # noqa: E402
+from moejax import config as config_lib  # noqa: E402
 from moejax import model, study, train  # noqa: E402
 from studies import scales  # noqa: E402
 
@@ -127,7 +128,7 @@ def test_step_plot_draws_each_arms_metric_against_step_over_finished_runs(tmp_pa
                                                          list(line.get_ydata()))
                                      for line in ax.get_lines()})
     return os.path.join(out_dir, name)
-  monkeypatch.setattr(study, "save_figure", capture)
+  monkeypatch.setattr(study.reporting, "save_figure", capture)
   assert study.plot(s, records, str(tmp_path)) == [str(tmp_path / "curves.png"),
                                                   str(tmp_path / "z.png")]
   scale, lines = drawn["z.png"]
@@ -154,14 +155,14 @@ def test_loss_spikes_count_jumps_above_the_running_mean():
 
 
 def test_data_overrides(tmp_path):
-  assert study.data_overrides("builtin")["data.source"] == "builtin"
-  assert study.data_overrides("lm1b")["data.tfds.name"] == "lm1b"
+  assert config_lib.data_overrides("builtin")["data.source"] == "builtin"
+  assert config_lib.data_overrides("lm1b")["data.tfds.name"] == "lm1b"
   f = tmp_path / "a.txt"
   f.write_text("hello")
-  out = study.data_overrides(str(f), "sentencepiece")
+  out = config_lib.data_overrides(str(f), "sentencepiece")
   assert out["data.source"] == "text_files" and out["data.tokenizer"] == "sentencepiece"
   with pytest.raises(FileNotFoundError, match="missing.txt"):
-    study.data_overrides(str(tmp_path / "missing.txt"))
+    config_lib.data_overrides(str(tmp_path / "missing.txt"))
 
 
 def test_unknown_scale_and_override_are_errors():
@@ -170,7 +171,7 @@ def test_unknown_scale_and_override_are_errors():
     study.arm_config(s, s.arms[0], 0, "huge")
   cfg = study.arm_config(s, s.arms[0], 0, "cpu")
   with pytest.raises(KeyError, match="no field 'lr'"):
-    study.apply_overrides(cfg, {"optim.lr": 1.0})
+    config_lib.apply_overrides(cfg, {"optim.lr": 1.0})
 
 
 # --- the runner, end to end ----------------------------------------------------------------------
@@ -239,12 +240,14 @@ def test_micro_study_resumes_after_interruption_and_reports(tmp_path):
 
   table, plots = study.report(s, workdir, "python experiments/reproduce.py --study=micro")
   assert "| switch E=4 | 2 |" in table and "| dense | 2 |" in table and "-1.731" in table
-  assert table.count("(95% CI, paired over 2 seeds) -> **") == 2
+  assert table.count("(95% CI, paired over 2 seeds; p = ") == 2
+  assert table.count("Holm p = ") == 2
   assert "python experiments/reproduce.py --study=micro" in table
   for path in plots:
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert sorted(os.path.basename(p) for p in plots) == ["curves.png", "loss_vs_experts.png"]
+  assert sorted(os.path.basename(p) for p in plots) == ["curves.png", "forest.png",
+                                                        "loss_vs_experts.png"]
 
   # A workdir never mixes settings.
   with pytest.raises(ValueError, match="other settings"):
@@ -253,12 +256,15 @@ def test_micro_study_resumes_after_interruption_and_reports(tmp_path):
 
 def test_runner_measures_the_causal_leak_of_each_moe_run(tmp_path):
   s = dataclasses.replace(_load_micro(), name="leak", seeds=(0,), causal_leak_positions=4,
-                          router_precision=True, claims=())
+                          causal_leak_at_train_cf=True, router_precision=True, claims=())
   records = study.run_study(s, str(tmp_path), log=lambda _: None)
   final = study.final_records(records)
   moe = final[("switch E=4", 0)]
-  # Top-1 with position priority is causal-safe: the leak is zero to float precision.
+  # Top-1 with position priority is causal-safe: the leak is zero to float precision, at the eval
+  # CF and at the train CF alike.
   assert abs(moe["leak"]) < 1e-5 and moe["causal_ce"] > 0
+  assert abs(moe["leak_train_cf"]) < 1e-5 and moe["causal_ce_train_cf"] > 0
+  assert "leak_train_cf" not in final[("dense", 0)]
   assert 0 <= moe["router_dtype_disagreement"] < 0.5
   assert "leak" not in final[("dense", 0)]
   assert "router_dtype_disagreement" not in final[("dense", 0)]
@@ -325,7 +331,7 @@ def test_study_configs_validate_at_every_scale(name):
   assert s.scales.keys() >= {"cpu", "tpu"} and len(s.seeds) >= 3
   for scale in s.scales:
     devices = scales.TPU_DEVICES if scale == "tpu" else 1
-    data = study.data_overrides("builtin") if scale == "cpu" else {}
+    data = config_lib.data_overrides("builtin") if scale == "cpu" else {}
     for arm in s.arms:
       config = study.arm_config(s, arm, 0, scale, data)
       train.validate_config(config, num_devices=devices)
@@ -413,7 +419,7 @@ def test_trend_needs_distinct_positive_xs():
 
 
 def test_reuse_needs_the_leak_or_the_checkpoint_to_measure_it(tmp_path, monkeypatch):
-  monkeypatch.setattr(study, "_leak", lambda run_dir, positions: {
+  monkeypatch.setattr(study.runner, "_leak", lambda run_dir, positions: {
       "leak": 0.5, "causal_ce": 1.0, "teacher_forced_ce": 0.5})
   moe = lambda name, leak: study.Study(  # noqa: E731
       name=name, paper="", claim="", seeds=(0,), scales={"cpu": {}}, claims=(),

@@ -26,10 +26,11 @@ STUDY = Study(
     arms=capacity.STUDY.arms,
     claims=(
         Better("top-1 trained at CF 1: eval CF 2 beats eval CF 1 (ST-MoE: +0.013)",
-               capacity.name(1, 1.0), capacity.name(1, 1.0), metric="cf2/ce", metric_b="cf1/ce"),
+               capacity.name(1, 1.0), capacity.name(1, 1.0), metric="cf2/ce", metric_b="cf1/ce",
+               paper_effect=0.013),
         Better("top-2 trained at CF 1.25: eval CF 2 beats eval CF 1.25 (ST-MoE: +0.006)",
                capacity.name(2, 1.25), capacity.name(2, 1.25), metric="cf2/ce",
-               metric_b="cf1.25/ce"),
+               metric_b="cf1.25/ce", paper_effect=0.006),
         Better("top-1 trained at CF 2: no-drop eval beats eval CF 2", capacity.name(1, 2.0),
                capacity.name(1, 2.0), metric="cfinf/ce", metric_b="cf2/ce"),
     ),

@@ -6,7 +6,8 @@ the model; here only the MoE layer's, the part moejax owns: the attention and de
 their init). 5 seeds, because the claim is about the spread across seeds; a short run (600 steps,
 1.2M tokens), because the claim is about early training.
 
-CPU scale: 600 steps x 2,048 tokens on the documentation corpus; 10 runs, ~3 min each on 2 cores.
+CPU scale: 600 steps x 2,048 tokens on the documentation corpus; 10 runs, 5.2 min each on 2 cores
+(table `min/run`), ~55 min in all.
 
     python experiments/reproduce.py --study=init_scale --workdir=experiments/results \
         --data=../shared/data/linux_kernel_docs.txt,../shared/data/python_docs.txt

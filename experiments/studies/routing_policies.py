@@ -10,14 +10,14 @@ at the eval CF 2.0; zero for causal-safe routing).
 
 CPU scale: 600 steps x 2,048 tokens (half of `capacity`'s 1,200, so that the first 10 arms x 3
 seeds fit the ~2 h budget of a study: 116 min; nothing is reused, since the leak needs each run's
-checkpoint); 33 runs, arm means 2.8-4.3 min per run on 2 cores. The leak at each run's train CF
-was measured afterwards with `experiments/causal_leak.py` (`leak_at_train_cf.md`).
+checkpoint); 33 runs, arm means 2.8-4.3 min per run on 2 cores. The leak at each run's train CF,
+3 seeds: the `routing_leak` study (one-seed numbers from before it: `leak_at_train_cf.md`).
 
     python experiments/reproduce.py --study=routing_policies --workdir=experiments/results \
         --data=../shared/data/linux_kernel_docs.txt,../shared/data/python_docs.txt
 """
 
-from moejax.study import Arm, Better, Study
+from moejax.study import Arm, Better, Equivalent, Study
 
 from studies import capacity, scales
 
@@ -69,10 +69,11 @@ STUDY = Study(
         Better("BPR beats position priority at CF 1", "top-2 BPR CF 1", "top-2 position CF 1"),
         Better("token priority beats position priority at CF 0.5", "top-2 token CF 0.5",
                "top-2 position CF 0.5"),
-        Better("reroute beats drop (Switch: no gain expected)", "top-1 reroute CF 1",
-               "top-1 drop CF 1"),
-        Better("random second expert costs nothing vs all (inconclusive = no cost)",
-               "top-2 random CF 1", "top-2 position CF 1"),
+        Equivalent("reroute and drop reach the same no-drop loss within ±0.01 nats (Switch: no "
+                   "gain from rerouting)", "top-1 reroute CF 1", "top-1 drop CF 1",
+                   margin=scales.EQUIVALENCE_MARGIN),
+        Equivalent("a random second expert costs no quality: within ±0.01 nats of always using "
+                   "it", "top-2 random CF 1", "top-2 position CF 1", margin=scales.EQUIVALENCE_MARGIN),
     ),
     scales={"cpu": scales.cpu(600), "tpu": scales.TPU},
     columns=(("nodrop/ce", "no-drop eval CE"), ("cf1/ce", "eval CE at CF 1"),
@@ -82,7 +83,8 @@ STUDY = Study(
            "the eval CF 2.0 (`moejax.causal`; expert choice at its CF 1, the only one it has): "
            "exactly 0 for causal-safe routing (token priority; position priority with k=1 and "
            "drop). BPR and reroute numbers come from a decoder here; the papers measured "
-           "encoders. The leak at the train CF: `leak_at_train_cf.md`. Expert choice has no CF "
+           "encoders. The leak at the train CF: the `routing_leak` study (3 seeds; "
+           "`leak_at_train_cf.md` holds an earlier one-seed rerun). Expert choice has no CF "
            "sweep (its CE at CF 1 is its no-drop CE), and its `dropped in training` counts the "
            "(token, expert) pairs no expert picked: 1 - k/E = 0.75 by construction."),
 )
