@@ -106,3 +106,19 @@ def test_spread_p_is_a_two_sided_f_test():
   f = scipy_stats.tvar(b) / scipy_stats.tvar(a)
   assert v.p == pytest.approx(2 * scipy_stats.f.sf(f, 4, 4))
   assert v.status == study.AGREES and v.kind == "spread"
+
+
+def test_gain_trend_is_the_slope_of_the_gain_on_log2_x():
+  import numpy as np
+  claim = study.gain_trend("grows", [(1, "d1", "m1"), (4, "d4", "m4"), (32, "d32", "m32")])
+  final = {}
+  gains = {0: (0.00, 0.02, 0.05), 1: (0.01, 0.01, 0.03)}
+  for seed, g in gains.items():
+    for (x, d, m), gain in zip([(1, "d1", "m1"), (4, "d4", "m4"), (32, "d32", "m32")], g):
+      final[(d, seed)] = {"nodrop/ce": 2.0 + seed}
+      final[(m, seed)] = {"nodrop/ce": 2.0 + seed - gain}
+  per_seed = claim.per_seed(final)
+  for seed, g in gains.items():
+    assert per_seed[seed] == pytest.approx(np.polyfit(np.log2([1, 4, 32]), g, 1)[0])
+  with pytest.raises(ValueError, match="two distinct x"):
+    study.gain_trend("flat", [(2, "a", "b"), (2, "c", "d")])

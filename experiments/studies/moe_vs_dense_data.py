@@ -19,9 +19,7 @@ Measured: no-drop eval CE; `train_ce` (training-batch CE over the last fifth of 
         --data=../shared/data/linux_kernel_docs.txt,../shared/data/python_docs.txt
 """
 
-import math
-
-from moejax.study import Arm, ArmPlot, Better, Contrast, Study
+from moejax.study import Arm, ArmPlot, Better, Contrast, Study, gain_trend
 
 from studies import scales
 
@@ -42,14 +40,6 @@ def cap(mb: float) -> dict:
 
 DROPOUT = "switch E=8 1 MB, expert dropout 0.4"
 
-# Least-squares slope of the gain (dense - switch) on log2(MB), as a linear contrast of the arms.
-_LOGS = [math.log2(mb) for mb in SIZES_MB]
-_MEAN = sum(_LOGS) / len(_LOGS)
-_SXX = sum((x - _MEAN) ** 2 for x in _LOGS)
-SLOPE_TERMS = tuple(term for mb, x in zip(SIZES_MB, _LOGS)
-                    for term in (((x - _MEAN) / _SXX, dense(mb), "nodrop/ce"),
-                                 (-(x - _MEAN) / _SXX, switch(mb), "nodrop/ce")))
-
 STUDY = Study(
     name="moe_vs_dense_data",
     paper="Switch Transformer Fig. 4 (gains grow with tokens) and its fine-tuning section (expert "
@@ -63,8 +53,8 @@ STUDY = Study(
           Arm(DROPOUT, "configs/switch.py:experts=8",
               {**cap(1.0), "model.moe.expert_dropout": 0.4}, x=None)),
     claims=(
-        Contrast("the MoE gain grows with unique text (slope of dense - switch per doubling)",
-                 SLOPE_TERMS),
+        gain_trend("the MoE gain grows with unique text (slope of dense - switch per doubling)",
+                   [(mb, dense(mb), switch(mb)) for mb in SIZES_MB]),
         *(Better(f"{mb:g} MB: switch E=8 beats dense", switch(mb), dense(mb)) for mb in SIZES_MB),
         Contrast("1 MB: switch's generalisation gap exceeds dense's",
                  ((1.0, switch(1.0), "generalisation_gap"),

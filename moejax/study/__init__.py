@@ -28,7 +28,7 @@ from moejax.study.reporting import (format_table, forest, plot, regenerate_comma
 from moejax.study.results import final_records, loss_spikes, read_results, run_records
 from moejax.study.runner import arm_config, data_meta, run_study
 from moejax.study.spec import (Arm, ArmPlot, Better, Claim, Contrast, Equivalent, MetricPlot,
-                               Spread, StepPlot, Study, Trend)
+                               Spread, StepPlot, Study, Trend, gain_trend)
 from moejax.study.stats import (AGREES, DISAGREES, INCONCLUSIVE, NOT_SHOWN, Verdict, holm,
                                 t_quantile_975, verdict, verdicts)
 
@@ -36,7 +36,7 @@ __all__ = [
     "AGREES", "DISAGREES", "KEY_NEUTRAL_DEFAULTS", "INCONCLUSIVE", "NOT_SHOWN", "Arm", "ArmPlot", "Better", "Claim",
     "Contrast", "Equivalent", "MetricPlot", "Spread", "StepPlot", "Study", "Trend", "Verdict",
     "arm_config", "config_key", "data_identity", "data_meta", "final_records", "forest",
-    "format_table", "holm", "loss_spikes", "plot", "read_results", "regenerate_command", "report",
+    "format_table", "gain_trend", "holm", "loss_spikes", "plot", "read_results", "regenerate_command", "report",
     "run_records", "run_study", "save_figure", "start_steps", "t_quantile_975", "verdict",
     "verdicts",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 FinalRecords = dict[tuple[str, int], dict]  # (arm, seed) -> metrics of the run's last eval.
@@ -135,6 +135,22 @@ class Spread:
   @property
   def arms(self) -> tuple[str, ...]:
     return (self.a, self.b)
+
+
+def gain_trend(text: str, pairs: Sequence[tuple[float, str, str]], metric: str = "nodrop/ce",
+               log_x: bool = True) -> Contrast:
+  """Claim: the gain `metric(base) - metric(other)` grows with x, for pairs (x, base, other): per
+  seed, the least-squares slope of the gain on x (log2 x when `log_x`), written as a `Contrast`
+  (each arm weighted by its x's distance from the mean x)."""
+  xs = [math.log2(x) if log_x else x for x, _, _ in pairs]
+  mean = statistics.mean(xs)
+  sxx = sum((x - mean) ** 2 for x in xs)
+  if len(pairs) < 2 or sxx == 0:
+    raise ValueError(f"gain_trend {text!r}: needs at least two distinct x; got "
+                     f"{[x for x, _, _ in pairs]}")
+  return Contrast(text, tuple(term for x, (_, base, other) in zip(xs, pairs)
+                              for term in (((x - mean) / sxx, base, metric),
+                                           (-(x - mean) / sxx, other, metric))))
 
 
 Claim = Better | Trend | Contrast | Equivalent | Spread
