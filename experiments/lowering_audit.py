@@ -52,7 +52,6 @@ def main():
   shape = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
   devices = jax.devices()[:math.prod(shape.values())]
   mesh = sharding.make_mesh(shape, devices)
-  ep = mesh.shape[sharding.EXPERT]
   platforms = args.platforms.split(",")
 
   def layer_ops(platform, dispatch):

@@ -38,8 +38,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
+
+from moejax import model as model_lib
 
 DEFAULT_CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0, math.inf)
 
@@ -95,10 +96,8 @@ def _eval_sums(state, batch, bytes_V, *, graphdef) -> dict[str, jax.Array]:
   logits_BLV, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                               batch["mask"])
   mask_BL = batch["mask"].astype(jnp.float32)
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
-  sums = {"ce_sum": jnp.sum(ce_BL * mask_BL),
-          "correct": jnp.sum((jnp.argmax(logits_BLV, -1) == batch["targets"]) * mask_BL),
-          "targets": jnp.sum(mask_BL),
+  ce_sum, correct = model_lib.masked_ce_sums(logits_BLV, batch["targets"], mask_BL)
+  sums = {"ce_sum": ce_sum, "correct": correct, "targets": jnp.sum(mask_BL),
           "bytes": jnp.sum(bytes_V[batch["targets"]] * mask_BL)}
   if moe_aux:  # Token-weighted over batches: sum (fraction * tokens), divided at the end.
     drop = jnp.mean(jnp.stack([jnp.mean(a.metrics["dropped_fraction"]) for a in moe_aux.values()]))

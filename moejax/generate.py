@@ -173,9 +173,7 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   check_lengths(prompts, max_new_tokens, max_len)
   for layer in model.moe_layers():
     check_decodable(layer.cfg.choice)
-  mesh = jax.sharding.get_abstract_mesh()
-  shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in sharding.BATCH_AXES
-                                          if a in mesh.axis_names)
+  shards = sharding.num_batch_shards(jax.sharding.get_abstract_mesh())
   rows = -(-len(prompts) // shards) * shards
   batch = pad_prompts(prompts, rows)
 

@@ -32,12 +32,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from moejax import routing
 from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer, is_int
-from moejax.sharding import BATCH_AXES, constrain, param
+from moejax.sharding import constrain, num_batch_shards, param
 
 DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("einsum", "dot_product")
@@ -522,10 +523,8 @@ class Transformer(nnx.Module):
     replay: `Transformer.__call__(..., moe_routes=)`).
     """
     B, T = tokens_BT.shape
-    shards = 1
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-      shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+    shards = num_batch_shards(mesh)
     if B % shards:
       raise ValueError(f"decode batch of {B} rows: allowed a multiple of the {shards} batch "
                        f"shards of the mesh {dict(mesh.shape)} (pad with rows of segment id 0).")
@@ -604,3 +603,13 @@ def count_params(cfg: TransformerConfig, seq_len: int = 0) -> ParamCount:
   matmul = active - embedding + (embedding if cfg.tie_embeddings else 0) - vectors
   flops = 6 * matmul + 12 * cfg.num_layers * cfg.num_heads * cfg.dh * seq_len
   return ParamCount(total, active, expert, embedding, flops)
+
+
+def masked_ce_sums(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(sum of the token cross-entropies, number of argmax-correct targets) over the positions where
+  `mask_BL` is set: the one loss of the trainer and the evaluator (each divides by its count)."""
+  mask_BL = mask_BL.astype(jnp.float32)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  correct = jnp.sum((jnp.argmax(logits_BLV, -1) == targets_BL) * mask_BL)
+  return jnp.sum(ce_BL * mask_BL), correct

@@ -424,7 +424,7 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
   matmul) before the return `all_to_all`, so routing and combine stay invariant over `model`.
   """
   G, S, D = x_GSD.shape
-  E, C = cfg.num_experts, capacity
+  C = capacity
   router_dtype = jnp.dtype(cfg.router_dtype) if cfg.router_dtype else x_GSD.dtype
   logits_GSE = routing.router_logits(x_GSD, weights["router"], dtype=router_dtype,
                                      jitter_GSD=jitter_GSD)

@@ -23,7 +23,7 @@ mesh axis does not divide is an error that names the parameter dimension and bot
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -202,9 +202,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, batch_spec(ndim))
 
 
-def num_batch_shards(mesh: Mesh) -> int:
-  """How many ways the batch dimension is split (data x fsdp x expert)."""
-  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+def num_batch_shards(mesh: Mesh | jax.sharding.AbstractMesh | Mapping[str, int]) -> int:
+  """How many ways the batch is split: the product of the batch axes' sizes, for a mesh, an
+  abstract mesh (1 if empty) or a {axis: size} shape; axes it lacks count 1."""
+  shape = mesh if isinstance(mesh, Mapping) else ({} if mesh.empty else dict(mesh.shape))
+  return math.prod(shape.get(axis, 1) for axis in BATCH_AXES)
 
 
 def moe_layout_problem(num_experts: int, num_groups: int, mesh_shape: dict[str, int]
@@ -213,7 +215,7 @@ def moe_layout_problem(num_experts: int, num_groups: int, mesh_shape: dict[str, 
   time and by `train.validate_config` before compiling). Returns (what is wrong, what is allowed)
   or None: experts must split evenly over `expert`, groups over data x fsdp x expert."""
   ep = mesh_shape.get(EXPERT, 1)
-  shards = math.prod(mesh_shape.get(axis, 1) for axis in BATCH_AXES)
+  shards = num_batch_shards(mesh_shape)
   if num_experts % ep:
     return (f"num_experts={num_experts} is not divisible by the mesh's expert axis size {ep}",
             f"a multiple of {ep}")

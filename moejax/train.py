@@ -42,7 +42,7 @@ from moejax import metrics as metrics_lib
 from moejax import optim
 from moejax import routing
 from moejax import sharding
-from moejax.model import Transformer, TransformerConfig, count_params
+from moejax.model import Transformer, TransformerConfig, count_params, masked_ce_sums
 from moejax.moe import is_int, is_real
 
 # What the model reads of a pipeline batch (everything but the analysis-only `domain`).
@@ -106,7 +106,7 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
     fail("grad_accum_steps", f"divisors of batch_size={config.batch_size}")
   mesh_shape = sharding.resolve_mesh_shape(dict(config.mesh),
                                            num_devices or jax.device_count())
-  shards = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
+  shards = sharding.num_batch_shards(mesh_shape)
   micro_batch = config.batch_size // config.grad_accum_steps
   if micro_batch % shards:
     fail("batch_size", f"multiples of grad_accum_steps x data x fsdp x expert = "
@@ -184,10 +184,7 @@ def _loss_fn(params, rest, model_graphdef, batch, num_targets, grad_accum_steps:
   model = nnx.merge(model_graphdef, params, rest, copy=True)
   logits_BLV, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                               batch["mask"], moe_step_balance=step_balance)
-  mask_BL = batch["mask"].astype(jnp.float32)
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
-  ce_sum = jnp.sum(ce_BL * mask_BL)
-  correct = jnp.sum((jnp.argmax(logits_BLV, -1) == batch["targets"]) * mask_BL)
+  ce_sum, correct = masked_ce_sums(logits_BLV, batch["targets"], batch["mask"])
   stats = _moe_metrics(moe_aux)
   loss = ce_sum / num_targets + stats.get("moe/aux_loss", 0.0) / grad_accum_steps
   return loss, (nnx.state(model, nnx.Not(nnx.Param)), ce_sum, correct, stats)
