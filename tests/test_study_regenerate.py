@@ -181,3 +181,22 @@ def test_report_only_from_another_clone_with_data_elsewhere(tmp_path):
   with open(os.path.join(RESULTS, name, "table.md")) as f:
     assert (tmp_path / "experiments" / "results" / name / "table.md").read_text() == f.read()
   assert (tmp_path / "experiments" / "results" / name / "forest.png").exists()
+
+
+def test_the_results_page_is_what_the_tables_give(tmp_path):
+  """docs/results.md is generated: rerunning its command on the committed tables and results
+  gives the committed page (a table updated without the page fails here)."""
+  results = tmp_path / "experiments" / "results"
+  _copy_results(results)
+  for name in os.listdir(RESULTS):
+    if os.path.exists(os.path.join(RESULTS, name, "table.md")):
+      (results / name).mkdir(exist_ok=True)
+      shutil.copy(os.path.join(RESULTS, name, "table.md"), results / name / "table.md")
+  (tmp_path / "docs").mkdir()
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "results_page.py"),
+                        "--workdir=experiments/results", "--out=docs/results.md"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with open(os.path.join(ROOT, "docs", "results.md")) as f:
+    assert (tmp_path / "docs" / "results.md").read_text() == f.read()
