@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import routing
 from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer, is_int
+from moejax.moe_config import FieldError
 from moejax.sharding import constrain, num_batch_shards, param
 
 DTYPES = ("float32", "bfloat16")
@@ -123,8 +124,8 @@ class TransformerConfig:
     if self.moe_layer_indices:
       try:
         self.moe_config()  # MoEConfig validates its own fields (ValueError).
-      except ValueError as e:  # Name the field as the user writes it on the command line.
-        raise ValueError(str(e).replace("MoEConfig.", "config.model.moe.", 1)) from None
+      except FieldError as e:  # Name the field as the user writes it on the command line.
+        raise e.under("config.model.moe") from None
 
   @property
   def scan_period(self) -> int:
