@@ -22,20 +22,29 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax import evaluation, sharding  # noqa: E402  pylint: disable=wrong-import-position
+from moejax import cli, evaluation, sharding  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--data", default=None)
-  parser.add_argument("--split", default=None)
-  parser.add_argument("--capacity_factors", default="0.5,1,1.25,2,inf")
-  parser.add_argument("--num_batches", type=int, default=None)
-  parser.add_argument("--step", type=int, default=None)
+  parser.add_argument("--workdir", required=True, help="a training run's directory (config.json "
+                      "and checkpoints)")
+  parser.add_argument("--data", default=None, help="text files to evaluate on, comma-separated "
+                      "(whole files, nothing held out), 'builtin' or a TFDS name; default: the "
+                      "run's own eval split")
+  parser.add_argument("--split", default=None, help="split of the run's data (default: its eval "
+                      "split)")
+  parser.add_argument("--capacity_factors", default="0.5,1,1.25,2,inf",
+                      help="eval capacity factors, comma-separated numbers > 0 or inf (no drop)")
+  parser.add_argument("--num_batches", type=int, default=None,
+                      help="batches of the run's shape (default: one pass over all the data)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--mesh", default=None, help="e.g. data=-1,expert=1 (default: the run's)")
-  parser.add_argument("--out", default=None)
+  parser.add_argument("--out", default=None, help="directory for eval.md, eval.json and "
+                      "capacity_curve.png (needs matplotlib)")
   args = parser.parse_args(argv)
+  if args.out:
+    cli.require(("matplotlib",), "studies", "evaluate.py --out (its capacity curve)")
   try:
     factors = [float(x) for x in args.capacity_factors.split(",") if x.strip()]
   except ValueError:

@@ -78,6 +78,8 @@ def main() -> None:
   args = parser.parse_args()
 
   study = load_study(args.study)
+  if not args.dry_run:
+    cli.require(("matplotlib", "scipy"), "studies", "reproduce.py (verdicts and plots)")
   # The trainer's per-step progress lines (loss, tok/s, ETA) go through absl logging.
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moejax import analysis, checkpoint, sharding, study, train  # noqa: E402  pylint: disable=wrong-import-position
+from moejax import analysis, checkpoint, cli, sharding, study, train  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import data as data_lib  # noqa: E402  pylint: disable=wrong-import-position
 from moejax.moe import MoELayer  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -404,6 +404,7 @@ def main() -> None:
   parser.add_argument("--steps", default="all", help="all | last | comma-separated steps")
   parser.add_argument("--mesh", default="data=-1,expert=1")
   args = parser.parse_args()
+  cli.require(("matplotlib",), "studies", "routing_analysis.py (its plots)")
   if args.traces:
     try:
       print(f"wrote {traces_report(args.traces, args.out)}")

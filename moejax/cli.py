@@ -36,6 +36,17 @@ def run(fn: Callable[..., Any], *args, **kwargs) -> Any:
     user_error(str(e))
 
 
+def require(modules: tuple[str, ...], extra: str, purpose: str) -> None:
+  """A one-line error (exit 2) when an optional dependency is missing, naming the pip extra that
+  installs it: `require(("matplotlib", "scipy"), "studies", "reproduce.py's verdicts and plots")`."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  missing = [m for m in modules if importlib.util.find_spec(m) is None]
+  if missing:
+    user_error(f"{purpose} needs {', '.join(missing)}, not installed; allowed: install the "
+               f"'{extra}' extra (python3 -m pip install -e \".[{extra}]\", or "
+               f"pip install \"moejax[{extra}]\").")
+
+
 def check_workdir(workdir: str) -> None:
   """A `--workdir` must be a directory (new, or a run's to resume it)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):

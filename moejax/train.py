@@ -285,6 +285,33 @@ def first_eval_batch(config, mesh: jax.sharding.Mesh, seed: int = 0) -> dict[str
   return data_lib.make_global_batch(batch, mesh, config.batch_size)
 
 
+def finished_run(workdir: str, config) -> dict[str, float] | None:
+  """The final eval metrics of a run of this very `config` (its `config.json` is the same) that
+  has a checkpoint at `num_train_steps` and logged its eval there (`metrics.jsonl`); else None
+  (a new, interrupted, extended or changed run, which takes the normal path)."""
+  num_train_steps = config.num_train_steps
+  steps = ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))
+  path = os.path.join(workdir, "metrics.jsonl")
+  config_path = os.path.join(workdir, "config.json")
+  if (not steps or steps[-1] != num_train_steps or not os.path.exists(path)
+      or not os.path.exists(config_path)):
+    return None
+  with open(config_path) as f:
+    if json.load(f) != json.loads(config.to_json_best_effort(sort_keys=True)):
+      return None
+  final = None
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if row.get("split") == "eval" and row.get("step") == num_train_steps:
+        final = {k: float(v) for k, v in row.items()
+                 if k not in ("step", "split") and isinstance(v, (int, float))}
+  return final
+
+
 def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None = None
                        ) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns final eval metrics.
@@ -302,6 +329,13 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file; allowed: a directory (new or a "
                              "run's, to resume it).")
+  finished = finished_run(workdir, config)
+  if finished is not None:  # Nothing to train: build nothing, write nothing.
+    logging.info("already finished at step %d (checkpoints in %s): eval CE %.4f%s; nothing "
+                 "trained or written", config.num_train_steps, os.path.join(workdir, "checkpoints"),
+                 finished.get("ce", float("nan")),
+                 f", no-drop CE {finished['nodrop/ce']:.4f}" if "nodrop/ce" in finished else "")
+    return finished
 
   # ----------------------------------------------------------------------------------------------
   # Mesh: batch over (data, fsdp, expert); parameters laid out by sharding.LOGICAL_AXIS_RULES.

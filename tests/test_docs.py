@@ -35,3 +35,19 @@ def test_python_block_runs_as_pasted(code):
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_relative_links_resolve():
+  """Every relative link or image of README.md and docs/*.md names a file that exists (pages
+  moved into docs/ keep working links), and none points into a git-ignored run folder."""
+  broken = []
+  for path in DOCS:
+    with open(path) as f:
+      text = re.sub(r"^```.*?^```", "", f.read(), flags=re.S | re.M)  # links in code are text
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if target.startswith(("http://", "https://", "#", "mailto:")):
+        continue
+      file = os.path.normpath(os.path.join(os.path.dirname(path), target.split("#")[0]))
+      if not os.path.exists(file) or "/runs/" in target:
+        broken.append(f"{os.path.relpath(path, ROOT)}: {target}")
+  assert not broken, broken

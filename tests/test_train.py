@@ -340,3 +340,20 @@ def test_forced_routers_are_refused_outside_benchmarks():
     train.validate_config(config, 8)
   config.benchmark = True
   train.validate_config(config, 8)
+
+
+def test_rerunning_a_finished_run_says_so_and_writes_nothing(straight_run, tmp_path, caplog):
+  workdir, final = straight_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  def files():
+    return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
+            for root, _, names in os.walk(copy) for name in names}
+  before = files()
+  with caplog.at_level("INFO"):
+    again = train.train_and_evaluate(_config(), copy)
+  assert any("already finished at step" in r.getMessage() for r in caplog.records)
+  assert files() == before  # no file written or touched (no TensorBoard file, no config.json)
+  assert again["ce"] == pytest.approx(final["ce"], rel=1e-6)
+  # A longer run of the same workdir is not finished: it trains on (not tested here).
+  assert train.finished_run(copy, _config(num_train_steps=_config().num_train_steps + 1)) is None
