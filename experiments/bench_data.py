@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from moejax import cli
 import moejax.data as md
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

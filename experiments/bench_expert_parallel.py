@@ -18,6 +18,8 @@ import os
 import statistics
 import time
 
+from moejax import cli  # light: imports no JAX
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -77,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

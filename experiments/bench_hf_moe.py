@@ -22,6 +22,8 @@ import math
 import statistics
 import time
 
+from moejax import cli  # light: imports no JAX
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -85,4 +87,4 @@ def main():
               flush=True)
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

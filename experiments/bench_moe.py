@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import cli
 from moejax.moe import MoEConfig, MoELayer
 
 
@@ -191,4 +192,4 @@ def peers(args, experts):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

@@ -265,4 +265,5 @@ if __name__ == "__main__":
   _ROUNDS = flags.DEFINE_integer("rounds", 5, "With --revisions: interleaved rounds.")
   _SERVE = flags.DEFINE_bool("serve", False, "Internal: the worker of --revisions.")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from moejax import cli  # pylint: disable=import-outside-toplevel
+  app.run(lambda argv: cli.run(main, argv), flags_parser=cli.parse_flags)

@@ -29,6 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moejax import cli  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import causal, train  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -96,7 +97,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  cli.run(main)  # user errors: one `error:` line, exit 2

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from moejax import cli  # light: imports no JAX
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -69,4 +71,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

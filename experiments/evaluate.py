@@ -72,7 +72,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  cli.run(main)  # user errors: one `error:` line, exit 2

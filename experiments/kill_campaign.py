@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from moejax import cli  # light: imports no JAX
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("tokens_per_sec", "step_time_s")
 PREEMPTED = r"preempted: saved a checkpoint at step (\d+)"
@@ -202,14 +204,14 @@ def main() -> None:
   signals = [s.strip().upper().removeprefix("SIG") for s in args.signals.split(",") if s.strip()]
   bad = [s for s in signals if s not in ("KILL", "TERM", "INT")]
   if bad or not signals:
-    sys.exit(f"error: --signals={args.signals!r}: allowed a comma-separated list of KILL, TERM, "
+    cli.user_error(f"--signals={args.signals!r}: allowed a comma-separated list of KILL, TERM, "
              "INT")
   if os.path.exists(args.workdir) and os.listdir(args.workdir):
-    sys.exit(f"error: --workdir={args.workdir!r} is not empty; the campaign needs fresh runs")
+    cli.user_error(f"--workdir={args.workdir!r} is not empty; the campaign needs fresh runs")
   summary = run_campaign(args.workdir, kills=args.kills, signals=signals, steps=args.steps,
                          seed=args.seed)
   sys.exit(0 if summary["ok"] else 1)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

@@ -21,6 +21,8 @@ import dataclasses
 import os
 import sys
 
+from moejax import cli  # light: imports no JAX
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -86,4 +88,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from moejax import cli  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import study as study_lib  # noqa: E402  pylint: disable=wrong-import-position
 from moejax.study import keys  # noqa: E402  pylint: disable=wrong-import-position
@@ -116,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

@@ -136,4 +136,5 @@ if __name__ == "__main__":
   _STEPS = flags.DEFINE_integer("steps", 10, "Profiled steps.")
   _TOP = flags.DEFINE_integer("top", 30, "Ops to print.")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from moejax import cli  # pylint: disable=import-outside-toplevel
+  app.run(lambda argv: cli.run(main, argv), flags_parser=cli.parse_flags)

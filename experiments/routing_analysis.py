@@ -409,16 +409,16 @@ def main() -> None:
     try:
       print(f"wrote {traces_report(args.traces, args.out)}")
     except FileNotFoundError as e:
-      sys.exit(f"error: --traces={args.traces}: {e}")
+      cli.user_error(f"--traces={args.traces}: {e}")
     return
   if not args.workdir:
-    sys.exit("error: --workdir is required (or --traces=WORKDIR/routing)")
+    cli.user_error("--workdir is required (or --traces=WORKDIR/routing)")
   if args.tokens < 1:
-    sys.exit(f"error: --tokens={args.tokens}: allowed: a positive number of tokens")
+    cli.user_error(f"--tokens={args.tokens}: allowed: a positive number of tokens")
   run(args.workdir, args.out, paths=args.data, tokens=args.tokens, steps=args.steps,
       mesh=args.mesh, command=" ".join(["python", *sys.argv]))
   print(f"wrote {args.out}/report.md")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

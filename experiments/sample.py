@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 
+from moejax import cli  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import data as data_lib  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import generate, sharding, train  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -75,7 +76,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  cli.run(main)  # user errors: one `error:` line, exit 2

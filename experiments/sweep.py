@@ -24,6 +24,8 @@ import sys
 
 from absl import logging as absl_logging
 
+from moejax import cli  # light: imports no JAX
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -123,4 +125,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

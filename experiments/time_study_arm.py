@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from moejax import cli  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import study as study_lib  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -40,7 +41,7 @@ def main() -> None:
   arms = {a.name: a for a in study.arms}
   for name in args.arms.split(","):
     if name not in arms:
-      sys.exit(f"error: --arms: {name!r} is not an arm of {study.name}; arms: {sorted(arms)}")
+      cli.user_error(f"--arms: {name!r} is not an arm of {study.name}; arms: {sorted(arms)}")
     config = study_lib.arm_config(study, arms[name], 0, args.scale,
                                   config_lib.data_overrides(args.data))
     full = config.num_train_steps
@@ -59,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

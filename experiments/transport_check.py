@@ -18,6 +18,8 @@ import statistics
 import sys
 import time
 
+from moejax import cli  # light: imports no JAX
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -88,4 +90,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)  # user errors: one `error:` line, exit 2

@@ -57,5 +57,7 @@ def main(argv, names):
 
 
 if __name__ == "__main__":
+  from moejax import cli  # pylint: disable=import-outside-toplevel
   _names = _define_flags()
-  app.run(lambda argv: main(argv, _names))
+  # User errors (bad flags, config, workdirs): one `error:` line, exit 2.
+  app.run(lambda argv: cli.run(main, argv, _names), flags_parser=cli.parse_flags)

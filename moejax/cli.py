@@ -7,6 +7,7 @@ what is allowed, before anything is built. Set MOEJAX_TRACEBACK=1 to see the tra
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -26,8 +27,40 @@ def tracebacks_wanted() -> bool:
   return bool(os.environ.get(TRACEBACK_ENV))
 
 
+# Libraries whose INFO lines drown the progress lines: orbax (~30 lines per save), TFDS ("Load
+# dataset info" per pipeline), JAX's backend probe ("Unable to initialize backend 'tpu'" on CPU).
+_CHATTY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
+
+
+class _DropLibraryInfo(logging.Filter):
+  """Drops INFO records of chatty libraries; their warnings still pass, but for one known to be
+  harmless: orbax's "Metadata file does not exist: .../state/_CHECKPOINT_METADATA" when the
+  restore check reads the `state` item's array metadata (that file lives one level up, in the
+  step directory, where orbax's manager writes it)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "/orbax/" in record.pathname and "_CHECKPOINT_METADATA" in str(record.msg) + str(
+        record.args) and "does not exist" in str(record.msg):
+      return False
+    return record.levelno > logging.INFO or not any(p in record.pathname for p in _CHATTY)
+
+
+def quiet_library_logs() -> None:
+  """Keeps the console to moejax's own progress lines (warnings still pass)."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())
+
+
 def run(fn: Callable[..., Any], *args, **kwargs) -> Any:
-  """`fn(*args, **kwargs)`, with a user error reported as one line (see the module docstring)."""
+  """`fn(*args, **kwargs)`, with a user error reported as one line (see the module docstring).
+  A `--config=path[:arg]` on the command line that does not load is reported first (absl's
+  config flags defer loading the file to its first use)."""
+  quiet_library_logs()
+  problem = config_load_error(sys.argv[1:])
+  if problem is not None and not tracebacks_wanted():
+    user_error(problem)
   try:
     return fn(*args, **kwargs)
   except USER_ERRORS as e:

@@ -121,6 +121,9 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
     tokenizer_vocab = config.data.sentencepiece.vocab_size  # trained later, to this size
   else:
     tokenizer_vocab = data_lib.get_tokenizer(config.data).vocab_size
+  if config.data.source == "text_files":  # Missing files or empty globs fail now, not later.
+    from moejax.data import sources  # pylint: disable=import-outside-toplevel
+    sources.expand_paths(config.data.text_files.paths)
   model_fields = config.model.to_dict()
   if model_fields["vocab_size"] == 0:  # Follow the tokenizer, padded to a multiple of 128.
     model_fields["vocab_size"] = -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE

@@ -5,8 +5,6 @@ a misspelled field is an error. Multi-host: the same command on every host (Clou
 Open MPI are detected; elsewhere pass --coordinator_address, --num_processes, --process_id).
 Rerunning resumes from the last complete checkpoint; on SIGTERM the run saves and exits 0.
 """
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,13 +22,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv  # Imports after flag parsing, so --jax_* flags apply.
   from moejax import checkpoint, sharding, train  # pylint: disable=import-outside-toplevel
-  if (problem := cli.config_load_error(sys.argv[1:])) and not cli.tracebacks_wanted():
-    cli.user_error(problem)  # config_flags defers a file it could not load to its first use.
+  # User errors are one line (moejax.cli), all found before anything is built.
+  config = cli.run(lambda: _CONFIG.value)  # config_flags loads the file on first use.
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  cli.run(train.validate_config, _CONFIG.value)  # One line for user errors, before building.
+  cli.run(train.validate_config, config)
   cli.run(cli.check_workdir, _WORKDIR.value)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
   except checkpoint.Preempted as e:  # The checkpoint is saved: exit 0, the scheduler restarts us.
     logging.warning("%s", e)
 

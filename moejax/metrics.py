@@ -15,7 +15,6 @@ Per-MoE-layer names are `moe/layer{i}/{stat}`; aggregated over layers they are `
 from __future__ import annotations
 
 import json
-import logging as logging_std
 import math
 import os
 from typing import Any
@@ -44,31 +43,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     else:
       out[name] = _to_host(value)
   return out
-
-
-# Libraries whose INFO lines drown the progress lines: orbax (~30 lines per save), TFDS ("Load
-# dataset info" per pipeline), JAX's backend probe ("Unable to initialize backend 'tpu'" on CPU).
-_CHATTY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
-
-
-class _DropLibraryInfo(logging_std.Filter):
-  """Drops INFO records of chatty libraries; their warnings still pass, but for one known to be
-  harmless: orbax's "Metadata file does not exist: .../state/_CHECKPOINT_METADATA" when the
-  restore check reads the `state` item's array metadata (that file lives one level up, in the
-  step directory, where orbax's manager writes it)."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    if "/orbax/" in record.pathname and "_CHECKPOINT_METADATA" in str(record.msg) + str(
-        record.args) and "does not exist" in str(record.msg):
-      return False
-    return record.levelno > logging_std.INFO or not any(p in record.pathname for p in _CHATTY)
-
-
-def quiet_library_logs() -> None:
-  """Keeps the console to moejax's own progress lines (warnings still pass)."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
 
 
 class MetricWriter:

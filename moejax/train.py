@@ -37,6 +37,7 @@ from absl import logging
 from flax import nnx
 
 from moejax import checkpoint as ckpt_lib
+from moejax import cli
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import metrics as metrics_lib
@@ -242,7 +243,8 @@ def load_run_config(workdir: str):
   import ml_collections  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: --workdir must be a run's directory")
+    raise FileNotFoundError(f"{workdir} is not a training run's directory (no config.json "
+                            "there); allowed: a --workdir that moejax.main trained")
   def tuples(node):
     if isinstance(node, dict):
       return {k: tuples(v) for k, v in node.items()}
@@ -322,7 +324,7 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   # ----------------------------------------------------------------------------------------------
   # Config, workdir and writers.
   # ----------------------------------------------------------------------------------------------
-  metrics_lib.quiet_library_logs()  # first: validation may start JAX's backends (their probe)
+  cli.quiet_library_logs()  # first: validation may start JAX's backends (their probe)
   start_time = time.time()
   model_cfg = validate_config(config)
   is_main = jax.process_index() == 0

@@ -362,3 +362,56 @@ def test_reproduce_user_errors_are_one_line(args, message):
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2 and len(lines) <= 3, result.stderr[-2000:]
   assert re.search(message, lines[-1]) and "Traceback" not in result.stderr
+
+
+_NO_FILE = "/no/such/dir"
+
+
+@pytest.mark.parametrize("command, message", [
+    # moejax.main
+    ("-m moejax.main --config=configs/tiny.py:runlocl --workdir={tmp}/r", r"config arg 'runlocl'"),
+    ("-m moejax.main --config=configs/nope.py --workdir={tmp}/r", r"no such config file"),
+    ("-m moejax.main --config=configs/tiny.py --config.model.moe.top_k=0 --workdir={tmp}/r",
+     r"config\.model\.moe\.top_k=0; allowed"),
+    ("-m moejax.main --config=configs/tiny.py --workdir={tmp}/r "
+     "--config.data.source=text_files --config.data.text_files.paths=/no/such.txt",
+     r"data\.text_files\.paths: '/no/such\.txt' matches no file"),
+    ("-m moejax.main --config=configs/tiny.py --workdir={tmp}/r "
+     "--config.data.source=text_files --config.data.text_files.paths=/no/such/*.txt",
+     r"'/no/such/\*\.txt' matches no file"),
+    ("-m moejax.main --config=configs/tiny.py --workdir={tmp}/a_file", r"is a file; allowed"),
+    # the experiment commands
+    ("experiments/sample.py --workdir=" + _NO_FILE + " --prompt=a", r"not a training run's"),
+    ("experiments/sample.py --workdir={tmp}/a_file --prompt=a", r"not a training run's"),
+    ("experiments/evaluate.py --workdir=" + _NO_FILE, r"not a training run's"),
+    ("experiments/evaluate.py --workdir=" + _NO_FILE + " --capacity_factors=abc",
+     r"--capacity_factors='abc': allowed"),
+    ("experiments/routing_analysis.py --workdir=" + _NO_FILE + " --out={tmp}/ra",
+     r"not a training run's"),
+    ("experiments/routing_analysis.py --traces=" + _NO_FILE + " --out={tmp}/ra", r"--traces="),
+    ("experiments/causal_leak.py --workdir=/no/such/*", r"matches no directory"),
+    ("experiments/upcycle.py --dense_workdir=" + _NO_FILE + " --config=configs/switch.py:runlocl "
+     "--workdir={tmp}/u", r"config arg 'runlocl'"),
+    ("experiments/upcycle.py --dense_workdir=" + _NO_FILE + " --config=configs/switch.py:runlocal "
+     "--workdir={tmp}/u", r"not a training run's"),
+    ("experiments/kill_campaign.py --config=configs/nope.py --workdir={tmp}/k",
+     r"no such config file"),
+    ("experiments/sweep.py --config=configs/tiny.py:runlocl --workdir={tmp}/s",
+     r"config arg 'runlocl'"),
+    ("experiments/bench_train.py --config=configs/nope.py", r"no such config file"),
+    ("experiments/bench_moe.py --dispatch=nope", r"dispatch='nope'; allowed"),
+    ("experiments/reproduce.py --study=no_such_study", r"no such study"),
+    ("experiments/time_study_arm.py --study=capacity --arms=nope", r"not an arm of capacity"),
+])
+def test_every_command_reports_user_errors_in_one_line(command, message, tmp_path):
+  """Each command x bad input: exit code 2, at most 3 lines on stderr, the last one `error: ...`
+  naming the problem, and no traceback."""
+  (tmp_path / "a_file").write_text("not a directory")
+  env = {k: v for k, v in os.environ.items() if k != "MOEJAX_TRACEBACK"}
+  result = subprocess.run([sys.executable, *command.format(tmp=tmp_path).split()], cwd=ROOT,
+                          capture_output=True, text=True, env={**env, "JAX_PLATFORMS": "cpu"},
+                          check=False, timeout=600)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(lines) <= 3 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert lines[-1].startswith("error: ") and re.search(message, lines[-1]), lines[-1]
