@@ -331,6 +331,9 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file; allowed: a directory (new or a "
                              "run's, to resume it).")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    data_lib.config.resolve_paths(config.data)  # The saved config must not depend on the cwd.
   finished = finished_run(workdir, config)
   if finished is not None:  # Nothing to train: build nothing, write nothing.
     logging.info("already finished at step %d (checkpoints in %s): eval CE %.4f%s; nothing "

@@ -357,3 +357,35 @@ def test_rerunning_a_finished_run_says_so_and_writes_nothing(straight_run, tmp_p
   assert again["ce"] == pytest.approx(final["ce"], rel=1e-6)
   # A longer run of the same workdir is not finished: it trains on (not tested here).
   assert train.finished_run(copy, _config(num_train_steps=_config().num_train_steps + 1)) is None
+
+
+def test_relative_data_paths_are_resolved_when_the_run_starts(tmp_path, monkeypatch):
+  """A run started with relative text-file paths saves them absolute (and as typed), so its
+  config.json reads the same files from any directory."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  (corpus / "a.txt").write_text("\n\n".join(f"document {i}: some words" for i in range(60)))
+  monkeypatch.chdir(tmp_path)
+  c = tiny.get_config("runlocal")
+  c.num_train_steps, c.eval_every, c.checkpoint_every, c.eval_steps = 2, 2, 2, 1
+  c.data.source, c.data.text_files.paths = "text_files", "corpus/*.txt"
+  c.data.cache_dir = str(tmp_path / "cache")
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  saved = train.load_run_config(str(tmp_path / "run"))
+  assert saved.data.text_files.paths == str(corpus / "*.txt")
+  assert saved.data.text_files.paths_as_typed == "corpus/*.txt"
+  assert c.data.text_files.paths == "corpus/*.txt"  # the caller's config is not changed
+  monkeypatch.chdir(ROOT)  # From elsewhere, the saved config still finds the files.
+  from moejax.data import sources  # pylint: disable=import-outside-toplevel
+  assert sources.expand_paths(saved.data.text_files.paths) == [str(corpus / "a.txt")]
+  # Rerun from the same directory: the same config, so already finished.
+  monkeypatch.chdir(tmp_path)
+  assert train.finished_run(str(tmp_path / "run"), _resolved(c)) is not None
+
+
+def _resolved(c):
+  from moejax.data import config as data_config  # pylint: disable=import-outside-toplevel
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    data_config.resolve_paths(c.data)
+  return c

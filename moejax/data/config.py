@@ -58,7 +58,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Comma-separated file paths or globs, e.g. 'corpus/*.txt,notes.txt' (relative
   # paths are resolved against the working directory). Each entry is one domain
   # (`batch['domain']` = its index; routing analysis names it after the file or glob).
+  # A run makes them absolute when it starts (`resolve_paths`), so its saved config reads the
+  # same files from any directory; `paths_as_typed` keeps what was written.
   ctf.paths = ""
+  ctf.paths_as_typed = ""
   # How a file is cut into documents: 'paragraph' (blank-line separated), 'line' or 'file'.
   ctf.doc_split = "paragraph"
   # What to do with bytes that are not valid UTF-8 (Python codec error handler); 'replace'
@@ -91,3 +94,17 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Upper bound of lines per document (inclusive).
   cb.max_lines = 8
   return c
+
+
+def resolve_paths(data_config) -> None:
+  """Makes `text_files.paths` absolute (against the working directory), in place, keeping the
+  entries as written in `text_files.paths_as_typed` (once: a resolved config stays as it is)."""
+  import os  # pylint: disable=import-outside-toplevel
+  cfg = data_config.text_files
+  if data_config.source != "text_files" or not cfg.paths:
+    return
+  entries = [p.strip() for p in cfg.paths.split(",") if p.strip()]
+  resolved = ",".join(os.path.abspath(os.path.expanduser(p)) for p in entries)
+  if resolved != cfg.paths:
+    cfg.paths_as_typed = cfg.paths_as_typed or cfg.paths
+    cfg.paths = resolved

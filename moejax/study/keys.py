@@ -41,7 +41,8 @@ KEY_NEUTRAL_DEFAULTS = {
     ("data", "train_max_bytes"): None, ("data", "train_max_docs"): None,
 }
 # Where things are stored, not what they are: never part of a key.
-LOCATION_FIELDS = (("data", "cache_dir"), ("data", "tfds", "data_dir"))
+LOCATION_FIELDS = (("data", "cache_dir"), ("data", "tfds", "data_dir"),
+                   ("data", "text_files", "paths_as_typed"))
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,4 +112,6 @@ def config_key(config) -> str:
 def path_config_key(config) -> str:
   """The key before December 2026: the same hash with data paths as written (absolute). Used only
   by `experiments/migrate_study_keys.py` to recognise committed records."""
-  return _hash(_neutral_tree(config))
+  tree = _neutral_tree(config)
+  _pop(tree, ("data", "text_files", "paths_as_typed"))  # Added after these keys; never in them.
+  return _hash(tree)
