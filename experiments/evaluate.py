@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
   result = evaluation.evaluate_run(
       args.workdir, step=args.step, data=args.data, split=args.split,
       num_batches=args.num_batches, capacity_factors=factors,
-      mesh_shape=sharding.parse_mesh(args.mesh) if args.mesh else None)
+      mesh_shape=sharding.parse_mesh(args.mesh) if args.mesh else None, progress=True)
   table = evaluation.format_table(result)
   print(table)
   if args.out:

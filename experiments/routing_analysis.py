@@ -316,7 +316,8 @@ def run(workdir: str, out: str, *, paths: str | None = None, tokens: int = 131_0
   moe = config.model.moe
   top1_by_layer: dict[int, dict[int, np.ndarray]] = {}
   final = None
-  for step in chosen:
+  meter = cli.Progress(len(chosen), "routing analysis: checkpoints", every_s=0.0)
+  for i, step in enumerate(chosen):
     model, mesh_, restored = train.load_model(config, workdir, step,
                                               mesh_shape=sharding.parse_mesh(mesh))
     # Drops at the training capacity (an explicit expert_capacity applies as it is).
@@ -325,6 +326,7 @@ def run(workdir: str, out: str, *, paths: str | None = None, tokens: int = 131_0
     for layer, r in rec.items():
       top1_by_layer.setdefault(layer, {})[restored] = r["topk"][..., 0][batch["mask"] > 0]
     final = (restored, rec)
+    meter.update(i + 1)
   step, rec = final
   layers = {layer: analyse_layer(r, batch, moe.num_experts, len(names), config.seq_len)
             for layer, r in sorted(rec.items())}

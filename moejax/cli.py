@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,9 +49,12 @@ class _DropLibraryInfo(logging.Filter):
 def quiet_library_logs() -> None:
   """Keeps the console to moejax's own progress lines (warnings still pass)."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  handler = absl_logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
+  # absl's handler (absl.app commands) and the loggers themselves (plain-Python commands, whose
+  # records reach the root logger's handler instead).
+  for target in (absl_logging.get_absl_handler(), logging.getLogger("absl"),
+                 logging.getLogger("jax._src.xla_bridge")):
+    if not any(isinstance(f, _DropLibraryInfo) for f in target.filters):
+      target.addFilter(_DropLibraryInfo())
 
 
 def run(fn: Callable[..., Any], *args, **kwargs) -> Any:
@@ -178,3 +182,22 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise
     user_error(problem)
   return []  # Unreachable: user_error exits.
+
+
+class Progress:
+  """`label: done/total (pct), ETA m:ss` on stderr, at most every `every_s` seconds and at the
+  end: the progress line of the long commands (evaluate, routing analysis)."""
+
+  def __init__(self, total: int, label: str, every_s: float = 5.0):
+    self.total, self.label, self.every_s = max(int(total), 1), label, every_s
+    self.start = self.last = time.time()
+
+  def update(self, done: int) -> None:
+    now = time.time()
+    if done < self.total and now - self.last < self.every_s:
+      return
+    self.last = now
+    rate = (now - self.start) / max(done, 1)
+    eta = rate * (self.total - done)
+    print(f"{self.label}: {done}/{self.total} ({100 * done / self.total:.0f}%), ETA "
+          f"{int(eta // 60)}:{int(eta % 60):02d}", file=sys.stderr, flush=True)

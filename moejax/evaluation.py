@@ -32,6 +32,7 @@ import functools
 import itertools
 import math
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax import cli
 from moejax import model as model_lib
 
 DEFAULT_CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0, math.inf)
@@ -107,11 +109,11 @@ def _eval_sums(state, batch, bytes_V, *, graphdef) -> dict[str, jax.Array]:
 
 
 def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sharding.Mesh,
-             bytes_V: np.ndarray, capacity_factors: Sequence[float] = ()
-             ) -> dict[str, dict[str, float]]:
+             bytes_V: np.ndarray, capacity_factors: Sequence[float] = (),
+             progress: bool = False) -> dict[str, dict[str, float]]:
   """`{label: metrics}` for `eval` (the model's eval capacity factor) and, for a MoE model,
   `nodrop` and `cf{x}` for each of `capacity_factors` (math.inf is `nodrop`). Leaves the model
-  in eval mode."""
+  in eval mode. `progress`: a progress line with ETA on stderr (`moejax.cli.Progress`)."""
   from moejax import data as data_lib  # pylint: disable=import-outside-toplevel
   variants: dict[str, float | None] = {"eval": None}
   if model.moe_layers():
@@ -125,13 +127,17 @@ def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sha
     device_batches = [data_lib.make_global_batch(b, mesh, len(b["inputs"])) for b in batches]
     bytes_V = jnp.asarray(bytes_V, jnp.float32)  # Once, not per batch.
     moe_cfg = model.moe_layers()[0].cfg if model.moe_layers() else None
-    for label, cf in variants.items():
+    meter = cli.Progress(len(variants) * len(device_batches), "evaluate") if progress else None
+    for v, (label, cf) in enumerate(variants.items()):
       model.set_capacity_factor_override(cf)
       graphdef, state = nnx.split(model)
       totals = None
-      for batch in device_batches:
+      for b, batch in enumerate(device_batches):
         sums = _eval_sums(state, batch, bytes_V, graphdef=graphdef)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if meter is not None:
+          jax.block_until_ready(totals)
+          meter.update(v * len(device_batches) + b + 1)
       totals = {k: float(v) for k, v in jax.device_get(totals).items()}
       n = max(totals["targets"], 1.0)
       results[label] = {
@@ -150,9 +156,11 @@ def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sha
 def evaluate_run(workdir: str, *, step: int | None = None, data: str | None = None,
                  split: str | None = None, num_batches: int | None = None,
                  capacity_factors: Sequence[float] = DEFAULT_CAPACITY_FACTORS,
-                 mesh_shape: dict[str, int] | None = None) -> dict[str, Any]:
+                 mesh_shape: dict[str, int] | None = None, progress: bool = False
+                 ) -> dict[str, Any]:
   """Restores a run's checkpoint and evaluates it (see the module docstring). `num_batches`:
-  default the run's `eval_steps` on its own data, all of the text otherwise."""
+  default the run's `eval_steps` on its own data, all of the text otherwise. `progress`: say
+  what it is doing on stderr (reading, then a progress line with ETA)."""
   from moejax import data as data_lib  # pylint: disable=import-outside-toplevel
   from moejax import train  # pylint: disable=import-outside-toplevel
   config = train.load_run_config(workdir)
@@ -161,9 +169,12 @@ def evaluate_run(workdir: str, *, step: int | None = None, data: str | None = No
   if num_batches is None and data is None:
     num_batches = config.eval_steps
   tokenizer = data_lib.get_tokenizer(config.data)  # The run's, whatever text is evaluated.
+  if progress:
+    print(f"evaluate: step {restored_step} of {workdir}; reading {data or 'its eval split'}",
+          file=sys.stderr, flush=True)
   batches = read_batches(config, data_config, split, num_batches, tokenizer)
   bytes_V = token_byte_lengths(tokenizer, model.cfg.vocab_size)
-  results = evaluate(model, batches, mesh, bytes_V, capacity_factors)
+  results = evaluate(model, batches, mesh, bytes_V, capacity_factors, progress=progress)
   return {"workdir": os.path.abspath(workdir), "step": restored_step,
           "data": data or "the run's own", "split": split, "batches": len(batches),
           "mesh": dict(mesh.shape), "results": results}

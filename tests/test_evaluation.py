@@ -3,6 +3,7 @@ measures other text; experiments/sample.py generates from a checkpoint; clear er
 
 import json
 import math
+import re
 import os
 import shutil
 import sys
@@ -48,7 +49,7 @@ def test_evaluate_reproduces_the_trainers_eval_on_another_mesh(run):
     assert result["nodrop"]["drop"] == 0.0
 
 
-def test_evaluate_other_text_writes_table_json_and_curve(run, tmp_path):
+def test_evaluate_other_text_writes_table_json_and_curve(run, tmp_path, capfd):
   workdir, _ = run
   text = tmp_path / "other.txt"
   text.write_text("\n\n".join(f"paragraph {i}: the quick brown fox, ünïcode {i * i}"
@@ -68,6 +69,11 @@ def test_evaluate_other_text_writes_table_json_and_curve(run, tmp_path):
   assert rows["cf1"]["drop"] >= rows["cf2"]["drop"] >= 0.0
   assert {p.name for p in out.iterdir()} == {"eval.md", "eval.json", "capacity_curve.png"}
   assert "| nodrop | inf |" in (out / "eval.md").read_text()
+  # It says what it does (a progress line with ETA), and not TFDS's "Downloading and preparing
+  # dataset Unknown size" for a local file.
+  printed = capfd.readouterr()
+  assert re.search(r"evaluate: \d+/\d+ \(100%\), ETA 0:00", printed.err), printed.err
+  assert "Downloading and preparing" not in printed.out + printed.err
 
 
 def test_byte_lengths_of_the_byte_tokenizer():

@@ -16,11 +16,13 @@ and the checkpointable position is a few integers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import glob
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -320,8 +322,10 @@ def build_text_files_dataset(data_config) -> str:
   try:
     builder = _make_builder_class()(docs=docs, domains=domains, held=held, data_dir=tmp_root,
                                     file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+    # TFDS prints "Downloading and preparing dataset Unknown size ...": wrong for local files.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
     with open(os.path.join(tmp_root, "sources.txt"), "w") as f:  # human-readable provenance
       f.write("\n".join(files) + "\n")
     os.chmod(tmp_root, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users.
