@@ -39,9 +39,9 @@ def bench(name: str, data_config, seq_len: int, batch: int, seconds: float) -> N
 
 def main() -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("--seconds", type=float, default=5.0)
-  parser.add_argument("--seq_len", type=int, default=1024)
-  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--seconds", type=float, default=5.0, help="how long to read batches")
+  parser.add_argument("--seq_len", type=int, default=1024, help="tokens per row")
+  parser.add_argument("--batch", type=int, default=32, help="rows per batch")
   args = parser.parse_args()
   cache = tempfile.mkdtemp(prefix="moejax_bench_")
   path = SHAKESPEARE

@@ -23,15 +23,17 @@ from moejax import cli  # light: imports no JAX
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--devices", type=int, default=8)
-  parser.add_argument("--tokens", type=int, default=8192)
-  parser.add_argument("--seq_len", type=int, default=512)
-  parser.add_argument("--d_model", type=int, default=256)
-  parser.add_argument("--d_ff", type=int, default=1024)
-  parser.add_argument("--experts", type=int, default=32)
-  parser.add_argument("--top_k", type=int, default=2)
-  parser.add_argument("--capacity_factor", type=float, default=1.25)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--devices", type=int, default=8,
+                      help="fake CPU devices (XLA flag) to spread the experts over")
+  parser.add_argument("--tokens", type=int, default=8192, help="tokens per step")
+  parser.add_argument("--seq_len", type=int, default=512,
+                      help="tokens per sequence (one routing group each)")
+  parser.add_argument("--d_model", type=int, default=256, help="model width D")
+  parser.add_argument("--d_ff", type=int, default=1024, help="expert width F")
+  parser.add_argument("--experts", type=int, default=32, help="number of experts E")
+  parser.add_argument("--top_k", type=int, default=2, help="experts per token")
+  parser.add_argument("--capacity_factor", type=float, default=1.25, help="train capacity factor")
+  parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
   args = parser.parse_args()
   os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
 

@@ -108,18 +108,18 @@ def time_it(fn, repeats: int) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--tokens", type=int, default=8192)
-  parser.add_argument("--d_model", type=int, default=256)
-  parser.add_argument("--d_ff", type=int, default=1024)
-  parser.add_argument("--groups", type=int, default=8)
-  parser.add_argument("--capacity_factor", type=float, default=1.25)
-  parser.add_argument("--experts", default="8,32,128")
-  parser.add_argument("--top_k", default="1,2")
+  parser.add_argument("--tokens", type=int, default=8192, help="tokens T per step")
+  parser.add_argument("--d_model", type=int, default=256, help="model width D")
+  parser.add_argument("--d_ff", type=int, default=1024, help="expert width F (dense FFN: F * k)")
+  parser.add_argument("--groups", type=int, default=8, help="routing groups G")
+  parser.add_argument("--capacity_factor", type=float, default=1.25, help="capacity factor")
+  parser.add_argument("--experts", default="8,32,128", help="comma-separated numbers of experts E")
+  parser.add_argument("--top_k", default="1,2", help="comma-separated k")
   parser.add_argument("--dispatch", default="sort,dropless",
                       help="comma-separated: sort, onehot, dropless (grouped matmuls: 'auto' = "
                            "blocked on CPU, ragged_dot on GPU/TPU), dropless:ragged_dot, "
                            "dropless:blocked, dropless:megablox")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
   parser.add_argument("--dtype", default="float32", help="activations: float32 | bfloat16")
   parser.add_argument("--peer_python", default="",
                       help="a Python with torch + transformers (a separate venv): also time the "

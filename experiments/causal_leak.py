@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", action="append", required=True,
                       help="a run directory or a glob of them (repeatable)")
-  parser.add_argument("--positions", type=int, default=256)
+  parser.add_argument("--positions", type=int, default=256,
+                      help="positions per sequence at which causal and teacher-forced CE are "
+                      "compared")
   parser.add_argument("--capacity_factor", default=None, help="a number, or 'train'")
   args = parser.parse_args(argv)
   workdirs = []

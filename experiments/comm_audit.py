@@ -19,16 +19,18 @@ from moejax import cli  # light: imports no JAX
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--devices", type=int, default=8, help="fake CPU devices when on CPU")
-  parser.add_argument("--mesh", default="data=2,expert=4")
-  parser.add_argument("--step", choices=("forward", "train"), default="forward")
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--seq_len", type=int, default=256)
-  parser.add_argument("--d_model", type=int, default=256)
-  parser.add_argument("--d_ff", type=int, default=1024)
-  parser.add_argument("--experts", type=int, default=8)
-  parser.add_argument("--top_k", type=int, default=2)
-  parser.add_argument("--capacity_factor", type=float, default=1.25)
-  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--mesh", default="data=2,expert=4",
+                      help="mesh axis sizes, e.g. data=2,expert=4")
+  parser.add_argument("--step", choices=("forward", "train"), default="forward",
+                      help="compile the MoE layer's forward or a whole train step")
+  parser.add_argument("--batch", type=int, default=16, help="batch rows")
+  parser.add_argument("--seq_len", type=int, default=256, help="tokens per row")
+  parser.add_argument("--d_model", type=int, default=256, help="model width D")
+  parser.add_argument("--d_ff", type=int, default=1024, help="expert width F")
+  parser.add_argument("--experts", type=int, default=8, help="number of experts E")
+  parser.add_argument("--top_k", type=int, default=2, help="experts per token")
+  parser.add_argument("--capacity_factor", type=float, default=1.25, help="capacity factor")
+  parser.add_argument("--dtype", default="float32", help="activation dtype")
   args = parser.parse_args()
   os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
 

@@ -195,11 +195,13 @@ def run_campaign(workdir: str, *, kills: int, signals: list[str], steps: int, se
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--kills", type=int, default=10)
-  parser.add_argument("--signals", default="KILL,TERM")
-  parser.add_argument("--steps", type=int, default=60)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--workdir", required=True,
+                      help="a new, empty directory for the campaign runs")
+  parser.add_argument("--kills", type=int, default=10, help="kills of the interrupted run")
+  parser.add_argument("--signals", default="KILL,TERM",
+                      help="comma-separated signals to send: KILL, TERM")
+  parser.add_argument("--steps", type=int, default=60, help="training steps of each run")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
   args = parser.parse_args()
   signals = [s.strip().upper().removeprefix("SIG") for s in args.signals.split(",") if s.strip()]
   bad = [s for s in signals if s not in ("KILL", "TERM", "INT")]

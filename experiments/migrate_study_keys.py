@@ -99,8 +99,9 @@ def migrate(study: study_lib.Study, study_dir: str, dry_run: bool = False) -> li
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default="experiments/results")
-  parser.add_argument("--dry_run", action="store_true")
+  parser.add_argument("--workdir", default="experiments/results",
+                      help="the studies directory to migrate")
+  parser.add_argument("--dry_run", action="store_true", help="check every record, rewrite nothing")
   args = parser.parse_args()
   from reproduce import load_study  # pylint: disable=import-outside-toplevel
   failed = False

@@ -66,12 +66,17 @@ def validate(study: study_lib.Study, scale: str, data: str, tokenizer: str, *,
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--study", required=True)
-  parser.add_argument("--workdir", default="experiments/results")
+  parser.add_argument("--study", required=True,
+                      help="a study name (experiments/studies/<name>.py) or a path to a study file")
+  parser.add_argument("--workdir", default="experiments/results",
+                      help="where <study>/results.jsonl, table.md and plots go")
   parser.add_argument("--data", default="builtin",
                       help="'builtin', a TFDS name, or comma-separated text files")
-  parser.add_argument("--tokenizer", default="byte", choices=("byte", "sentencepiece"))
-  parser.add_argument("--scale", default="cpu")
+  parser.add_argument("--tokenizer", default="byte", choices=("byte", "sentencepiece"),
+                      help="the runs' tokenizer")
+  parser.add_argument("--scale", default="cpu",
+                      help="the study's named scale: 'cpu' (runs here) or 'tpu' (validate with "
+                      "--dry_run)")
   parser.add_argument("--seeds", default=None, help="comma-separated (default: the study's)")
   parser.add_argument("--dry_run", action="store_true", help="validate and size, train nothing")
   parser.add_argument("--report_only", action="store_true", help="table and plots from results")

@@ -54,8 +54,8 @@ def verdict_lines(table: str) -> list[str]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default="experiments/results")
-  parser.add_argument("--out", default="docs/results.md")
+  parser.add_argument("--workdir", default="experiments/results", help="the studies directory")
+  parser.add_argument("--out", default="docs/results.md", help="the page to write")
   args = parser.parse_args()
   from reproduce import load_study  # pylint: disable=import-outside-toplevel
   rel = os.path.relpath(args.workdir, os.path.dirname(args.out))

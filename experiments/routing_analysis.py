@@ -402,9 +402,10 @@ def main() -> None:
   parser.add_argument("--data", default=None,
                       help="comma-separated text files / globs, one domain each (default: the "
                            "run's own eval split)")
-  parser.add_argument("--tokens", type=int, default=131_072)
+  parser.add_argument("--tokens", type=int, default=131_072, help="eval tokens to route")
   parser.add_argument("--steps", default="all", help="all | last | comma-separated steps")
-  parser.add_argument("--mesh", default="data=-1,expert=1")
+  parser.add_argument("--mesh", default="data=-1,expert=1",
+                      help="mesh axis sizes for restoring, e.g. data=-1,expert=1")
   args = parser.parse_args()
   cli.require(("matplotlib",), "studies", "routing_analysis.py (its plots)")
   if args.traces:

@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,17 +31,21 @@ from moejax import generate, sharding, train  # noqa: E402  pylint: disable=wron
 
 def main(argv: list[str] | None = None) -> list[str]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--workdir", required=True, help="a training run's directory")
   parser.add_argument("--prompt", action="append", default=[],
                       help="a prompt (repeat for a batch)")
   parser.add_argument("--prompt_file", help="one prompt per line (blank lines skipped)")
   parser.add_argument("--max_new_tokens", type=int, default=None,
                       help="default: 128, or fewer if the run's seq_len allows fewer")
-  parser.add_argument("--temperature", type=float, default=1.0)
-  parser.add_argument("--top_k", type=int, default=0)
-  parser.add_argument("--top_p", type=float, default=1.0)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--step", type=int, default=None)
+  parser.add_argument("--temperature", type=float, default=1.0,
+                      help="0 = greedy; higher = more random")
+  parser.add_argument("--top_k", type=int, default=0,
+                      help="sample among the k most likely tokens (0 = all)")
+  parser.add_argument("--top_p", type=float, default=1.0,
+                      help="nucleus sampling: the smallest set with this much probability")
+  parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: latest)")
   parser.add_argument("--mesh", default=None, help="e.g. data=-1,expert=1 (default: the run's)")
   parser.add_argument("--eval_capacity", action="store_true",
                       help="route at the run's eval capacity factor instead of no drop")
@@ -61,6 +66,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     generate.check_decodable(model_cfg.moe_config().choice)
   mesh_shape = sharding.parse_mesh(args.mesh) if args.mesh else None
   model, mesh, step = train.load_model(config, args.workdir, args.step, mesh_shape=mesh_shape)
+  # One compiled call (prefill, then a scan of one-token steps): no per-token progress to show,
+  # so say what is happening and how long it took.
+  print(f"sample: step {step} restored; compiling and generating {args.max_new_tokens} tokens "
+        f"for {len(prompt_ids)} prompt(s)", file=sys.stderr, flush=True)
+  start = time.time()
   with jax.set_mesh(mesh):
     out = generate.generate(model, prompt_ids, max_new_tokens=args.max_new_tokens,
                             key=jax.random.key(args.seed), temperature=args.temperature,
@@ -68,6 +78,7 @@ def main(argv: list[str] | None = None) -> list[str]:
                             capacity_factor=None if args.eval_capacity else math.inf,
                             max_len=config.seq_len)
   texts = [tokenizer.decode(tokens) for tokens in out.tokens]
+  print(f"sample: done in {time.time() - start:.1f} s", file=sys.stderr, flush=True)
   print(f"# {args.workdir} step {step}, temperature {args.temperature:g}, top_k {args.top_k}, "
         f"top_p {args.top_p:g}, seed {args.seed}")
   for prompt, text in zip(prompts, texts):

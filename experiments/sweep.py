@@ -113,8 +113,9 @@ def format_table(records: list[dict]) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--seeds", default="0")
+  parser.add_argument("--workdir", required=True,
+                      help="one subdirectory per (sweep point, seed) goes here")
+  parser.add_argument("--seeds", default="0", help="comma-separated seeds")
   args = parser.parse_args()
   # The trainer's per-step progress lines (loss, tok/s, ETA) go through absl logging.
   absl_logging.use_absl_handler()

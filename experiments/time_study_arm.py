@@ -29,11 +29,12 @@ from moejax import study as study_lib  # noqa: E402  pylint: disable=wrong-impor
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--study", required=True)
+  parser.add_argument("--study", required=True, help="a study name (experiments/studies/<name>.py)")
   parser.add_argument("--arms", required=True, help="comma-separated arm names")
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--data", default="builtin")
-  parser.add_argument("--scale", default="cpu")
+  parser.add_argument("--steps", type=int, default=300, help="steps to time per arm")
+  parser.add_argument("--data", default="builtin",
+                      help="'builtin', a TFDS name, or comma-separated text files")
+  parser.add_argument("--scale", default="cpu", help="the study's named scale")
   args = parser.parse_args()
   from moejax import train  # pylint: disable=import-outside-toplevel
   from reproduce import load_study  # pylint: disable=import-outside-toplevel

@@ -8,6 +8,7 @@ the call, and the model (whose creation is the first jitted function) is never c
 """
 
 import hashlib
+import glob
 import os
 import re
 import shutil
@@ -415,3 +416,15 @@ def test_every_command_reports_user_errors_in_one_line(command, message, tmp_pat
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(lines) <= 3 and "Traceback" not in result.stderr, result.stderr[-2000:]
   assert lines[-1].startswith("error: ") and re.search(message, lines[-1]), lines[-1]
+
+
+def test_every_command_flag_has_help_text():
+  """`--help` of every argparse command describes each of its flags."""
+  import ast  # pylint: disable=import-outside-toplevel
+  missing = []
+  for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py"))):
+    for node in ast.walk(ast.parse(open(path).read())):
+      if (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"
+          and not any(k.arg == "help" for k in node.keywords)):
+        missing.append(f"{os.path.basename(path)} {ast.literal_eval(node.args[0])}")
+  assert not missing, missing
