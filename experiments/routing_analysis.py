@@ -43,7 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax import analysis, checkpoint, cli, sharding, study, train  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import data as data_lib  # noqa: E402  pylint: disable=wrong-import-position
-from moejax.moe import MoELayer  # noqa: E402  pylint: disable=wrong-import-position
 
 POSITION_BUCKETS = 8
 LABELS = (("domain", "domain"), ("token", "token"), ("position", "position bucket"),
@@ -84,15 +83,12 @@ def record(model, mesh, batches, batch_size: int,
   `capacity_factor`; None: the eval capacity)."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, MoELayer):
-      node.record_routing = True
-  model.set_capacity_factor_override(capacity_factor)
-
   @nnx.jit
   def route(model, batch):
     forward = nnx.capture(lambda m: m(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                      batch["mask"]), nnx.Intermediate)
+                                      batch["mask"], deterministic=True,
+                                      moe_capacity_factor=capacity_factor,
+                                      moe_record_routing=True), nnx.Intermediate)
     return forward(model)[1]
 
   out: dict[int, dict[str, list]] = {}

@@ -24,8 +24,8 @@ any model's routing; `experiments/routing_analysis.py` records a trained run and
 - `agreement_with_final`: per checkpoint, the fraction of tokens whose top-1 expert equals the final
   checkpoint's (OpenMoE: routing is learned early).
 
-Record the choices with `MoELayer.record_routing = True` and `nnx.capture(f, nnx.Intermediate)`:
-the layer sows the router's top-k experts before capacity ("router_topk") and whether each choice
+Record the choices by calling the model with `moe_record_routing=True` (a layer:
+`record_routing=True`) under `nnx.capture(f, nnx.Intermediate)`: the layer sows the router's top-k experts before capacity ("router_topk") and whether each choice
 got a slot ("router_kept").
 """
 

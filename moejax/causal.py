@@ -26,12 +26,13 @@ from flax import nnx
 
 
 def causal_vs_teacher_forced(model: nnx.Module, batch: dict[str, jax.Array],
-                             positions: jax.Array) -> dict[str, jax.Array]:
+                             positions: jax.Array, **call_kwargs) -> dict[str, jax.Array]:
   """Per-position CE, teacher-forced and causal, at the sequence positions `positions` [T].
 
-  `model(tokens, positions, segment_ids, mask) -> (logits_BLV, aux)` (moejax.model.Transformer,
-  in whatever mode and capacity factor the caller set). Returns `teacher_forced_TB`, `causal_TB`
-  (CE of target [b, t]) and `valid_TB` (the target is a real token).
+  `model(tokens, positions, segment_ids, mask, **call_kwargs) -> (logits_BLV, aux)`
+  (moejax.model.Transformer; `call_kwargs` its call variants, e.g. `deterministic=True,
+  moe_capacity_factor=1.0`). Returns `teacher_forced_TB`, `causal_TB` (CE of target [b, t]) and
+  `valid_TB` (the target is a real token).
   """
   graphdef, state = nnx.split(model)
   inputs_BL, targets_BL = batch["inputs"], batch["targets"]
@@ -45,7 +46,8 @@ def causal_vs_teacher_forced(model: nnx.Module, batch: dict[str, jax.Array],
 
   @jax.jit
   def run(state, positions_T):
-    forward = lambda mask: nnx.merge(graphdef, state)(inputs_BL, pos_BL, segments_BL, mask)[0]
+    forward = lambda mask: nnx.merge(graphdef, state)(inputs_BL, pos_BL, segments_BL, mask,
+                                                      **call_kwargs)[0]
     full_BLV = forward(mask_BL)
 
     def causal_at(t):  # Every row truncated after t: what batched generation at step t routes.
@@ -67,13 +69,12 @@ def measure_run(workdir: str, positions: int = 256, capacity_factor: float | Non
   from moejax import train  # pylint: disable=import-outside-toplevel
   config = train.load_run_config(workdir)
   model, mesh, step = train.load_model(config, workdir)
-  if capacity_factor is not None:
-    model.set_capacity_factor_override(capacity_factor)
   positions_T = np.unique(np.linspace(0, config.seq_len - 1, min(positions, config.seq_len))
                           .round().astype(np.int32))
   with jax.set_mesh(mesh):
     result = causal_vs_teacher_forced(model, train.first_eval_batch(config, mesh, seed),
-                                      positions_T)
+                                      positions_T, deterministic=True,
+                                      moe_capacity_factor=capacity_factor)
   moe = config.model.moe
   return {**leak_nats(result), "step": step, "positions": len(positions_T),
           "capacity_factor": capacity_factor or moe.eval_capacity_factor}

@@ -92,11 +92,12 @@ def read_batches(config, data_config, split: str, num_batches: int | None, token
   return [{k: np.asarray(b[k]) for k in train.BATCH_KEYS} for b in batches]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _eval_sums(state, batch, bytes_V, *, graphdef) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity_factor"))
+def _eval_sums(state, batch, bytes_V, *, graphdef, capacity_factor) -> dict[str, jax.Array]:
   model = nnx.merge(graphdef, state)
   logits_BLV, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                              batch["mask"])
+                              batch["mask"], deterministic=True,
+                              moe_capacity_factor=capacity_factor)
   mask_BL = batch["mask"].astype(jnp.float32)
   ce_sum, correct = model_lib.masked_ce_sums(logits_BLV, batch["targets"], mask_BL)
   sums = {"ce_sum": ce_sum, "correct": correct, "targets": jnp.sum(mask_BL),
@@ -112,28 +113,25 @@ def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sha
              bytes_V: np.ndarray, capacity_factors: Sequence[float] = (),
              progress: bool = False) -> dict[str, dict[str, float]]:
   """`{label: metrics}` for `eval` (the model's eval capacity factor) and, for a MoE model,
-  `nodrop` and `cf{x}` for each of `capacity_factors` (math.inf is `nodrop`). Leaves the model
-  in eval mode. `progress`: a progress line with ETA on stderr (`moejax.cli.Progress`)."""
+  `nodrop` and `cf{x}` for each of `capacity_factors` (math.inf is `nodrop`), all in eval mode
+  (call arguments: the model is not changed). `progress`: a progress line with ETA on stderr (`moejax.cli.Progress`)."""
   from moejax import data as data_lib  # pylint: disable=import-outside-toplevel
   variants: dict[str, float | None] = {"eval": None}
   if model.moe_layers():
     variants["nodrop"] = math.inf
     variants.update({f"cf{float(cf):g}": float(cf) for cf in capacity_factors
                      if math.isfinite(cf)})
-  model.eval()
-  previous = [layer.capacity_factor_override for layer in model.moe_layers()]
   results = {}
   with jax.set_mesh(mesh):
     device_batches = [data_lib.make_global_batch(b, mesh, len(b["inputs"])) for b in batches]
     bytes_V = jnp.asarray(bytes_V, jnp.float32)  # Once, not per batch.
     moe_cfg = model.moe_layers()[0].cfg if model.moe_layers() else None
     meter = cli.Progress(len(variants) * len(device_batches), "evaluate") if progress else None
+    graphdef, state = nnx.split(model)
     for v, (label, cf) in enumerate(variants.items()):
-      model.set_capacity_factor_override(cf)
-      graphdef, state = nnx.split(model)
       totals = None
       for b, batch in enumerate(device_batches):
-        sums = _eval_sums(state, batch, bytes_V, graphdef=graphdef)
+        sums = _eval_sums(state, batch, bytes_V, graphdef=graphdef, capacity_factor=cf)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         if meter is not None:
           jax.block_until_ready(totals)
@@ -148,8 +146,6 @@ def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sha
           "accuracy": totals["correct"] / n,
           "drop": totals.get("drop", 0.0) / n, "unrouted": totals.get("unrouted", 0.0) / n,
           "tokens": int(totals["targets"]), "bytes": int(totals["bytes"])}
-  for layer, value in zip(model.moe_layers(), previous):  # The caller's setting, unchanged.
-    layer.capacity_factor_override = value
   return results
 
 

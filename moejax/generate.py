@@ -177,16 +177,12 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
   rows = -(-len(prompts) // shards) * shards
   batch = pad_prompts(prompts, rows)
 
-  model.eval()
-  previous = [layer.capacity_factor_override for layer in model.moe_layers()]
-  model.set_capacity_factor_override(capacity_factor)
   graphdef, state = nnx.split(model)
-  for layer, value in zip(model.moe_layers(), previous):  # The caller's setting, unchanged.
-    layer.capacity_factor_override = value
   tokens_BT, logits_BTV, recorded = jax.device_get(_generate_jit(
       state, batch["tokens"], batch["segment_ids"], batch["positions"], key, graphdef=graphdef,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-      eos_id=eos_id, return_logits=return_logits, record_routes=record_routes))
+      eos_id=eos_id, return_logits=return_logits, record_routes=record_routes,
+      capacity_factor=capacity_factor))
   out = []
   for row in tokens_BT[:len(prompts)]:
     if eos_id is not None and (row == eos_id).any():
@@ -202,10 +198,11 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "eos_id", "return_logits", "record_routes"))
+                                             "top_p", "eos_id", "return_logits", "record_routes",
+                                             "capacity_factor"))
 def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphdef,
                   max_new_tokens, temperature, top_k, top_p, eos_id, return_logits,
-                  record_routes):
+                  record_routes, capacity_factor):
   """Prefill, then a scan of one-token steps; one compilation per (model, shapes, settings)."""
   model = nnx.merge(graphdef, state)
   if not jax.sharding.get_abstract_mesh().empty:  # Rows over the batch shards, like training.
@@ -217,7 +214,8 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
   B, P = tokens_BP.shape
   cache = model.init_cache(B, P + max_new_tokens)
   logits_BPV, cache, prompt_routes = model.decode(tokens_BP, positions_BP, segment_ids_BP, cache,
-                                                  return_routes=True)
+                                                  return_routes=True,
+                                                  moe_capacity_factor=capacity_factor)
   logits_BV = logits_BPV[:, -1]
   token_B = sample(jax.random.fold_in(key, 0), logits_BV)
   done_B = jnp.zeros((B,), bool) if eos_id is None else token_B == eos_id
@@ -226,7 +224,8 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
     cache, token_B, position_B, done_B = carry
     segment_B = jnp.where(done_B, 0, 1).astype(jnp.int32)  # A finished row takes no capacity.
     logits_B1V, cache, routes = model.decode(token_B[:, None], position_B[:, None],
-                                             segment_B[:, None], cache, return_routes=True)
+                                             segment_B[:, None], cache, return_routes=True,
+                                             moe_capacity_factor=capacity_factor)
     next_B = sample(jax.random.fold_in(key, n), logits_B1V[:, 0])
     if eos_id is not None:
       done_B = done_B | (next_B == eos_id)

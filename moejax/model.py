@@ -27,6 +27,7 @@ head, M key positions).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -300,19 +301,22 @@ class Block(nnx.Module):
       self.ffn = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None,
-               routes_BLK=None):
+               routes_BLK=None, **moe_kwargs):
+    """`moe_kwargs`: the MoE FFN's call variants (`deterministic`, `capacity_factor`,
+    `record_routing`); a dense FFN has none."""
     x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
-    if step_balance is None and routes_BLK is None:
-      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL)
-    else:  # Only an MoE FFN takes the step's balance counts and replayed routes.
+    if self.is_moe:
       y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL, step_balance=step_balance,
-                            routes_BLK=routes_BLK)
+                            routes_BLK=routes_BLK, **moe_kwargs)
+    else:
+      y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL)
     return x_BLD + y_BLD, aux
 
   def decode(self, x_BTD, positions_BT, segment_ids_BT, cache_segment_ids_BM, k_BMNd, v_BMNd,
-             index, group_size):
-    """`__call__` for T new tokens against the KV cache; an MoE FFN routes them in groups of
-    `group_size` tokens. Returns `(x_BTD, k_BMNd, v_BMNd, routes_BTK)` (routes: the MoE
+             index, group_size, capacity_factor=None):
+    """`__call__` for T new tokens against the KV cache, in eval mode (decoding is inference); an
+    MoE FFN routes them in groups of `group_size` tokens at `capacity_factor` (None: the eval
+    factor). Returns `(x_BTD, k_BMNd, v_BMNd, routes_BTK)` (routes: the MoE
     layer's experts per token, `aux.routes`; None for a dense block)."""
     out_BTD, k_BMNd, v_BMNd = self.attn.decode(self.attn_norm(x_BTD), positions_BT,
                                                segment_ids_BT, cache_segment_ids_BM, k_BMNd,
@@ -321,7 +325,8 @@ class Block(nnx.Module):
     mask_BT = segment_ids_BT != 0
     routes_BTK = None
     if self.is_moe:
-      y_BTD, aux = self.ffn(self.ffn_norm(x_BTD), mask_BT, group_size=group_size)
+      y_BTD, aux = self.ffn(self.ffn_norm(x_BTD), mask_BT, group_size=group_size,
+                            capacity_factor=capacity_factor, deterministic=True)
       routes_BTK = aux.routes
     else:
       y_BTD, _ = self.ffn(self.ffn_norm(x_BTD), mask_BT)
@@ -351,8 +356,9 @@ def _stack_units(blocks: list[Block], period: int) -> nnx.List:
 
 
 def _call_block(block: Block, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None,
-                routes_BLK=None):
-  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance, routes_BLK)
+                routes_BLK=None, **moe_kwargs):
+  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance, routes_BLK,
+               **moe_kwargs)
 
 
 @struct.dataclass
@@ -393,8 +399,13 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BL: jax.Array, positions_BL: jax.Array | None = None,
                segment_ids_BL: jax.Array | None = None, mask_BL: jax.Array | None = None, *,
                moe_step_balance: dict[int, routing.StepBalance] | None = None,
-               moe_routes: dict[int, jax.Array] | None = None):
+               moe_routes: dict[int, jax.Array] | None = None,
+               deterministic: bool | None = None, moe_capacity_factor: float | None = None,
+               moe_record_routing: bool = False):
     """`mask_BL` marks real tokens for the MoE layers (padding takes no capacity, no loss).
+    Call variants, passed to every MoE layer (`MoELayer.__call__`): `deterministic` (default:
+    `model.eval()` / `model.train()`), `moe_capacity_factor` (e.g. `math.inf`: no-drop eval),
+    `moe_record_routing` (sow each layer's routing; not with scanned layers).
     `moe_step_balance` `{layer index: StepBalance}`: the optimizer step's f for each MoE layer's
     `batch`-scope balance losses (gradient accumulation; `moejax.train` counts it).
     `moe_routes` `{layer index: int [B, L, K]}`: routing replay, one entry per MoE layer (e.g.
@@ -406,9 +417,11 @@ class Transformer(nnx.Module):
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones((B, L), jnp.int32)
     x_BLD = constrain(jnp.take(self._embedding_table(), tokens_BL, axis=0).astype(dt), ACTIVATION)
-    run = _call_block
+    # The variants are static (they set shapes and which ops run): closed over, never traced.
+    run = functools.partial(_call_block, deterministic=deterministic,
+                            capacity_factor=moe_capacity_factor, record_routing=moe_record_routing)
     if self.cfg.remat != "none":  # Recompute the block in the backward pass, by the policy.
-      run = nnx.remat(_call_block, policy=REMATS[self.cfg.remat], prevent_cse=True)
+      run = nnx.remat(run, policy=REMATS[self.cfg.remat], prevent_cse=True)
     step_balance = moe_step_balance or {}
     if moe_routes is not None:
       layers = set(cfg.moe_layer_indices)
@@ -419,6 +432,9 @@ class Transformer(nnx.Module):
         raise ValueError("moe_routes (routing replay) needs model.scan_layers=False.")
     routes = moe_routes or {}
     if cfg.scan_layers:
+      if moe_record_routing:
+        raise ValueError("moe_record_routing needs model.scan_layers=False: a scanned model's "
+                         "layers run inside jax.lax.scan, where sown values cannot be collected.")
       x_BLD, moe_aux = self._scan_units(run, x_BLD, positions_BL, segment_ids_BL, mask_BL,
                                         step_balance)
       return self._logits(x_BLD), moe_aux
@@ -435,9 +451,6 @@ class Transformer(nnx.Module):
     """The layers as one `jax.lax.scan` over the stacked units (traced and compiled once, not
     once per layer); the units' updated state (routing RNG counters) is written back.
     `step_balance` `{layer: StepBalance}` enters the scan stacked like the weights."""
-    if any(layer.record_routing for layer in self.moe_layers()):
-      raise ValueError("record_routing needs model.scan_layers=False: a scanned model's layers "
-                       "run inside jax.lax.scan, where sown values cannot be collected.")
     graphdef, params, rest = nnx.split(self.units, nnx.Param, ...)
     p, n = len(self.units), self.cfg.num_layers // len(self.units)
     # {position j in the unit: the StepBalance of layers j, j+p, ... stacked}.
@@ -511,7 +524,8 @@ class Transformer(nnx.Module):
                    index=jnp.zeros((), jnp.int32))
 
   def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-             cache: KVCache, *, return_routes: bool = False):
+             cache: KVCache, *, return_routes: bool = False,
+             moe_capacity_factor: float | None = None):
     """The next T tokens of every row, attending to the cache: `(logits_BTV, cache)`.
 
     The same function as `__call__` on the whole row: `decode` of a prompt and then of one token
@@ -537,7 +551,7 @@ class Transformer(nnx.Module):
     for i, (block, k_BMNd, v_BMNd) in enumerate(zip(self.layer_blocks(), cache.k, cache.v)):
       x_BTD, k_BMNd, v_BMNd, routes_BTK = block.decode(
           x_BTD, positions_BT, segment_ids_BT, segment_ids_BM, k_BMNd, v_BMNd, index,
-          B * T // shards)
+          B * T // shards, capacity_factor=moe_capacity_factor)
       k_cache.append(k_BMNd)
       v_cache.append(v_BMNd)
       if routes_BTK is not None:
@@ -552,11 +566,6 @@ class Transformer(nnx.Module):
     """The MoE FFN modules, in layer order."""
     blocks = self.units if self.cfg.scan_layers else self.blocks  # scanned: stacked layers
     return [b.ffn for b in blocks if b.is_moe]
-
-  def set_capacity_factor_override(self, value: float | None) -> None:
-    """`math.inf` = no-drop evaluation; None = the configured (train/eval) capacity factor."""
-    for layer in self.moe_layers():
-      layer.capacity_factor_override = value
 
 
 # -------------------------------------------------------------------------------------------------

@@ -26,10 +26,10 @@ The layer returns `(y, MoEAux)`: `aux.loss` is the weighted sum of this layer's 
 (add it to the task loss), `aux.metrics` the unweighted losses and routing statistics. Nothing is
 hidden in a global collection.
 
-Train vs eval: `layer.deterministic = True` (or `model.eval()`, or `deterministic=True` at call
-time) switches to the eval capacity factor and turns off jitter, random second-expert routing and
-expert dropout. `capacity_factor_override` (e.g. `math.inf` for a no-drop eval) beats both
-factors.
+Train vs eval: `deterministic=True` at call time (or `model.eval()`) switches to the eval
+capacity factor and turns off jitter, random second-expert routing and expert dropout. The call
+argument `capacity_factor=` (e.g. `math.inf` for a no-drop eval) beats both factors. Variants are
+call arguments, never module state, so one graph definition serves them all.
 """
 
 from __future__ import annotations
@@ -384,15 +384,7 @@ class MoELayer(nnx.Module):
       self.expert_bias = ExpertBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,),
                                     eager_sharding=not jax.sharding.get_abstract_mesh().empty)
     self.rngs = rngs
-    self.deterministic = False
-    self.capacity_factor_override: float | None = None
-    # When True, each call sows, as nnx.Intermediate, the router's top-k experts of that call
-    # ("router_topk" [B, L, K], before policy and capacity; in training with jitter, in eval
-    # without), whether each choice got a slot at this call's capacity ("router_kept"
-    # [B, L, K]) and asked for one ("router_wanted"), and the router's input ("router_input"
-    # [B, L, D], padding zeroed), for routing
-    # analyses (moejax.analysis); collect them with `nnx.capture(f, nnx.Intermediate)`.
-    self.record_routing = False
+    self.deterministic = False  # `model.eval()` / `model.train()`; a call's `deterministic=` wins.
 
   def update_selection_bias(self, selection_count_E: jax.Array) -> None:
     """DeepSeek-V3's update after an optimizer step: b_e += rate * sign(mean load - load_e), from
@@ -409,8 +401,17 @@ class MoELayer(nnx.Module):
   def __call__(self, x_BLD: jax.Array, mask_BL: jax.Array | None = None, *,
                deterministic: bool | None = None, group_size: int | None = None,
                step_balance: routing.StepBalance | None = None,
-               routes_BLK: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
-    """`group_size` (tokens per routing group) overrides the config's grouping for this call;
+               routes_BLK: jax.Array | None = None, capacity_factor: float | None = None,
+               record_routing: bool = False) -> tuple[jax.Array, MoEAux]:
+    """`deterministic` (default: the module's, set by `model.eval()`): eval capacity factor, no
+    jitter, random second-expert routing or expert dropout. `capacity_factor` overrides both
+    configured factors for this call (`math.inf`: the no-drop eval; ignored by expert choice,
+    whose capacity is part of the model). `record_routing`: sow, as `nnx.Intermediate`, the
+    router's top-k experts ("router_topk" [B, L, K], before policy and capacity), whether each
+    choice got a slot ("router_kept") and asked for one ("router_wanted"), and the router's
+    input ("router_input" [B, L, D], padding zeroed), for routing analyses (`moejax.analysis`;
+    collect them with `nnx.capture(f, nnx.Intermediate)`).
+    `group_size` (tokens per routing group) overrides the config's grouping for this call;
     `Transformer.decode` uses it to route the new tokens of a decoding step together.
     `step_balance` (`balance_loss_scope="batch"` only): the whole optimizer step's f, so that a
     micro-batch's balance losses are its exact share of the step's (gradient accumulation).
@@ -430,7 +431,7 @@ class MoELayer(nnx.Module):
       cfg = dataclasses.replace(cfg, group_size=group_size, num_groups=None)
     S = cfg.group_size_for(B, L)
     G = B * L // S
-    C = cfg.capacity(S, deterministic=deterministic, capacity_factor=self.capacity_factor_override)
+    C = cfg.capacity(S, deterministic=deterministic, capacity_factor=capacity_factor)
     K = cfg.top_k  # Choices per token: the router's k (expert choice: E, see routing).
 
     valid_GS = (jnp.ones((B, L), bool) if mask_BL is None else mask_BL.astype(bool)).reshape(G, S)
@@ -465,7 +466,7 @@ class MoELayer(nnx.Module):
     bias_E = self.expert_bias[...] if hasattr(self, "expert_bias") else None
     y_GSD, sums, record = run(x_GSD, valid_GS, self.weights(), jitter_GSD, uniform_GSK,
                               dropout_key, bias_E, forced_GSK)
-    if self.record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
+    if record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
       self.sow(nnx.Intermediate, "router_topk", record["router_topk"].reshape(B, L, -1))
       self.sow(nnx.Intermediate, "router_kept", record["kept"].reshape(B, L, -1))
       self.sow(nnx.Intermediate, "router_wanted", record["wanted"].reshape(B, L, -1))

@@ -7,8 +7,8 @@ checkpoint/resume → jitted steps → loop). Design decisions, each for a reaso
   state's shardings as in/out shardings and the state donated — no graph traversal per step.
 - Loss = masked CE / (real target tokens in the *whole* batch) + the MoE aux losses. Normalising
   by the whole batch makes gradient accumulation exact (micro-batches are summed in a scan).
-- Train/eval/no-drop differ only in static module attributes (`deterministic`,
-  `capacity_factor_override`), so each is its own graphdef over the same state.
+- Train/eval/no-drop differ only in static call arguments of the model (`deterministic`,
+  `moe_capacity_factor`): one graphdef, one state, a jitted function per variant.
 - The loop dispatches step n+1 before reading step n's loss (asynchronous dispatch keeps the
   device busy); before a checkpoint the current step's loss is checked, so a non-finite state is
   never saved. NaN/Inf stops the run naming the step and the last good checkpoint.
@@ -73,13 +73,15 @@ def _moe_metrics(moe_aux: dict[int, Any]) -> dict[str, jax.Array]:
 
 
 def _loss_fn(params, rest, model_graphdef, batch, num_targets, grad_accum_steps: int,
-             step_balance=None):
+             step_balance=None, deterministic=None, capacity_factor=None):
   """Mean token CE over the whole batch's `num_targets` + this micro-batch's share of the MoE
-  auxiliary losses; aux: (non-param state, CE sum, correct count, MoE metrics)."""
+  auxiliary losses; aux: (non-param state, CE sum, correct count, MoE metrics). `deterministic`
+  and `capacity_factor` are the model's call variants (eval: True and the factor to evaluate)."""
   # copy=True: fresh Variables in this trace (the routing RNG counters are mutated here).
   model = nnx.merge(model_graphdef, params, rest, copy=True)
   logits_BLV, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                              batch["mask"], moe_step_balance=step_balance)
+                              batch["mask"], moe_step_balance=step_balance,
+                              deterministic=deterministic, moe_capacity_factor=capacity_factor)
   ce_sum, correct = masked_ce_sums(logits_BLV, batch["targets"], batch["mask"])
   stats = _moe_metrics(moe_aux)
   loss = ce_sum / num_targets + stats.get("moe/aux_loss", 0.0) / grad_accum_steps
@@ -160,23 +162,25 @@ def make_train_step(graphdef, grad_accum_steps: int, schedule):
   return train_step
 
 
-def _routes_of(state, batch, *, graphdef, model_graphdef) -> dict[int, jax.Array]:
-  """Each MoE layer's experts per token (`aux.routes`) for `batch`, with the `model_graphdef`
-  variant (e.g. no-drop eval) of the (model, optimizer) `state`."""
-  _, params, rest = nnx.split(nnx.merge(graphdef, state)[0], nnx.Param, ...)
-  model = nnx.merge(model_graphdef, params, rest, copy=True)
-  _, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["mask"])
+def _routes_of(state, batch, *, graphdef) -> dict[int, jax.Array]:
+  """Each MoE layer's experts per token (`aux.routes`) for `batch`, in the no-drop eval of the
+  (model, optimizer) `state`."""
+  model = nnx.merge(graphdef, state, copy=True)[0]
+  _, moe_aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], batch["mask"],
+                     deterministic=True, moe_capacity_factor=math.inf)
   return {i: aux.routes for i, aux in moe_aux.items()}
 
 
 def make_eval_step(graphdef):
-  """`eval_step(state, batch, model_graphdef) -> sums` (CE, correct, targets, MoE metrics);
-  `model_graphdef` picks the eval variant (eval capacity factor, no-drop, a fixed factor)."""
+  """`eval_step(state, batch, capacity_factor) -> sums` (CE, correct, targets, MoE metrics) in
+  eval mode; `capacity_factor` (static) picks the variant: None = the eval capacity factor,
+  `math.inf` = no drop, a number = that factor."""
 
-  def eval_step(state, batch, model_graphdef):
-    _, params, rest = nnx.split(nnx.merge(graphdef, state)[0], nnx.Param, ...)
+  def eval_step(state, batch, capacity_factor):
+    model_graphdef, params, rest = nnx.split(nnx.merge(graphdef, state)[0], nnx.Param, ...)
     num_targets = jnp.maximum(jnp.sum(batch["mask"]), 1).astype(jnp.float32)
-    _, (_, ce_sum, correct, stats) = _loss_fn(params, rest, model_graphdef, batch, num_targets, 1)
+    _, (_, ce_sum, correct, stats) = _loss_fn(params, rest, model_graphdef, batch, num_targets, 1,
+                                              deterministic=True, capacity_factor=capacity_factor)
     return {"ce_sum": ce_sum, "correct": correct, "num_targets": num_targets, **stats}
 
   return eval_step
@@ -406,17 +410,6 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
   # ----------------------------------------------------------------------------------------------
   model, optimizer = create_model_and_optimizer(model_cfg, tx, mesh, config.seed)
   graphdef, state = nnx.split((model, optimizer))
-  model.eval()
-  eval_graphdef = nnx.graphdef(model)
-  model.set_capacity_factor_override(math.inf)
-  nodrop_graphdef = nnx.graphdef(model)
-  # Extra evaluations at fixed capacity factors (ST-MoE Table 8 curve), logged as `cf{x}/...`.
-  extra_graphdefs = []
-  for cf in config.get("eval_capacity_factors", ()):
-    model.set_capacity_factor_override(float(cf))
-    extra_graphdefs.append((f"cf{float(cf):g}", nnx.graphdef(model)))
-  model.set_capacity_factor_override(None)
-  model.train()
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   del model, optimizer  # From here on, `state` is the single source of truth.
 
@@ -441,20 +434,22 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     train_step = jax.jit(make_train_step(graphdef, config.grad_accum_steps, schedule),
                          in_shardings=(state_sharding, batch_shardings),
                          out_shardings=(state_sharding, None), donate_argnums=(0,))
-    variants = [("eval", eval_graphdef)]
+    # The eval variants: capacity factor None = the eval factor; `nodrop`; and fixed factors
+    # (ST-MoE Table 8 curve, logged as `cf{x}/...`, evaluated at the last step only).
+    variants = [("eval", None)]
     if model_cfg.moe_layer_indices:
-      variants += [("nodrop", nodrop_graphdef)] if config.eval_no_drop else []
-      variants += extra_graphdefs  # Evaluated at the last step only (see `evaluate`).
-    eval_fns = {name: jax.jit(lambda s, b, gd=gd: eval_step(s, b, gd),
-                                in_shardings=(state_sharding, batch_shardings))
-                  for name, gd in variants}
+      variants += [("nodrop", math.inf)] if config.eval_no_drop else []
+      variants += [(f"cf{float(cf):g}", float(cf))
+                   for cf in config.get("eval_capacity_factors", ())]
+    eval_fns = {name: jax.jit(lambda s, b, cf=cf: eval_step(s, b, cf),
+                              in_shardings=(state_sharding, batch_shardings))
+                for name, cf in variants}
 
   trace_every = config.get("routing_trace_every", 0) if model_cfg.moe_layer_indices else 0
   if trace_every:  # Every process computes (the arrays are global); process 0 writes.
     trace_batch = to_device(eval_batches[0])
     with jax.set_mesh(mesh):
-      trace_fn = jax.jit(functools.partial(_routes_of, graphdef=graphdef,
-                                           model_graphdef=nodrop_graphdef))
+      trace_fn = jax.jit(functools.partial(_routes_of, graphdef=graphdef))
 
   def write_routing_trace(state, at_step: int) -> None:
     """`routing/step_<at_step>.npz`: per MoE layer (`layer<i>`), each token's experts on the

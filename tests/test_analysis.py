@@ -143,11 +143,9 @@ def test_layer_records_router_top_k_before_capacity():
   cfg = MoEConfig(num_experts=5, top_k=2, d_ff=4, gate="gshard", capacity_factor=0.5)
   layer = MoELayer(cfg, 7, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 9, 7))
-  forward = nnx.capture(lambda m: m(x), nnx.Intermediate)
-  _, sown = forward(layer)
+  _, sown = nnx.capture(lambda m: m(x), nnx.Intermediate)(layer)
   assert not sown  # off by default
-  layer.record_routing = True
-  _, sown = forward(layer)
+  _, sown = nnx.capture(lambda m: m(x, record_routing=True), nnx.Intermediate)(layer)
   (recorded,) = sown["router_topk"].get_value()
   (kept,) = sown["router_kept"].get_value()
   logits = routing.router_logits(x.reshape(2, 9, 7), layer.router[...])

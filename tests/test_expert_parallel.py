@@ -308,9 +308,8 @@ def test_dropless_overflow_is_counted():
   kw = dict(top_k=2, gate="gshard", dispatch="dropless", receive_buffer_factor=factor)
   (_, (_, metrics)), _ = _sharded_step(mesh_shape, dict(kw, ep_transport="buffered"))
   layer = _layer(kw)
-  layer.record_routing = True
   x, mask = data()
-  _, captured = nnx.capture(lambda l: l(x, mask), nnx.Intermediate)(layer)
+  _, captured = nnx.capture(lambda l: l(x, mask, record_routing=True), nnx.Intermediate)(layer)
   experts = np.asarray(captured["router_topk"][0])  # [B, L, K]
   kept = np.asarray(captured["router_kept"][0])
   devices, ep = 8, 4

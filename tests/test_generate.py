@@ -36,10 +36,10 @@ def _prompts():
 
 def _recompute_greedy(model, prompt, steps):
   """The oracle: one prompt, no padding, the whole prefix through `__call__` at every step."""
-  model.set_capacity_factor_override(math.inf)
   # Right-padded to one length (one compilation): causal attention and no-drop routing of the
   # masked padding leave the logits of the real tokens unchanged.
-  forward = nnx.jit(lambda m, t_1L, mask_1L: m(t_1L, mask_BL=mask_1L)[0])
+  forward = nnx.jit(lambda m, t_1L, mask_1L: m(t_1L, mask_BL=mask_1L, deterministic=True,
+                                               moe_capacity_factor=math.inf)[0])
   tokens, logits, L = list(prompt), [], 16
   for _ in range(steps):
     n = len(tokens)
@@ -48,7 +48,6 @@ def _recompute_greedy(model, prompt, steps):
     last_V = np.asarray(forward(model, tokens_1L, np.arange(L)[None] < n)[0, n - 1])
     logits.append(last_V)
     tokens.append(int(np.argmax(last_V)))
-  model.set_capacity_factor_override(None)
   return np.asarray(tokens[len(prompt):]), np.stack(logits)
 
 

@@ -72,9 +72,8 @@ def test_expert_choice_gives_each_expert_exactly_c_tokens():
   cfg = MoEConfig(num_experts=4, top_k=2, d_ff=6, choice="expert", capacity_factor=1.0,
                   eval_capacity_factor=1.0)
   layer = make(cfg)
-  layer.record_routing = True
   x = inputs(B=2, L=12)
-  _, sown = nnx.capture(lambda m: m(x), nnx.Intermediate)(layer)
+  _, sown = nnx.capture(lambda m: m(x, record_routing=True), nnx.Intermediate)(layer)
   (topk,), (kept,) = sown["router_topk"].get_value(), sown["router_kept"].get_value()
   C = cfg.capacity(12, deterministic=False)
   assert C == 6  # ceil(2 * 1.0 * 12 / 4)
@@ -254,8 +253,7 @@ def test_capacity_uses_train_eval_and_override_factors():
   layer = make(MoEConfig(num_experts=4, top_k=1, d_ff=6, capacity_factor=0.25))
   x = inputs(B=1, L=16)
   assert float(layer(x)[1].metrics["dropped_fraction"][0]) > 0
-  layer.capacity_factor_override = math.inf
-  assert float(layer(x)[1].metrics["dropped_fraction"][0]) == 0.0
+  assert float(layer(x, capacity_factor=math.inf)[1].metrics["dropped_fraction"][0]) == 0.0
 
 
 def test_groups_split_tokens_as_configured():

@@ -208,12 +208,11 @@ def _router_precision(run_dir: str) -> dict[str, float]:
   model, mesh, _ = train.load_model(config, run_dir)
   layers = {tuple(path): node for path, node in nnx.iter_graph(model)
             if isinstance(node, MoELayer)}
-  for layer in layers.values():
-    layer.record_routing = True
   with jax.set_mesh(mesh):
     batch = train.first_eval_batch(config, mesh)
     forward = nnx.capture(lambda m: m(batch["inputs"], batch["positions"], batch["segment_ids"],
-                                      batch["mask"]), nnx.Intermediate)
+                                      batch["mask"], deterministic=True,
+                                      moe_record_routing=True), nnx.Intermediate)
     _, sown = forward(model)
   rates = [analysis.router_dtype_disagreement(v.get_value()[0], layers[tuple(path[:-1])].router[...],
                                               batch["mask"])
