@@ -5,14 +5,17 @@ committed results could only be resumed or extended with the corpus at the path 
 rewrites, for every study under `--workdir` whose `study.json` still names its data by path:
 - each record's `config_key` (and `+from:` parts) from the path key to the identity key
   (`moejax.study.keys`), after checking that the study's current definition reproduces the stored
-  path key exactly (a record it cannot reproduce is reported and left alone: nothing is guessed);
+  path key exactly (if any record's key is not reproduced, nothing is rewritten: nothing is
+  guessed);
 - `study.json`: the data by file name plus `data_identity`;
 - `runs/*/seed*/config_key` of interrupted runs, so they resume.
 
     python experiments/migrate_study_keys.py --workdir=experiments/results [--dry_run]
 
 Run it from the directory the studies were run from (their `--data` paths are relative to it).
-Studies on the built-in corpus or TFDS keep their keys; a migrated study is left as it is.
+Every data source's keys changed (location fields left the key), so built-in and TFDS studies are
+re-keyed too; a text-file study whose `study.json` has `data_identity` is already migrated and left
+as it is, and a rerun after an interrupted migration finishes it.
 """
 
 from __future__ import annotations
@@ -32,29 +35,29 @@ from moejax import study as study_lib  # noqa: E402  pylint: disable=wrong-impor
 from moejax.study import keys  # noqa: E402  pylint: disable=wrong-import-position
 
 
-def key_map(study: study_lib.Study, meta: dict, records: list[dict]) -> tuple[dict, list[str]]:
-  """{path key: identity key} for every (arm, seed) of the study (finished or not: interrupted
-  runs keep their checkpoints), and the finished records whose stored key the study does not
-  reproduce."""
+def key_map(study: study_lib.Study, meta: dict, records: list[dict]
+            ) -> tuple[dict[str, str], list[str]]:
+  """{path key: identity key} for every (arm, seed) of the study and of its records (finished or
+  not: interrupted runs keep their checkpoints), and the finished records whose stored key is
+  neither the path key the study gives now nor already the identity key."""
   overrides = config_lib.data_overrides(meta["data"], meta["tokenizer"])
   arms = {a.name: a for a in study.arms}
-  mapping, problems = {}, []
+  seeds = sorted(set(study.seeds) | {r["seed"] for r in records})
+  mapping, new_keys = {}, set()
   for arm in study.arms:
-    for seed in study.seeds:
+    for seed in seeds:
       config = study_lib.arm_config(study, arm, seed, meta["scale"], overrides)
-      mapping[keys.path_config_key(config)] = keys.config_key(config)
+      new = keys.config_key(config)
+      mapping[keys.path_config_key(config)] = new
+      new_keys.add(new)
+  problems = []
   for r in records:
-    if not r.get("final"):
+    stored = r.get("config_key", "").split("+from:")[0]
+    if not r.get("final") or stored in mapping or stored in new_keys:
       continue
-    arm = arms.get(r["arm"])
-    if arm is None:
-      problems.append(f"{r['arm']!r} seed {r['seed']}: no such arm in the study now")
-      continue
-    config = study_lib.arm_config(study, arm, r["seed"], meta["scale"], overrides)
-    old, stored = keys.path_config_key(config), r.get("config_key", "").split("+from:")[0]
-    if stored != old:
-      problems.append(f"{r['arm']!r} seed {r['seed']}: stored key {stored} is not this study's "
-                      f"config at these data paths ({old})")
+    problems.append(f"{r['arm']!r} seed {r['seed']}: stored key {stored} is not this study's "
+                    f"config at these data paths" + ("" if r["arm"] in arms else
+                                                     " (no such arm in the study now)"))
   return mapping, problems
 
 
@@ -62,15 +65,20 @@ def _rekey(key: str, mapping: dict[str, str]) -> str:
   return "+from:".join(mapping.get(part, part) for part in key.split("+from:"))
 
 
+def _write(path: str, text: str) -> None:
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
 def migrate(study: study_lib.Study, study_dir: str, dry_run: bool = False) -> list[str]:
-  """Migrates one study directory; returns the problems (empty: every record re-keyed)."""
+  """Migrates one study directory; returns the problems (empty: every record re-keyed). Safe to
+  rerun, also after an interrupted run: keys that are already identity keys stay."""
   meta_path = os.path.join(study_dir, "study.json")
   results_path = os.path.join(study_dir, "results.jsonl")
   with open(meta_path) as f:
     meta = json.load(f)
-  if "data_identity" in meta or meta["data"] == "builtin":
-    return []
-  if config_lib.data_overrides(meta["data"], meta["tokenizer"])["data.source"] != "text_files":
+  if "data_identity" in meta:  # Text files named by content: migrated (their paths are gone).
     return []
   with open(results_path) as f:
     lines = [json.loads(line) for line in f if line.strip()]
@@ -80,20 +88,16 @@ def migrate(study: study_lib.Study, study_dir: str, dry_run: bool = False) -> li
   for r in lines:
     if "config_key" in r:
       r["config_key"] = _rekey(r["config_key"], mapping)
-  new_meta = {**meta, **study_lib.data_meta(meta["data"], meta["tokenizer"])}
-  with open(results_path + ".tmp", "w") as f:
-    f.write("".join(json.dumps(r) + "\n" for r in lines))
-  os.replace(results_path + ".tmp", results_path)
-  with open(meta_path, "w") as f:
-    json.dump(new_meta, f, indent=2)
+  _write(results_path, "".join(json.dumps(r) + "\n" for r in lines))
   runs = os.path.join(study_dir, "runs")
   for root, _, files in os.walk(runs) if os.path.isdir(runs) else ():
     if "config_key" in files:
       path = os.path.join(root, "config_key")
       with open(path) as f:
         old = f.read().strip()
-      with open(path, "w") as f:
-        f.write(_rekey(old, mapping))
+      _write(path, _rekey(old, mapping))
+  new_meta = {**meta, **study_lib.data_meta(meta["data"], meta["tokenizer"])}
+  _write(meta_path, json.dumps(new_meta, indent=2))  # Last: it marks text studies migrated.
   return []
 
 

@@ -2,9 +2,10 @@
 
     python experiments/results_page.py [--workdir=experiments/results] [--out=docs/results.md]
 
-Reads each study's committed `table.md` (its verdict lines are copied, not recomputed, so the page
-cannot disagree with the tables) and its `results.jsonl` (for `forest_all.png`: every claim's
-paired effect and Holm-adjusted interval, coloured by verdict). Regenerate the tables first
+Reads each study's committed `table.md` (its verdict lines are copied into the page) and its
+`results.jsonl` (the summary counts and `forest_all.png`: every claim's paired effect and
+Holm-level interval, coloured by verdict, computed by the same code that wrote the tables; a test
+checks the page against the committed tables). Regenerate the tables first
 (`experiments/reproduce.py --report_only`) when results or the statistics change.
 """
 
@@ -76,7 +77,7 @@ def main() -> None:
     c = collections.Counter("equivalent" if v.status.startswith("equivalent within") else v.status
                             for v in verdicts)
     counts.update(c)
-    summary.append(f"| [{name}](#{name.replace('_', '_')}) | {study.paper} | {len(verdicts)} | "
+    summary.append(f"| [{name}](#{name}) | {study.paper} | {len(verdicts)} | "
                    f"{c['agrees']} | {c['disagrees']} | {c['inconclusive']} | "
                    f"{c['equivalent']} | {c[study_lib.NOT_SHOWN]} |")
     forest = os.path.join(rel, name, "forest.png")

@@ -4,9 +4,11 @@
         --arms="switch E=8 d=192,dense d=192" \
         --data=../shared/data/linux_kernel_docs.txt,../shared/data/python_docs.txt
 
-Trains each arm's seed-0 config for `--steps` steps (no eval, no checkpoint) in a scratch
-directory and prints the wall time, compilation included, and the projection to the study's own
-step count. Run it on an idle machine: a study training alongside halves the numbers.
+Trains each arm's seed-0 config for `--steps` steps in a scratch directory (no intermediate
+evals or checkpoints; the last step evaluates every variant and saves, as a run's last step
+does) and prints the wall time, compilation and that final eval included, and its linear
+projection to the study's step count (an upper bound: compilation and the final eval happen
+once per run). Run it on an idle machine: a study training alongside halves the numbers.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def main() -> None:
       shutil.rmtree(workdir, ignore_errors=True)
     wall = time.time() - start
     print(f"{name}: {args.steps} steps in {wall:.0f} s (compilation included); "
-          f"{full} steps ~{wall * full / args.steps / 60:.0f} min (upper bound, evals excluded)",
+          f"{full} steps at most ~{wall * full / args.steps / 60:.0f} min (compilation and the "
+          f"final eval counted {full // args.steps} times; intermediate evals not counted)",
           flush=True)
 
 

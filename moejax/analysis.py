@@ -25,8 +25,9 @@ any model's routing; `experiments/routing_analysis.py` records a trained run and
   checkpoint's (OpenMoE: routing is learned early).
 
 Record the choices by calling the model with `moe_record_routing=True` (a layer:
-`record_routing=True`) under `nnx.capture(f, nnx.Intermediate)`: the layer sows the router's top-k experts before capacity ("router_topk") and whether each choice
-got a slot ("router_kept").
+`record_routing=True`) under `nnx.capture(f, nnx.Intermediate)`: the layer sows the router's
+top-k experts before capacity ("router_topk") and whether each choice got a slot
+("router_kept").
 """
 
 from __future__ import annotations

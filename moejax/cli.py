@@ -75,7 +75,7 @@ def run(fn: Callable[..., Any], *args, **kwargs) -> Any:
 
 def require(modules: tuple[str, ...], extra: str, purpose: str) -> None:
   """A one-line error (exit 2) when an optional dependency is missing, naming the pip extra that
-  installs it: `require(("matplotlib", "scipy"), "studies", "reproduce.py's verdicts and plots")`."""
+  installs it, e.g. `require(("matplotlib", "scipy"), "studies", "reproduce.py (its plots)")`."""
   import importlib.util  # pylint: disable=import-outside-toplevel
   missing = [m for m in modules if importlib.util.find_spec(m) is None]
   if missing:

@@ -109,12 +109,11 @@ def validate_config(config, num_devices: int | None = None) -> TransformerConfig
   from moejax import data as data_lib  # pylint: disable=import-outside-toplevel
   from moejax import optim, sharding  # pylint: disable=import-outside-toplevel
   from moejax.model import TransformerConfig  # pylint: disable=import-outside-toplevel
-  from moejax.moe_config import FieldError, is_int, is_real  # pylint: disable=import-outside-toplevel
+  from moejax.moe_config import (  # pylint: disable=import-outside-toplevel
+      FieldError, is_int, is_real)
   def fail(field, allowed):
-    value = config
-    for part in field.split("."):
-      value = value[part]
-    raise ValueError(f"config.{field}={value!r}: allowed values are {allowed}.")
+    node, leaf = lookup(config, field)
+    raise ValueError(f"config.{field}={node[leaf]!r}: allowed values are {allowed}.")
 
   # Token ids at or above the embedding size would read NaN rows (jnp.take fills out of range).
   if config.data.tokenizer == "sentencepiece" and not config.data.sentencepiece.model_path:

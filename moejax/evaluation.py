@@ -72,8 +72,9 @@ def eval_data_config(config, data: str | None, split: str | None):
   from moejax import config as config_lib  # pylint: disable=import-outside-toplevel
   with data_config.unlocked():
     overrides = config_lib.data_overrides(data, config.data.tokenizer)
-    config_lib.apply_overrides(data_config, {k.removeprefix("data."): v
-                                             for k, v in overrides.items()})
+    for key, value in overrides.items():  # Errors name the field as `config.data.<field>`.
+      node, leaf = config_lib.lookup(data_config, key.removeprefix("data."), "config.data")
+      node[leaf] = value
     if data_config.source == "text_files":  # The whole files: nothing held out.
       data_config.text_files.held_out_fraction = 0.0
       return data_config, "train"
@@ -114,7 +115,8 @@ def evaluate(model: nnx.Module, batches: Sequence[dict[str, Any]], mesh: jax.sha
              progress: bool = False) -> dict[str, dict[str, float]]:
   """`{label: metrics}` for `eval` (the model's eval capacity factor) and, for a MoE model,
   `nodrop` and `cf{x}` for each of `capacity_factors` (math.inf is `nodrop`), all in eval mode
-  (call arguments: the model is not changed). `progress`: a progress line with ETA on stderr (`moejax.cli.Progress`)."""
+  (call arguments: the model is not changed). `progress`: a progress line with ETA on stderr
+  (`moejax.cli.Progress`)."""
   from moejax import data as data_lib  # pylint: disable=import-outside-toplevel
   variants: dict[str, float | None] = {"eval": None}
   if model.moe_layers():

@@ -535,7 +535,10 @@ class Transformer(nnx.Module):
     MoE layers route the B * T new tokens, split evenly over the mesh's batch shards, as one group
     per shard (on one device: one group of the whole batch); `B` must divide over the shards.
     With `return_routes`, returns `(logits_BTV, cache, {MoE layer: routes [B, T, K]})` (routing
-    replay: `Transformer.__call__(..., moe_routes=)`).
+    replay: `Transformer.__call__(..., moe_routes=)`). Decoding is inference: the MoE layers run
+    in eval mode (`deterministic=True`, whatever `model.train()` set), at
+    `moe_capacity_factor` (None: the eval capacity factor; `math.inf`: no drop); it equals
+    `__call__(..., deterministic=True, moe_capacity_factor=...)`.
     """
     B, T = tokens_BT.shape
     mesh = jax.sharding.get_abstract_mesh()

@@ -26,10 +26,12 @@ The layer returns `(y, MoEAux)`: `aux.loss` is the weighted sum of this layer's 
 (add it to the task loss), `aux.metrics` the unweighted losses and routing statistics. Nothing is
 hidden in a global collection.
 
-Train vs eval: `deterministic=True` at call time (or `model.eval()`) switches to the eval
-capacity factor and turns off jitter, random second-expert routing and expert dropout. The call
-argument `capacity_factor=` (e.g. `math.inf` for a no-drop eval) beats both factors. Variants are
-call arguments, never module state, so one graph definition serves them all.
+Train vs eval: `deterministic=True` at call time switches to the eval capacity factor and turns
+off jitter, random second-expert routing and expert dropout (its default is the module's
+`deterministic`, which `model.eval()` / `model.train()` set: the NNX idiom). The call argument
+`capacity_factor=` (e.g. `math.inf` for a no-drop eval) beats both factors, and
+`record_routing=True` sows the routing. The library's own eval paths pass all of them
+explicitly, so one graph definition serves every variant.
 """
 
 from __future__ import annotations

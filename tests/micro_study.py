@@ -1,6 +1,23 @@
-"""A micro study for tests/test_study.py: 2 arms x 2 seeds x 6 steps of the runlocal configs."""
+"""A micro study for tests/test_study.py: 2 arms x 2 seeds x 6 steps of the runlocal configs;
+and `fake_train`, a trainer that writes a run's metrics without training (runner tests)."""
+
+import json
+import os
 
 from moejax.study import Arm, ArmPlot, Better, Study
+
+
+def fake_train(calls: list):
+  """`train_fn(config, run_dir)` that appends run_dir to `calls` and writes two train and two
+  eval records (ce = 2 + learning rate + seed / 10) to its metrics.jsonl."""
+  def train_fn(config, run_dir):
+    calls.append(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+      for step in (3, 6):
+        f.write(json.dumps({"step": step, "split": "train", "tokens_per_sec": 1.0}) + "\n")
+        f.write(json.dumps({"step": step, "split": "eval",
+                            "ce": 2.0 + config.optim.learning_rate + config.seed / 10}) + "\n")
+  return train_fn
 
 STUDY = Study(
     name="micro",

@@ -13,11 +13,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
-from moejax import data as data_lib  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
+from moejax import data as data_lib  # noqa: E402
 from moejax import model, study, train  # noqa: E402
 from studies import scales  # noqa: E402
 
+import micro_study  # noqa: E402  pylint: disable=wrong-import-order  (tests/)
 import reproduce  # noqa: E402  pylint: disable=wrong-import-order
 
 STUDY_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "studies"))
@@ -369,14 +370,7 @@ def test_capacity_arms_differ_only_in_k_and_cf():
 
 
 def _fake_train(calls):
-  def train_fn(config, run_dir):
-    calls.append(run_dir)
-    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-      for step in (3, 6):
-        f.write(json.dumps({"step": step, "split": "train", "tokens_per_sec": 1.0}) + "\n")
-        f.write(json.dumps({"step": step, "split": "eval",
-                            "ce": 2.0 + config.optim.learning_rate + config.seed / 10}) + "\n")
-  return train_fn
+  return micro_study.fake_train(calls)
 
 
 def _tiny_study(name, arm_name, lr):

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 from moejax import config as config_lib  # noqa: E402
 from moejax import study  # noqa: E402
+import micro_study  # noqa: E402  (tests/)
 from moejax.study import keys  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -55,19 +56,12 @@ def test_key_names_text_files_by_name_size_and_hash_not_path(tmp_path):
   _write(tmp_path / "g" / "1.txt", "one")
   ident = keys.data_identity(str(tmp_path / "g" / "*.txt"))
   assert ident.startswith("1.txt:3:") and "+2.txt:3:" in ident
-  with pytest.raises(FileNotFoundError, match="names no file"):
+  with pytest.raises(FileNotFoundError, match="matches no file"):
     keys.data_identity(str(tmp_path / "nothing" / "*.txt"))
 
 
 def _fake_train(calls):
-  def train_fn(config, run_dir):
-    calls.append(run_dir)
-    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-      for step in (3, 6):
-        f.write(json.dumps({"step": step, "split": "train", "tokens_per_sec": 1.0}) + "\n")
-        f.write(json.dumps({"step": step, "split": "eval",
-                            "ce": 2.0 + config.optim.learning_rate + config.seed / 10}) + "\n")
-  return train_fn
+  return micro_study.fake_train(calls)
 
 
 def _study(name="s"):
@@ -104,37 +98,57 @@ def test_a_study_moved_with_its_data_resumes_and_reports_identically(tmp_path, m
                     log=lambda _: None)
 
 
-def test_migration_rekeys_path_keyed_results_and_interrupted_runs(tmp_path, monkeypatch):
-  import migrate_study_keys  # pylint: disable=import-outside-toplevel
-  monkeypatch.chdir(tmp_path)
-  data = _write(tmp_path / "data" / "corpus.txt")
-  study.run_study(_study(), "results", data=data, train_fn=_fake_train([]), log=lambda _: None)
-  study_dir = tmp_path / "results" / "s"
-  current = (study_dir / "results.jsonl").read_text(), (study_dir / "study.json").read_text()
-  # Write them as the code before the migration did: path keys, data by the path given.
-  old_results = current[0]
+def _as_before_migration(study_dir, data, source_data):
+  """Rewrites a study written by today's code as the code before the migration wrote it: path
+  keys, and (text files) the data named by the path given. Returns {path key: identity key}."""
+  text = (study_dir / "results.jsonl").read_text()
+  mapping = {}
   for arm in _study().arms:
     for seed in _study().seeds:
       config = study.arm_config(_study(), arm, seed, "cpu", config_lib.data_overrides(data))
       old_key, new_key = keys.path_config_key(config), keys.config_key(config)
-      assert old_key != new_key and new_key in old_results
-      old_results = old_results.replace(new_key, old_key)
-  (study_dir / "results.jsonl").write_text(old_results)
+      assert old_key != new_key and new_key in text
+      text = text.replace(new_key, old_key)
+      mapping[old_key] = new_key
+  (study_dir / "results.jsonl").write_text(text)
   (study_dir / "study.json").write_text(json.dumps(
-      {"study": "s", "scale": "cpu", "data": data, "tokenizer": "byte"}, indent=2))
-  run_key = study_dir / "runs" / "lr_0.002" / "seed2" / "config_key"
-  run_key.write_text(old_key)  # the last one: lr 0.002 seed 2's key, as if interrupted
-  assert migrate_study_keys.migrate(_study(), str(study_dir)) == []
-  assert (study_dir / "results.jsonl").read_text() == current[0]
-  assert json.loads((study_dir / "study.json").read_text()) == json.loads(current[1])
-  assert run_key.read_text() == new_key
-  assert migrate_study_keys.migrate(_study(), str(study_dir)) == []  # a second run: no change
-  # A record the study cannot reproduce is reported, and nothing is rewritten.
-  (study_dir / "study.json").write_text(json.dumps(
-      {"study": "s", "scale": "cpu", "data": data, "tokenizer": "byte"}, indent=2))
-  edited = study.Study(**{**_study().__dict__, "scales": {"cpu": {"seq_len": 32}}})
+      {"study": "s", "scale": "cpu", "data": source_data, "tokenizer": "byte"}, indent=2))
+  return mapping
+
+
+@pytest.mark.parametrize("source", ["text", "builtin"])
+def test_migration_rekeys_path_keyed_results_and_interrupted_runs(source, tmp_path, monkeypatch):
+  import migrate_study_keys  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(tmp_path)
+  data = _write(tmp_path / "data" / "corpus.txt") if source == "text" else "builtin"
+  study.run_study(_study(), "results", data=data, train_fn=_fake_train([]), log=lambda _: None)
+  study_dir = tmp_path / "results" / "s"
+  current = {f: (study_dir / f).read_text() for f in ("results.jsonl", "study.json")}
+  mapping = _as_before_migration(study_dir, data, data)
+  old_key = next(iter(mapping))
+  run_key = study_dir / "runs" / "lr_0.001" / "seed0" / "config_key"
+  run_key.write_text(old_key)  # an interrupted run's directory, keyed the old way
+  old = {f: (study_dir / f).read_text() for f in ("results.jsonl", "study.json")}
+
+  # A record the study cannot reproduce (here: an edited scale) is reported; nothing is written.
+  edited = study.Study(**{**_study().__dict__, "scales": {"cpu": {"num_train_steps": 7}}})
   problems = migrate_study_keys.migrate(edited, str(study_dir))
   assert len(problems) == 6 and "is not this study's config" in problems[0]
+  assert {f: (study_dir / f).read_text() for f in old} == old and run_key.read_text() == old_key
+
+  assert migrate_study_keys.migrate(_study(), str(study_dir)) == []
+  assert (study_dir / "results.jsonl").read_text() == current["results.jsonl"]
+  assert json.loads((study_dir / "study.json").read_text()) == json.loads(current["study.json"])
+  assert run_key.read_text() == mapping[old_key]
+  # A second run changes nothing; nor does finishing an interrupted one (keys half rewritten).
+  assert migrate_study_keys.migrate(_study(), str(study_dir)) == []
+  assert (study_dir / "results.jsonl").read_text() == current["results.jsonl"]
+  half = old["results.jsonl"].split("\n")
+  half = "\n".join(current["results.jsonl"].split("\n")[:3] + half[3:])
+  (study_dir / "results.jsonl").write_text(half)
+  (study_dir / "study.json").write_text(old["study.json"])
+  assert migrate_study_keys.migrate(_study(), str(study_dir)) == []
+  assert (study_dir / "results.jsonl").read_text() == current["results.jsonl"]
 
 
 def _committed_studies():

@@ -122,3 +122,21 @@ def test_gain_trend_is_the_slope_of_the_gain_on_log2_x():
     assert per_seed[seed] == pytest.approx(np.polyfit(np.log2([1, 4, 32]), g, 1)[0])
   with pytest.raises(ValueError, match="two distinct x"):
     study.gain_trend("flat", [(2, "a", "b"), (2, "c", "d")])
+
+
+def test_adjusted_equivalence_interval_lies_in_the_margin_exactly_when_shown():
+  rng = random.Random(1)
+  checked = 0
+  for _ in range(150):
+    table = {"base": [0.0] * 3}
+    claims = [study.Better("b", "b", "base")]
+    table["b"] = [-(rng.choice([0.0, 0.02]) + rng.gauss(0, 0.01)) for _ in range(3)]
+    for j in range(rng.choice([1, 2, 3])):
+      table[f"e{j}"] = [rng.choice([0.0, 0.004]) + rng.gauss(0, 0.002) for _ in range(3)]
+      claims.append(study.Equivalent(f"e{j}", f"e{j}", "base", margin=0.01))
+    for v in study.verdicts(claims, _final(table))[1:]:
+      inside = abs(v.effect) + v.adjusted_half_width < v.margin
+      if abs(v.p_adjusted - stats.ALPHA) > 1e-9:
+        assert inside == v.status.startswith("equivalent within"), v
+        checked += 1
+  assert checked > 200

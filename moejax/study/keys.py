@@ -6,9 +6,11 @@
   name) its base name, size in bytes and the first 16 hex digits of its SHA-256. Moving the corpus
   keeps every key; editing a file changes them.
 - a SentencePiece model file (`data.sentencepiece.model_path`) likewise;
-- `data.cache_dir` and `data.tfds.data_dir` are dropped: where derived data or a prepared TFDS
-  dataset is stored does not change it (a TFDS dataset is identified by `data.tfds.name` as
-  written; write `name:version` to pin a version).
+- `data.cache_dir`, `data.tfds.data_dir` and `data.text_files.paths_as_typed` are dropped: where
+  derived data or a prepared TFDS dataset is stored does not change it (a TFDS dataset is
+  identified by `data.tfds.name` as written; write `name:version` to pin a version).
+Every key of every data source changed with this (December 2026); `experiments/
+migrate_study_keys.py` re-keys a workdir written before.
 Config fields added after results were committed, at the default they were added with, are left
 out of the hash (`KEY_NEUTRAL_DEFAULTS`), so adding a field does not orphan earlier runs.
 
@@ -19,7 +21,6 @@ refuses to mix runs on two different corpora while accepting the same corpus at 
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -62,15 +63,13 @@ def file_identity(path: str) -> str:
 
 
 def data_identity(paths: str) -> str:
-  """The identity of comma-separated text files or globs (each glob's matches sorted by name).
-  A path that does not exist is an error: a key must not depend on a missing file."""
-  out = []
-  for entry in filter(None, (p.strip() for p in paths.split(","))):
-    files = sorted(glob.glob(entry), key=os.path.basename) if "*" in entry else [entry]
-    if not files or not all(os.path.isfile(f) for f in files):
-      raise FileNotFoundError(f"data.text_files.paths: {entry!r} names no file")
-    out.append("+".join(file_identity(f) for f in files))
-  return ",".join(out)
+  """The identity of comma-separated text files or globs, matched as the data pipeline matches
+  them (`moejax.data.sources.files_by_pattern`); a glob's files are listed by their identities,
+  sorted, so neither directory names nor listing order enter it. A pattern that matches no file
+  is an error: a key must not depend on a missing file."""
+  from moejax.data import sources  # pylint: disable=import-outside-toplevel
+  return ",".join("+".join(sorted(file_identity(f) for f in files))
+                  for files in sources.files_by_pattern(paths))
 
 
 def _pop(tree: dict, path: tuple[str, ...]) -> None:

@@ -92,9 +92,8 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
     keys[(a.name, s)] = config_key(configs[(a.name, s)]) + (
         f"+from:{keys[(a.start_from, s)]}" if a.start_from else "")
   # Validate every run's config before training any: a typo fails now, not after an hour.
-  from moejax import train as train_lib  # pylint: disable=import-outside-toplevel
   for arm in study.arms:
-    train_lib.validate_config(configs[(arm.name, seeds[0])])
+    config_lib.validate_config(configs[(arm.name, seeds[0])])
   finished = [r for r in read_results(results_path) if r.get("final")]
   for r in finished:  # A finished run counts only if it ran the config the study asks for now.
     key = keys.get((r["arm"], r["seed"]))

@@ -10,16 +10,18 @@ Each claim gives one number per seed, positive when the claim holds (`spec`). Pe
   seed distribution).
 
 Multiplicity: the claims of one study are one family. Their p-values are adjusted by Holm's step-
-down method (claims not run yet do not count), and the verdict word follows the adjusted p at
+down method (claims without a test yet, not run or with one seed, do not count, so the family
+grows as seeds finish), and the verdict word follows the adjusted p at
 0.05: `agrees` / `disagrees` (significant, by the sign of the effect), `inconclusive`; for
 equivalence claims `equivalent within +-m` / `equivalence not shown`. With 3 seeds a 95% interval
 is mean +- 4.3 standard errors: that makes a real effect hard to detect (low power); it does not
 by itself control false positives across many claims, which is what the adjustment is for.
 
 Intervals: `half_width` is the raw 95% interval (90% for TOST: the interval whose inclusion in
-+-margin is the unadjusted TOST). `adjusted_half_width` is the interval at the level the adjusted
-test used (1 - 0.05 * p / p_adjusted), so it excludes 0 (or lies within +-margin) exactly when
-the adjusted verdict is significant: plots draw it, and a plot never contradicts its verdict.
++-margin is the unadjusted TOST). `adjusted_half_width` inverts the adjusted test: the claim's own
+interval at level 1 - 0.05 * p / p_adjusted, which excludes 0 (or lies within +-margin) exactly
+when the adjusted verdict is significant. Plots draw it, so a plot never contradicts its verdict;
+it is not a simultaneous confidence region for the family.
 """
 
 from __future__ import annotations
