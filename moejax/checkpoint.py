@@ -84,6 +84,16 @@ def saved_steps(directory: str) -> list[int]:
                 if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
+# The files every complete save has (the items' metadata); a step directory missing one is a save
+# cut short, which `Checkpointer.restore` reports (and `train.finished_run` does not trust).
+ITEM_FILES = ("state/_METADATA", "data/metadata", "meta/metadata", "_CHECKPOINT_METADATA")
+
+
+def looks_complete(step_dir: str) -> bool:
+  """Whether a step directory holds every item's metadata file (cheap; reads nothing)."""
+  return all(os.path.exists(os.path.join(step_dir, f)) for f in ITEM_FILES)
+
+
 # Parameters renamed since checkpoints were first written (last path component, old -> new): a
 # checkpoint of an older moejax restores under the new names.
 RENAMED = {"wk_DKd": "wk_DNd", "wv_DKd": "wv_DNd"}  # moejax before commit e9b1e34

@@ -293,15 +293,16 @@ def first_eval_batch(config, mesh: jax.sharding.Mesh, seed: int = 0) -> dict[str
 
 def finished_run(workdir: str, config) -> dict[str, float] | None:
   """The final eval metrics of a run of this very `config` (its `config.json` is the same) that
-  has a checkpoint at `num_train_steps` and logged its eval there (`metrics.jsonl`); else None
-  (a new, interrupted, extended or changed run, which takes the normal path)."""
+  has a complete checkpoint at `num_train_steps` and logged its eval there (`metrics.jsonl`);
+  else None (a new, interrupted, extended, changed or damaged run: the normal path)."""
   num_train_steps = config.num_train_steps
   steps = ckpt_lib.saved_steps(os.path.join(workdir, "checkpoints"))
   path = os.path.join(workdir, "metrics.jsonl")
   config_path = os.path.join(workdir, "config.json")
   if (not steps or steps[-1] != num_train_steps or not os.path.exists(path)
-      or not os.path.exists(config_path)):
-    return None
+      or not os.path.exists(config_path) or not ckpt_lib.looks_complete(
+          os.path.join(workdir, "checkpoints", str(num_train_steps)))):
+    return None  # The normal path reports (or resumes from) whatever is there.
   with open(config_path) as f:
     if json.load(f) != json.loads(config.to_json_best_effort(sort_keys=True)):
       return None
