@@ -3,7 +3,7 @@
 A checkpoint `workdir/checkpoints/<step>/` holds three items:
 
 - `state`: the NNX state of (model, optimizer) — params, optimizer moments, optimizer step and the
-  model's RNG streams — as a *flat* dict `{"0/blocks/1/ffn/wi": array, ...}`. Flat string keys
+  model's RNG streams — as a *flat* dict `{"0/blocks/1/ffn/w_up_EDF": array, ...}`. Flat string keys
   keep the on-disk layout independent of NNX's container types, and typed PRNG keys are stored
   as their raw `uint32` key data (and re-wrapped on restore).
 - `data`: the input iterator's `get_state()` (JSON), so a resumed run reads exactly the batches
@@ -96,7 +96,11 @@ def looks_complete(step_dir: str) -> bool:
 
 # Parameters renamed since checkpoints were first written (last path component, old -> new): a
 # checkpoint of an older moejax restores under the new names.
-RENAMED = {"wk_DKd": "wk_DNd", "wv_DKd": "wv_DNd"}  # moejax before commit e9b1e34
+RENAMED = {"wk_DKd": "wk_DNd", "wv_DKd": "wv_DNd",  # moejax before commit e9b1e34
+           # Expert parameters named like the dense MLP's (December 2026, issue 29).
+           "router": "router_DE", "wi": "w_up_EDF", "wi_gate": "w_gate_EDF", "wo": "w_down_EFD",
+           "shared_wi": "shared_w_up_EDF", "shared_wi_gate": "shared_w_gate_EDF",
+           "shared_wo": "shared_w_down_EFD"}
 
 
 def _stored_names(names, stored) -> dict[str, str]:

@@ -38,7 +38,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from moejax import routing
-from moejax.moe import ACTIVATIONS, MoEConfig, MoELayer, is_int
+from moejax.moe import ACTIVATIONS, PARAM_OF_KEY, MoEConfig, MoELayer, is_int
 from moejax.moe_config import FieldError
 from moejax.sharding import constrain, num_batch_shards, param
 
@@ -580,7 +580,7 @@ class Transformer(nnx.Module):
 class ParamCount:
   total: int            # Every parameter.
   active: int           # Used per token: non-expert + top_k / E of each MoE layer's experts.
-  expert: int           # Expert parameters (the wi / wi_gate / wo stacks of MoE layers).
+  expert: int           # Expert parameters (the w_up / w_gate / w_down stacks of MoE layers).
   embedding: int        # Input embedding table (a lookup: no FLOPs).
   flops_per_token: int  # Training (fwd + bwd) FLOPs per token at `seq_len`, PaLM's formula.
 
@@ -605,8 +605,8 @@ def count_params(cfg: TransformerConfig, seq_len: int = 0) -> ParamCount:
   for layer in model.moe_layers():
     moe = layer.cfg
     # Expert weights by name, not by shape: the router [D, E] must not count when D == E.
-    n = sum(math.prod(getattr(layer, name).shape) for name in ("wi", "wi_gate", "wo")
-            if hasattr(layer, name))
+    n = sum(math.prod(getattr(layer, name).shape) for key, name in PARAM_OF_KEY.items()
+            if key != "router" and hasattr(layer, name))
     expert += n
     active_expert += n * moe.top_k // moe.num_experts
   active = total - expert + active_expert

@@ -6,8 +6,8 @@
 Forward pass: tokens `[B, L, D]` are cut into G groups of S tokens (`group_size`, or
 `num_groups`, default one group per sequence); the float32 router picks experts per group
 (`routing.route`); tokens are copied into a capacity buffer `[G, E, C, D]` (`dispatch`); each
-expert `i` runs its FFN on its `[G*C, D]` slots with stacked weights `wi [E, D, F]`,
-`wo [E, F, D]`; outputs are gate-weighted back into `[B, L, D]` (`combine`). A dropped choice
+expert `i` runs its FFN on its `[G*C, D]` slots with stacked weights `w_up_EDF`,
+`w_down_EFD` (the pure functions take them as `wi`, `wo`); outputs are gate-weighted back into `[B, L, D]` (`combine`). A dropped choice
 contributes exactly zero: the token continues through the residual connection of the block.
 
 Dropless (`dispatch="dropless"`, `_dropless_experts`): no capacity buffer. The kept (token,
@@ -53,6 +53,11 @@ from moejax import sharding
 # The config lives in its own module; re-exported here, where users have always imported it.
 from moejax.moe_config import (ACTIVATIONS, DISPATCHES, DROPLESS_IGNORES,  # noqa: F401
                                EP_TRANSPORTS, NO_DROP, ROUTERS, MoEConfig, is_int, is_real)
+
+
+# The pure functions' short weight keys -> the layer's parameter names.
+PARAM_OF_KEY = {"router": "router_DE", "wi": "w_up_EDF", "wi_gate": "w_gate_EDF",
+                "wo": "w_down_EFD"}
 
 
 @struct.dataclass
@@ -362,26 +367,28 @@ class MoELayer(nnx.Module):
     expert_init = jax.nn.initializers.variance_scaling(
         cfg.expert_init_scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
         batch_axis=(0,))
+    # Parameter names follow the dense MLP's (`moejax.model.MLP`: `w_up_DF`, `w_gate_DF`,
+    # `w_down_FD`) with the expert axis E in front; the router is `router_DE`.
     # The router's expert axis is not sharded: every device routes its tokens over all experts.
-    self.router = sharding.param(router_init(rngs.params(), (D, E), param_dtype),
-                                 ("embed", None))
-    self.wi = sharding.param(expert_init(rngs.params(), (E, D, F), param_dtype),
-                             ("expert", "embed", "mlp"))
+    self.router_DE = sharding.param(router_init(rngs.params(), (D, E), param_dtype),
+                                    ("embed", None))
+    self.w_up_EDF = sharding.param(expert_init(rngs.params(), (E, D, F), param_dtype),
+                                   ("expert", "embed", "mlp"))
     if ACTIVATIONS[cfg.activation][1]:  # gated
-      self.wi_gate = sharding.param(expert_init(rngs.params(), (E, D, F), param_dtype),
-                                    ("expert", "embed", "mlp"))
-    self.wo = sharding.param(expert_init(rngs.params(), (E, F, D), param_dtype),
-                             ("expert", "mlp", "embed"))
+      self.w_gate_EDF = sharding.param(expert_init(rngs.params(), (E, D, F), param_dtype),
+                                       ("expert", "embed", "mlp"))
+    self.w_down_EFD = sharding.param(expert_init(rngs.params(), (E, F, D), param_dtype),
+                                     ("expert", "mlp", "embed"))
     if cfg.num_shared_experts:  # One dense FFN as wide as all shared experts together (equal to
-      # their sum: concatenating hidden units adds the outputs). Laid out like a dense MLP.
+      # their sum: concatenating hidden units adds the outputs), stored as one expert (E = 1).
       Fs = cfg.num_shared_experts * (cfg.shared_d_ff or F)
-      self.shared_wi = sharding.param(expert_init(rngs.params(), (1, D, Fs), param_dtype),
-                                      (None, "embed", "mlp"))
+      self.shared_w_up_EDF = sharding.param(expert_init(rngs.params(), (1, D, Fs), param_dtype),
+                                            (None, "embed", "mlp"))
       if ACTIVATIONS[cfg.activation][1]:
-        self.shared_wi_gate = sharding.param(expert_init(rngs.params(), (1, D, Fs), param_dtype),
-                                             (None, "embed", "mlp"))
-      self.shared_wo = sharding.param(expert_init(rngs.params(), (1, Fs, D), param_dtype),
-                                      (None, "mlp", "embed"))
+        self.shared_w_gate_EDF = sharding.param(
+            expert_init(rngs.params(), (1, D, Fs), param_dtype), (None, "embed", "mlp"))
+      self.shared_w_down_EFD = sharding.param(expert_init(rngs.params(), (1, Fs, D), param_dtype),
+                                              (None, "mlp", "embed"))
     if cfg.bias_update_rate > 0:
       self.expert_bias = ExpertBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,),
                                     eager_sharding=not jax.sharding.get_abstract_mesh().empty)
@@ -397,8 +404,15 @@ class MoELayer(nnx.Module):
           jnp.mean(count_E, axis=-1, keepdims=True) - count_E)
 
   def weights(self) -> dict[str, jax.Array]:
-    names = ("router", "wi", "wi_gate", "wo")
-    return {name: getattr(self, name)[...] for name in names if hasattr(self, name)}
+    """The routed experts' arrays under the short keys the pure functions take (`moe_groups`,
+    `moejax.grouped`): router, wi, wi_gate (gated activations only), wo."""
+    return {key: getattr(self, name)[...] for key, name in PARAM_OF_KEY.items()
+            if hasattr(self, name)}
+
+  def shared_weights(self) -> dict[str, jax.Array]:
+    """The shared experts' arrays (`num_shared_experts > 0`) under the same short keys."""
+    return {key: getattr(self, f"shared_{name}")[...] for key, name in PARAM_OF_KEY.items()
+            if hasattr(self, f"shared_{name}")}
 
   def __call__(self, x_BLD: jax.Array, mask_BL: jax.Array | None = None, *,
                deterministic: bool | None = None, group_size: int | None = None,
@@ -476,9 +490,7 @@ class MoELayer(nnx.Module):
 
     y_BLD = y_GSD.reshape(B, L, D).astype(self.dtype)
     if cfg.num_shared_experts:  # Every token, outside the all-to-all (DeepSeek-MoE).
-      shared = {name: getattr(self, f"shared_{name}")[...] for name in ("wi", "wi_gate", "wo")
-                if hasattr(self, f"shared_{name}")}
-      y_BLD = y_BLD + expert_ffn(x_GSD.reshape(1, B * L, D), shared,
+      y_BLD = y_BLD + expert_ffn(x_GSD.reshape(1, B * L, D), self.shared_weights(),
                                  activation=cfg.activation).reshape(B, L, D).astype(self.dtype)
     metrics = routing.finalize_sums(sums, balance_loss_scope=cfg.balance_loss_scope,
                                     step_balance=step_balance)

@@ -1,10 +1,11 @@
 """Sparse upcycling (Komatsuzaki et al. 2022): start a MoE model from a trained dense one.
 
 Every parameter of the dense model is copied into the MoE model of the same architecture; in each
-MoE layer every expert starts as a copy of that block's dense MLP (`DENSE_OF`: `w_up_DF` -> `wi[e]`,
-`w_gate_DF` -> `wi_gate[e]`, `w_down_FD` -> `wo[e]`), optionally times `1 + noise * N(0, 1)` per
-weight so the experts can diverge; routers keep their fresh initialisation, shared experts (if
-any) start with a zero output projection, and the optimizer
+MoE layer every expert starts as a copy of that block's dense MLP, found by name: an expert
+parameter is the dense one with the expert axis E in front (`w_up_DF` -> `w_up_EDF[e]`,
+`w_gate_DF` -> `w_gate_EDF[e]`, `w_down_FD` -> `w_down_EFD[e]`; `dense_name`), optionally times
+`1 + noise * N(0, 1)` per weight so the experts can diverge; routers keep their fresh
+initialisation, shared experts (if any) start with a zero output projection, and the optimizer
 state starts fresh (the caller builds it). With gates that sum to one over the selected experts
 (`gate="gshard"`) and no drops, the upcycled model computes exactly the dense model's function
 at step 0 (tested). Works on any mesh: values are placed with each target parameter's sharding.
@@ -23,8 +24,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# Expert parameter of a MoE layer -> the dense MLP parameter it starts from.
-DENSE_OF = {"wi": "w_up_DF", "wi_gate": "w_gate_DF", "wo": "w_down_FD"}
+
+def dense_name(expert_name: str) -> str | None:
+  """The dense MLP parameter an expert parameter starts from: the same name without the expert
+  axis (`w_up_EDF` -> `w_up_DF`, `w_down_EFD` -> `w_down_FD`); None for the router and the
+  shared experts (fresh)."""
+  stem, _, axes = expert_name.rpartition("_")
+  if expert_name.startswith(("router", "shared_")) or not axes.startswith("E"):
+    return None
+  return f"{stem}_{axes[1:]}"
 
 
 def _path(path) -> str:
@@ -56,8 +64,8 @@ def upcycle(dense: nnx.Module, moe: nnx.Module, *, noise: float = 0.0,
     parts = name.split("/")
     in_moe = len(parts) >= 4 and parts[0] == "blocks" and int(parts[1]) in moe_layers
     if in_moe and parts[2] == "ffn":
-      source_name = DENSE_OF.get(parts[3])
-      if parts[3] == "shared_wo":  # Shared experts start silent: the function stays exact.
+      source_name = dense_name(parts[3])
+      if parts[3] == "shared_w_down_EFD":  # Shared experts start silent: the function is exact.
         updated.append((path, var.replace(jnp.zeros_like(target))))
         continue
       if source_name is None:  # The router and the shared experts' inputs: fresh.

@@ -59,8 +59,8 @@ with jax.set_mesh(mesh):
                                                 (B, L))
   (loss, (y, metrics)), grads = step(layer, x, mask)
   y = multihost_utils.process_allgather(y, tiled=True)
-  wi_grad = multihost_utils.process_allgather(grads.wi[...], tiled=True)
-  router_grad = multihost_utils.process_allgather(grads.router[...], tiled=True)
+  wi_grad = multihost_utils.process_allgather(grads.w_up_EDF[...], tiled=True)
+  router_grad = multihost_utils.process_allgather(grads.router_DE[...], tiled=True)
 
 
 def max_diff(a, b):
@@ -72,8 +72,8 @@ result = {
     "devices": jax.device_count(),
     "loss": max_diff(loss, ref_loss),
     "y": max_diff(y, ref_y),
-    "wi_grad": max_diff(wi_grad, ref_grads.wi[...]),
-    "router_grad": max_diff(router_grad, ref_grads.router[...]),
+    "wi_grad": max_diff(wi_grad, ref_grads.w_up_EDF[...]),
+    "router_grad": max_diff(router_grad, ref_grads.router_DE[...]),
     "metrics": max(max_diff(metrics[k], ref_metrics[k]) for k in ref_metrics),
     "dropped_fraction": float(np.sum(np.asarray(ref_metrics["dropped_fraction"]))),
 }

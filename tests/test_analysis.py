@@ -148,7 +148,7 @@ def test_layer_records_router_top_k_before_capacity():
   _, sown = nnx.capture(lambda m: m(x, record_routing=True), nnx.Intermediate)(layer)
   (recorded,) = sown["router_topk"].get_value()
   (kept,) = sown["router_kept"].get_value()
-  logits = routing.router_logits(x.reshape(2, 9, 7), layer.router[...])
+  logits = routing.router_logits(x.reshape(2, 9, 7), layer.router_DE[...])
   capacity = cfg.capacity(9, deterministic=False)
   r = routing.route(logits, jnp.ones((2, 9), bool), top_k=2, capacity=capacity)
   np.testing.assert_array_equal(recorded, r.router_expert_SK)

@@ -190,7 +190,7 @@ CASES = {
     # Checkpoints.
     "another model": Case({"model.moe.d_ff": 96}, ValueError,
                           r"checkpoint .*/checkpoints/4 does not fit this model: parameter "
-                          r"'.*ffn/wi' has shape \(8, 32, 32\) in the checkpoint and "
+                          r"'.*ffn/w_up_EDF' has shape \(8, 32, 32\) in the checkpoint and "
                           r"\(8, 32, 96\) in the model"),
     "another expert count": Case({"model.moe.num_experts": 16}, ValueError,
                                  r"checkpoint .* does not fit this model: parameter '.*' has "

@@ -172,7 +172,7 @@ def test_forced_routers():
   (_, (_, m)), (g, _) = STEP(layer, x, None)
   np.testing.assert_allclose(m["router_load"], np.full(E, 1 / E), rtol=1e-6)
   np.testing.assert_allclose(m["expert_load"], np.full(E, 1 / E), rtol=1e-6)
-  assert float(jnp.max(jnp.abs(g.router[...]))) > 0
+  assert float(jnp.max(jnp.abs(g.router_DE[...]))) > 0
   # Gates are the router's scores at the forced experts, normalised over them (gshard).
   logits_SE = jax.random.normal(jax.random.key(4), (16, E))
   forced_SK = routing.forced_choices("balanced", (1, 16, 2), E)[0]

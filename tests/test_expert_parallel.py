@@ -102,7 +102,7 @@ def test_sharded_layer_equals_single_device(references, mesh_shape, case):
   assert float(jnp.sum(ref_metrics["dropped_fraction"])) > 0  # drops are happening
   mesh = sharding.make_mesh(mesh_shape)
   with jax.set_mesh(mesh):
-    assert _layer(CASES[case]).wi[...].sharding.spec[0] == "expert"
+    assert _layer(CASES[case]).w_up_EDF[...].sharding.spec[0] == "expert"
   _assert_same_step(_sharded_step(mesh_shape, CASES[case]), references[case])
 
 

@@ -27,12 +27,12 @@ def test_linen_wrapper_matches_nnx_layer():
   block = LinenBlock()
   variables = block.init({"params": jax.random.key(1), "routing": jax.random.key(2)}, x)
   params = nn.unbox(variables)["params"]["moe"]
-  assert params["wi"].shape == (4, 5, 6)
+  assert params["w_up_EDF"].shape == (4, 5, 6)
   (out, aux), _ = block.apply(variables, x, mask, deterministic=True,
                                rngs={"routing": jax.random.key(3)}, mutable=True)
 
   layer = MoELayer(CFG, 5, rngs=nnx.Rngs(0))
-  for name in ("router", "wi", "wo"):
+  for name in ("router_DE", "w_up_EDF", "w_down_EFD"):
     getattr(layer, name)[...] = params[name]
   y, nnx_aux = layer(x, mask, deterministic=True)
   np.testing.assert_allclose(out, x + y, rtol=1e-6)
@@ -40,7 +40,7 @@ def test_linen_wrapper_matches_nnx_layer():
   # Gradients flow to the Linen params.
   grads = jax.grad(lambda v: jnp.sum(block.apply(v, x, mask, deterministic=True,
                                                  mutable=True)[0][0] ** 2))(variables)
-  assert float(jnp.linalg.norm(nn.unbox(grads)["params"]["moe"]["router"])) > 0
+  assert float(jnp.linalg.norm(nn.unbox(grads)["params"]["moe"]["router_DE"])) > 0
 
 
 def test_linen_training_mode_uses_the_apply_rngs_and_refuses_to_run_without_them():

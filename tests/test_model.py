@@ -64,7 +64,7 @@ def test_moe_model_on_expert_mesh():
   mesh = sharding.make_mesh({"data": 2, "expert": 4})
   with jax.set_mesh(mesh):
     model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0, routing=1, dropout=2)))()
-    assert model.blocks[1].ffn.wi[...].sharding.spec[0] == "expert"
+    assert model.blocks[1].ffn.w_up_EDF[...].sharding.spec[0] == "expert"
     tokens = jax.device_put(_tokens(B=8, L=7), sharding.batch_sharding(mesh))
     logits, aux = nnx.jit(lambda m, t: m(t))(model, tokens)
   assert logits.shape == (8, 7, 37)
@@ -178,12 +178,12 @@ def test_upcycled_model_computes_the_dense_function_at_step_0(shared):
   # With noise the experts differ from each other (and the function moves a little).
   noisy = Transformer(moe_cfg, rngs=nnx.Rngs(1))
   upcycle.upcycle(dense, noisy, noise=0.05, key=jax.random.key(0))
-  wi = noisy.blocks[1].ffn.wi[...]
+  wi = noisy.blocks[1].ffn.w_up_EDF[...]
   assert not np.allclose(wi[0], wi[1])
   # Another expert width: a clear error naming the parameter and both shapes.
   wide = Transformer(TransformerConfig(**{**SMALL, "activation": "swiglu"}, moe_every=2,
                                        moe={**MOE, "d_ff": 13}), rngs=nnx.Rngs(1))
-  with pytest.raises(ValueError, match=r"'blocks/1/ffn/wi' \(8, 29, 13\) has no dense source "
+  with pytest.raises(ValueError, match=r"'blocks/1/ffn/w_up_EDF' \(8, 29, 13\) has no dense source "
                                        r"of shape \(29, 13\): blocks/1/ffn/w_up_DF is \(29, 41\)"):
     upcycle.upcycle(dense, wide)
 

@@ -48,7 +48,7 @@ def test_no_drop_all_experts_equals_dense_mixture(activation):
   layer = make(cfg)
   x = inputs()
   y, aux = layer(x)
-  probs = jax.nn.softmax(jnp.einsum("BLD,DE->BLE", x, layer.router[...]), axis=-1)
+  probs = jax.nn.softmax(jnp.einsum("BLD,DE->BLE", x, layer.router_DE[...]), axis=-1)
   expected = np.zeros(x.shape, np.float32)
   for b in range(x.shape[0]):
     for t in range(x.shape[1]):
@@ -89,15 +89,14 @@ def test_shared_experts_add_the_sum_of_their_ffns_to_every_token(activation):
   cfg = MoEConfig(num_experts=4, top_k=1, d_ff=6, activation=activation, capacity_factor=1.0)
   shared_cfg = dataclasses.replace(cfg, num_shared_experts=2, shared_d_ff=3)
   layer, shared_layer = make(cfg), make(shared_cfg)
-  for name in ("router", "wi", "wi_gate", "wo"):  # Same routed part.
+  for name in ("router_DE", "w_up_EDF", "w_gate_EDF", "w_down_EFD"):  # Same routed part.
     if hasattr(layer, name):
       getattr(shared_layer, name)[...] = getattr(layer, name)[...]
   x = inputs()
   mask = jnp.ones(x.shape[:2], bool).at[1, 8:].set(False)
   y, _ = layer(x, mask)
   y_shared, _ = shared_layer(x, mask)
-  w = {n: getattr(shared_layer, f"shared_{n}")[...][0] for n in ("wi", "wi_gate", "wo")
-       if hasattr(shared_layer, f"shared_{n}")}
+  w = {k: v[0] for k, v in shared_layer.shared_weights().items()}
   assert w["wi"].shape == (D, 6)
   expected = np.asarray(y)
   for i in range(2):
@@ -114,7 +113,7 @@ def test_dropped_tokens_get_exactly_zero_and_kept_tokens_their_experts(dispatch)
   layer = make(cfg)
   x = inputs(B=1, L=13)
   y, aux = layer(x)
-  logits = jnp.einsum("GSD,DE->GSE", x, layer.router[...])
+  logits = jnp.einsum("GSD,DE->GSE", x, layer.router_DE[...])
   r = moe.routing.route(logits, jnp.ones((1, 13), bool), top_k=1, capacity=3)
   assert float(aux.metrics["dropped_fraction"][0]) > 0
   for t in range(13):
@@ -161,15 +160,15 @@ def test_gradients_reach_router_and_every_used_expert():
   layer = make(cfg)
   x = inputs(B=4, L=11)
   grads = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(layer)
-  assert float(jnp.linalg.norm(grads.router[...])) > 0
-  per_expert = jnp.sqrt(jnp.sum(grads.wi[...] ** 2, axis=(1, 2)))
+  assert float(jnp.linalg.norm(grads.router_DE[...])) > 0
+  per_expert = jnp.sqrt(jnp.sum(grads.w_up_EDF[...] ** 2, axis=(1, 2)))
   assert bool(jnp.all(per_expert > 0)), per_expert
   # The balance loss alone and the z-loss alone each train the router.
   for weights in (dict(balance_loss_weight=1e-2), dict(balance_loss_weight=0.0, z_loss_weight=1e-3)):
     aux_layer = make(MoEConfig(num_experts=4, top_k=2, d_ff=6, gate="gshard", **weights))
     g_aux = nnx.grad(lambda m: m(x)[1].loss)(aux_layer)
-    assert float(jnp.linalg.norm(g_aux.router[...])) > 0, weights
-    assert float(jnp.linalg.norm(g_aux.wi[...])) == 0.0  # aux losses never touch the experts
+    assert float(jnp.linalg.norm(g_aux.router_DE[...])) > 0, weights
+    assert float(jnp.linalg.norm(g_aux.w_up_EDF[...])) == 0.0  # aux losses never touch the experts
 
 
 @pytest.mark.parametrize("dispatch", ["sort", "onehot"])
@@ -313,10 +312,10 @@ def test_bfloat16_router_computes_softmax_and_gates_in_bfloat16():
 def test_switch_init_scale():
   layer = make(MoEConfig(num_experts=4, d_ff=512, router_init_scale=0.1, expert_init_scale=0.1),
                d_model=256)
-  std = float(jnp.std(layer.wi[...]))
+  std = float(jnp.std(layer.w_up_EDF[...]))
   np.testing.assert_allclose(std, math.sqrt(0.1 / 256), rtol=0.05)
-  np.testing.assert_allclose(float(jnp.std(layer.router[...])), math.sqrt(0.1 / 256), rtol=0.1)
-  assert float(jnp.max(jnp.abs(layer.wi[...]))) <= 2.0 * math.sqrt(0.1 / 256) / 0.87962566 + 1e-6
+  np.testing.assert_allclose(float(jnp.std(layer.router_DE[...])), math.sqrt(0.1 / 256), rtol=0.1)
+  assert float(jnp.max(jnp.abs(layer.w_up_EDF[...]))) <= 2.0 * math.sqrt(0.1 / 256) / 0.87962566 + 1e-6
 
 
 # ---------------------------------------------------------------------------- errors
@@ -402,7 +401,7 @@ def test_jitter_alone_scales_only_the_router_input_and_only_in_training():
   # The experts see the unjittered input: recompute the training output by hand from the
   # jittered router's choice and gate, with the clean x through the expert.
   x_GSD = x.reshape(-1, 11, D)
-  logits = jnp.einsum("GSD,DE->GSE", x_GSD * jitter, layer.router[...])
+  logits = jnp.einsum("GSD,DE->GSE", x_GSD * jitter, layer.router_DE[...])
   probs = jax.nn.softmax(logits, -1)
   e_GS = jnp.argmax(probs, -1)
   expected = np.zeros(x_GSD.shape, np.float32)
@@ -446,7 +445,7 @@ def test_capacity_options_reach_the_layer(kw, S, C):
   assert cfg.capacity(S, deterministic=False) == C
   # Through the layer: with every token sent to expert 0, exactly C choices per group are kept.
   layer = make(cfg)
-  layer.router[...] = jnp.zeros_like(layer.router[...]).at[:, 0].set(1.0)
+  layer.router_DE[...] = jnp.zeros_like(layer.router_DE[...]).at[:, 0].set(1.0)
   x = jnp.abs(inputs(B=1, L=S)) + 1.0  # positive inputs: expert 0 wins every first choice
   _, aux = layer(x)
   kept_first = (1 - float(aux.metrics["dropped_fraction"][0])) * S

@@ -94,3 +94,38 @@ def test_a_checkpoint_with_renamed_parameters_restores_under_the_new_names(tmp_p
   for name in ("wk_DNd", "wq_DHd"):
     np.testing.assert_array_equal(restored[name].get_value(), saved[name].get_value())
   assert not np.array_equal(saved["wk_DNd"].get_value(), target["wk_DNd"].get_value())
+
+
+def test_a_moe_run_saved_under_the_old_expert_names_resumes_exactly(tmp_path, monkeypatch):
+  """Checkpoints written before the expert parameters took the dense MLP's naming (`wi`, `wo`,
+  `router` -> `w_up_EDF`, `w_down_EFD`, `router_DE`; optimizer moments included) restore under
+  the new names, and the resumed run ends where an uninterrupted one does."""
+  import numpy as np
+  sys.path.insert(0, ROOT)
+  from configs import tiny
+  from moejax import checkpoint, train
+
+  def config(steps):
+    c = tiny.get_config("runlocal")
+    c.num_train_steps, c.checkpoint_every, c.eval_every, c.async_checkpoint = steps, 2, 2, False
+    return c
+
+  old_name = {new: old for old, new in checkpoint.RENAMED.items()}
+  flatten = checkpoint.flatten_state
+
+  def as_old_code_wrote_it(state):
+    out = {}
+    for name, x in flatten(state).items():
+      head, sep, last = name.rpartition("/")
+      out[head + sep + old_name.get(last, last)] = x
+    return out
+
+  with monkeypatch.context() as patch:  # The first 2 steps saved as the old code saved them.
+    patch.setattr(checkpoint, "flatten_state", as_old_code_wrote_it)
+    train.train_and_evaluate(config(2), str(tmp_path / "resumed"))
+  metadata = (tmp_path / "resumed" / "checkpoints" / "2" / "state" / "_METADATA").read_text()
+  assert "ffn/wi" in metadata and "w_up_EDF" not in metadata  # written under the old names
+  resumed = train.train_and_evaluate(config(4), str(tmp_path / "resumed"))
+  straight = train.train_and_evaluate(config(4), str(tmp_path / "straight"))
+  for key in ("ce", "nodrop/ce"):
+    np.testing.assert_array_equal(resumed[key], straight[key])

@@ -40,8 +40,8 @@ def step(mesh_shape, kw, routes, perturb=0.0):
   with jax.set_mesh(mesh):
     layer = MoELayer(MoEConfig(num_experts=8, d_ff=6, **kw), D, rngs=nnx.Rngs(0))
     if perturb:
-      layer.router[...] = layer.router[...] + perturb * jax.random.normal(
-          jax.random.key(9), layer.router[...].shape)
+      layer.router_DE[...] = layer.router_DE[...] + perturb * jax.random.normal(
+          jax.random.key(9), layer.router_DE[...].shape)
     x, mask = data()
     x = jax.device_put(x, sharding.batch_sharding(mesh, 3))
     return STEP(layer, x, mask, routes)
@@ -74,7 +74,7 @@ def test_a_perturbed_router_still_uses_the_recorded_experts():
   assert (moved.routes != aux.routes).any()  # without replay the perturbed router chooses anew
   (_, (y, replayed)), (g, _) = step({"data": 1}, kw, aux.routes, perturb=1.0)
   np.testing.assert_array_equal(replayed.routes, aux.routes)
-  assert float(jnp.max(jnp.abs(g.router[...]))) > 0  # gates come from the current router
+  assert float(jnp.max(jnp.abs(g.router_DE[...]))) > 0  # gates come from the current router
 
 
 def test_model_replay_equals_the_recording_pass():
@@ -134,8 +134,8 @@ def test_rl_check_sampling_routes_replayed_in_the_training_forward():
   replayed, _ = score(model, {i: jnp.asarray(r) for i, r in out.routes.items()})
   np.testing.assert_allclose(replayed, out.logits, rtol=1e-4, atol=1e-4)
   for layer in model.moe_layers():  # a small policy update of the routers
-    layer.router[...] = layer.router[...] + 0.5 * jax.random.normal(
-        jax.random.key(11), layer.router[...].shape)
+    layer.router_DE[...] = layer.router_DE[...] + 0.5 * jax.random.normal(
+        jax.random.key(11), layer.router_DE[...].shape)
   _, fresh = score(model, None)
   _, kept = score(model, {i: jnp.asarray(r) for i, r in out.routes.items()})
   real = cols["segment_ids"] > 0

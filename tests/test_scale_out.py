@@ -72,7 +72,7 @@ def test_every_mesh_axis_gives_the_one_device_loss_metrics_and_gradients(referen
     return tuple(a if a and mesh.shape[a] > 1 else None for a in spec[:value.ndim])
   used = lambda axis: axis if mesh_shape.get(axis, 1) > 1 else None
   assert split(("blocks", 0, "attn", "wq_DHd")) == ("fsdp", used("model"), None)
-  assert split(("blocks", 1, "ffn", "wi")) == (used("expert"), "fsdp", used("model"))
+  assert split(("blocks", 1, "ffn", "w_up_EDF")) == (used("expert"), "fsdp", used("model"))
   assert split(("embed_VD",)) == (used("model"), "fsdp")
   assert loss_m == pytest.approx(float(loss), rel=1e-5)
   for name, value in metrics[1].items():
@@ -280,7 +280,7 @@ def test_scanned_layers_give_the_unrolled_loss_metrics_and_gradients(mesh_shape)
       model = nnx.jit(make)()
       (loss_s, metrics_s), grads_s = STEP(model, jax.device_put(tokens,
                                                                  sharding.batch_sharding(mesh)))
-    assert model.units[1].ffn.wi[...].sharding.spec[:4] == (None, "expert", "fsdp", "model")
+    assert model.units[1].ffn.w_up_EDF[...].sharding.spec[:4] == (None, "expert", "fsdp", "model")
   assert sorted(metrics_s) == sorted(metrics) == [1, 3]
   assert loss_s == pytest.approx(float(loss), rel=1e-5)
   for layer in metrics:

@@ -306,7 +306,7 @@ def test_arms_that_start_from_another_arms_checkpoint(tmp_path):
     np.testing.assert_array_equal(start.embed_VD[...], base.embed_VD[...])
   upcycled = starts["upcycled"][1]
   for e in range(4):
-    np.testing.assert_array_equal(upcycled.blocks[1].ffn.wi[...][e],
+    np.testing.assert_array_equal(upcycled.blocks[1].ffn.w_up_EDF[...][e],
                                   base.blocks[1].ffn.w_up_DF[...])
   keys = {r["arm"]: r["config_key"] for r in records if r.get("final")}
   assert keys["continued"].endswith("+from:" + keys["base"]) and "+from:" not in keys["base"]

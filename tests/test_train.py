@@ -132,7 +132,7 @@ def test_resuming_a_finished_run_returns_its_final_metrics(straight_run, tmp_pat
 def test_restoring_another_model_names_the_parameter_and_shapes(straight_run, tmp_path):
   copy = str(tmp_path / "copy")
   shutil.copytree(straight_run[0], copy)
-  with pytest.raises(ValueError, match=r"parameter '.*ffn/wi' has shape \(8, 29, 19\) in the "
+  with pytest.raises(ValueError, match=r"parameter '.*ffn/w_up_EDF' has shape \(8, 29, 19\) in the "
                                        r"checkpoint and \(8, 29, 23\) in the model"):
     train.train_and_evaluate(_config(**{"model.moe.d_ff": 23}), copy)
 
@@ -198,7 +198,7 @@ def test_optimizer_moments_are_sharded_like_their_params():
     _, optimizer = train.create_model_and_optimizer(model_cfg, tx, mesh, 0)
     specs = {"/".join(map(str, p)): v.get_value().sharding.spec
              for p, v in nnx.to_flat_state(nnx.state(optimizer))}
-    moments = [k for k in specs if k.endswith("ffn/wi") and ("/mu/" in k or "/v/" in k)]
+    moments = [k for k in specs if k.endswith("ffn/w_up_EDF") and ("/mu/" in k or "/v/" in k)]
     assert moments, sorted(specs)
     for k in moments:
       assert specs[k][0] == "expert", (name, k, specs[k])
@@ -215,7 +215,7 @@ def test_adafactor_factored_moments_of_experts_are_sharded_over_expert():
   _, optimizer = train.create_model_and_optimizer(model_cfg, tx, mesh, 0)
   flat = {"/".join(map(str, p)): v.get_value()
           for p, v in nnx.to_flat_state(nnx.state(optimizer))}
-  factored = {k: v for k, v in flat.items() if k.endswith("ffn/wi") and "/v_" in k}
+  factored = {k: v for k, v in flat.items() if k.endswith("ffn/w_up_EDF") and "/v_" in k}
   shapes = sorted((k.split("/v_")[1][:3], v.shape) for k, v in factored.items())
   # optax's rule: v_row drops the largest dim (F=160), v_col the second largest (D=128).
   assert shapes == [("col", (8, 160)), ("row", (8, 128))], shapes
@@ -265,8 +265,8 @@ def test_load_model_restores_a_run_from_its_own_config(straight_run):
   fresh, _ = train.create_model_and_optimizer(train.validate_config(config),
                                               optim.make_optimizer(config.optim, 8)[0],
                                               sharding.make_mesh(dict(config.mesh)), config.seed)
-  restored_wi = np.asarray(model.blocks[1].ffn.wi[...])
-  assert not np.allclose(restored_wi, np.asarray(fresh.blocks[1].ffn.wi[...]))  # Trained.
+  restored_wi = np.asarray(model.blocks[1].ffn.w_up_EDF[...])
+  assert not np.allclose(restored_wi, np.asarray(fresh.blocks[1].ffn.w_up_EDF[...]))  # Trained.
   assert model.blocks[1].ffn.deterministic  # Eval mode.
 
 
@@ -303,7 +303,7 @@ def test_upcycled_checkpoint_trains_from_the_dense_weights(tmp_path):
   dense, _, _ = train.load_model(dense_config, str(tmp_path / "dense"))
   moe, _, step = train.load_model(moe_config, str(tmp_path / "moe"))
   assert step == 0
-  expert_wi = moe.blocks[1].ffn.wi[...]
+  expert_wi = moe.blocks[1].ffn.w_up_EDF[...]
   for e in range(8):
     np.testing.assert_array_equal(expert_wi[e], dense.blocks[1].ffn.w_up_DF[...])
   np.testing.assert_array_equal(moe.embed_VD[...], dense.embed_VD[...])

@@ -213,7 +213,7 @@ def _router_precision(run_dir: str) -> dict[str, float]:
                                       batch["mask"], deterministic=True,
                                       moe_record_routing=True), nnx.Intermediate)
     _, sown = forward(model)
-  rates = [analysis.router_dtype_disagreement(v.get_value()[0], layers[tuple(path[:-1])].router[...],
+  rates = [analysis.router_dtype_disagreement(v.get_value()[0], layers[tuple(path[:-1])].router_DE[...],
                                               batch["mask"])
            for path, v in nnx.to_flat_state(sown) if path[-1] == "router_input"]
   return {"router_dtype_disagreement": statistics.mean(rates)}
