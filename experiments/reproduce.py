@@ -64,6 +64,15 @@ def validate(study: study_lib.Study, scale: str, data: str, tokenizer: str, *,
       print(f"  {arm.name:30s} {counts.summary()}; {tokens / 1e6:,.1f}M train tokens")
 
 
+def _report(study: study_lib.Study, workdir: str) -> None:
+  """After each finished run: the study's table and plots, and, for the repository's own results
+  directory, docs/results.md, so that committed results always come with their pages."""
+  study_lib.report(study, workdir)
+  if os.path.abspath(workdir) == os.path.join(os.path.dirname(HERE), "experiments", "results"):
+    import results_page  # pylint: disable=import-outside-toplevel
+    results_page.write_page(workdir, os.path.join(os.path.dirname(HERE), "docs", "results.md"))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--study", required=True,
@@ -99,7 +108,7 @@ def main() -> None:
     try:
       study_lib.run_study(study, args.workdir, scale=args.scale, data=args.data,
                           tokenizer=args.tokenizer, seeds=seeds,
-                          on_run_finished=lambda: study_lib.report(study, args.workdir))
+                          on_run_finished=lambda: _report(study, args.workdir))
     except checkpoint.Preempted as e:  # The run's checkpoint is saved; nothing was recorded.
       print(f"[{study.name}] {e}", flush=True)
       return

@@ -53,25 +53,22 @@ def verdict_lines(table: str) -> list[str]:
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default="experiments/results", help="the studies directory")
-  parser.add_argument("--out", default="docs/results.md", help="the page to write")
-  args = parser.parse_args()
+def write_page(workdir: str = "experiments/results", out: str = "docs/results.md") -> str:
+  """Writes the page and `workdir/forest_all.png`; returns the page's path."""
   from reproduce import load_study  # pylint: disable=import-outside-toplevel
-  rel = os.path.relpath(args.workdir, os.path.dirname(args.out))
-  names = sorted(n for n in os.listdir(args.workdir)
-                 if os.path.exists(os.path.join(args.workdir, n, "table.md"))
+  rel = os.path.relpath(workdir, os.path.dirname(out))
+  names = sorted(n for n in os.listdir(workdir)
+                 if os.path.exists(os.path.join(workdir, n, "table.md"))
                  and os.path.exists(os.path.join(HERE, "studies", f"{n}.py")))
   rows, sections, counts = [], [], collections.Counter()
   summary = ["| study | paper | claims | agrees | disagrees | inconclusive | equivalent | "
              "equivalence not shown |", "|---|---|---|---|---|---|---|---|"]
   for name in names:
     study = load_study(name)
-    with open(os.path.join(args.workdir, name, "table.md")) as f:
+    with open(os.path.join(workdir, name, "table.md")) as f:
       table = f.read()
     source = study.reuse or name
-    records = study_lib.read_results(os.path.join(args.workdir, source, "results.jsonl"))
+    records = study_lib.read_results(os.path.join(workdir, source, "results.jsonl"))
     verdicts = study_lib.verdicts(study.claims, study_lib.final_records(records))
     rows += [(f"{name}: {c.text}", v, c.paper_effect) for c, v in zip(study.claims, verdicts)]
     c = collections.Counter("equivalent" if v.status.startswith("equivalent within") else v.status
@@ -85,7 +82,7 @@ def main() -> None:
                  *verdict_lines(table), "",
                  f"[table]({os.path.join(rel, name, 'table.md')}) · ![{name} forest]({forest})",
                  ""]
-  study_lib.forest(rows, os.path.join(args.workdir, "forest_all.png"),
+  study_lib.forest(rows, os.path.join(workdir, "forest_all.png"),
                    f"All {len(rows)} claims of {len(names)} studies")
   total = sum(counts.values())
   page = [HEADER, f"{len(names)} studies, {total} claims: {counts['agrees']} agree, "
@@ -93,9 +90,20 @@ def main() -> None:
           f"{counts['equivalent']} shown equivalent, {counts[study_lib.NOT_SHOWN]} equivalence "
           "not shown.", "", *summary, "",
           f"![every claim]({os.path.join(rel, 'forest_all.png')})", "", *sections]
-  with open(args.out, "w") as f:
+  with open(out, "w") as f:
     f.write("\n".join(page).rstrip() + "\n")
-  print(f"wrote {args.out} and {os.path.join(args.workdir, 'forest_all.png')}")
+  return out
+
+
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", default="experiments/results", help="the studies directory")
+  parser.add_argument("--out", default="docs/results.md", help="the page to write")
+  args = parser.parse_args()
+  page = write_page(args.workdir, args.out)
+  print(f"wrote {page} and {os.path.join(args.workdir, 'forest_all.png')}")
 
 
 if __name__ == "__main__":
