@@ -190,8 +190,8 @@ CASES = {
     # Checkpoints.
     "another model": Case({"model.moe.d_ff": 96}, ValueError,
                           r"checkpoint .*/checkpoints/4 does not fit this model: parameter "
-                          r"'.*ffn/w_up_EDF' has shape \(8, 32, 32\) in the checkpoint and "
-                          r"\(8, 32, 96\) in the model"),
+                          r"'.*ffn/w_down_EFD' has shape \(8, 32, 32\) in the checkpoint and "
+                          r"\(8, 96, 32\) in the model"),
     "another expert count": Case({"model.moe.num_experts": 16}, ValueError,
                                  r"checkpoint .* does not fit this model: parameter '.*' has "
                                  r"shape \(.*8.*\) in the checkpoint and \(.*16.*\)"),

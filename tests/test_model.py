@@ -183,8 +183,9 @@ def test_upcycled_model_computes_the_dense_function_at_step_0(shared):
   # Another expert width: a clear error naming the parameter and both shapes.
   wide = Transformer(TransformerConfig(**{**SMALL, "activation": "swiglu"}, moe_every=2,
                                        moe={**MOE, "d_ff": 13}), rngs=nnx.Rngs(1))
-  with pytest.raises(ValueError, match=r"'blocks/1/ffn/w_up_EDF' \(8, 29, 13\) has no dense source "
-                                       r"of shape \(29, 13\): blocks/1/ffn/w_up_DF is \(29, 41\)"):
+  with pytest.raises(ValueError, match=r"'blocks/1/ffn/w_down_EFD' \(8, 13, 29\) has no dense "
+                                       r"source of shape \(13, 29\): blocks/1/ffn/w_down_FD is "
+                                       r"\(41, 29\)"):
     upcycle.upcycle(dense, wide)
 
 

@@ -132,8 +132,8 @@ def test_resuming_a_finished_run_returns_its_final_metrics(straight_run, tmp_pat
 def test_restoring_another_model_names_the_parameter_and_shapes(straight_run, tmp_path):
   copy = str(tmp_path / "copy")
   shutil.copytree(straight_run[0], copy)
-  with pytest.raises(ValueError, match=r"parameter '.*ffn/w_up_EDF' has shape \(8, 29, 19\) in the "
-                                       r"checkpoint and \(8, 29, 23\) in the model"):
+  with pytest.raises(ValueError, match=r"parameter '.*ffn/w_down_EFD' has shape \(8, 19, 29\) in "
+                                       r"the checkpoint and \(8, 23, 29\) in the model"):
     train.train_and_evaluate(_config(**{"model.moe.d_ff": 23}), copy)
 
 
