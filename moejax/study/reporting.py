@@ -82,6 +82,9 @@ def format_table(study: Study, records: Sequence[dict], command: str, meta: dict
   if study.notes:
     lines += ["", study.notes.strip()]
   lines += ["", "Regenerate:", "", "```", command, "```", ""]
+  if meta.get("data_identity") and not study.reuse:
+    lines += [f"`{SHARED_DATA}/` is where our machines keep these files; elsewhere pass your copies "
+              "of the files named above (same names, sizes and hashes) to `--data`.", ""]
   return "\n".join(lines)
 
 
