@@ -50,8 +50,9 @@ def peak_tflops(device_kind: str) -> float | None:
 
 
 def compiled_step(config):
-  """`(step, state, batch, mesh, model_cfg, compile_s)`: the train step of `config` compiled as
-  `train_and_evaluate` compiles it (state donated), its state, and a batch of random tokens."""
+  """`(step, state, batch, mesh, model_cfg, compile_s, graphdef)`: the train step of `config`
+  compiled as `train_and_evaluate` compiles it (state donated), its state and graph, and a batch
+  of random tokens."""
   from moejax import optim, sharding, train  # pylint: disable=import-outside-toplevel
   model_cfg = train.validate_config(config)
   mesh = sharding.make_mesh(dict(config.mesh))
@@ -72,19 +73,23 @@ def compiled_step(config):
                       out_shardings=(state_sharding, None), donate_argnums=(0,))
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
-  return compiled, state, batch, mesh, model_cfg, time.perf_counter() - start
+  return compiled, state, batch, mesh, model_cfg, time.perf_counter() - start, graphdef
 
 
 def benchmark(config, steps: int = 10, warmup: int = 2,
-              peak_tflops_per_device: float | None = None, audit: bool = False) -> dict[str, Any]:
+              peak_tflops_per_device: float | None = None, audit: bool = False,
+              routing_trace: bool = False) -> dict[str, Any]:
   """Times the train step of `config` (see the module docstring); returns the numbers. With
   `audit`, also the step's collectives (`moejax.audit`: kind x weights / activations /
-  statistics) as `collectives` [(kind, class, bytes)] and the printable `audit_table`."""
+  statistics) as `collectives` [(kind, class, bytes)] and the printable `audit_table`. With
+  `routing_trace` (MoE configs), also what `config.routing_trace_every` costs: `trace_s` (one
+  trace: the no-drop forward that records every token's experts, and the copy to the host) and
+  `trace_bytes` (its compressed `.npz`, as training writes it)."""
   from moejax import audit as audit_lib  # pylint: disable=import-outside-toplevel
   from moejax.model import count_params  # pylint: disable=import-outside-toplevel
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps}, warmup={warmup}; allowed: steps >= 1, warmup >= 0.")
-  compiled, state, batch, mesh, model_cfg, compile_s = compiled_step(config)
+  compiled, state, batch, mesh, model_cfg, compile_s, graphdef = compiled_step(config)
   B, L = config.batch_size, config.seq_len
   with jax.set_mesh(mesh):
     if audit:
@@ -98,11 +103,13 @@ def benchmark(config, steps: int = 10, warmup: int = 2,
       if i >= warmup:
         times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
+  trace = (_time_routing_trace(state, batch, mesh, model_cfg, graphdef, steps)
+           if routing_trace else {})
   counts = count_params(model_cfg, L)
   out = {"devices": jax.device_count(), "compile_s": compile_s, "step_s": step_s,
          "tokens_per_s": B * L / step_s, "flops_per_token": counts.flops_per_token,
          "active_params": counts.active, "total_params": counts.total,
-         "loss": float(metrics["loss"])}
+         "loss": float(metrics["loss"]), **trace}
   if audit:
     out["collectives"] = [(c.kind, cls, c.bytes) for c, cls in zip(found, classes)]
     out["audit_table"] = audit_lib.format_table(found, classes)
@@ -118,6 +125,31 @@ def benchmark(config, steps: int = 10, warmup: int = 2,
     out["peak_tflops_per_device"] = peak
     out["mfu"] = counts.flops_per_token * out["tokens_per_s"] / (peak * 1e12 * out["devices"])
   return out
+
+
+def _time_routing_trace(state, batch, mesh, model_cfg, graphdef,
+                        repeats: int) -> dict[str, float]:
+  """Median seconds of one routing trace of `batch` (`moejax.train`'s trace function, compiled
+  alike) and the bytes of its `.npz`."""
+  import functools  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  from moejax import train  # pylint: disable=import-outside-toplevel
+  if not model_cfg.moe_layer_indices:
+    raise ValueError("--routing_trace: the config has no MoE layer; allowed: an MoE config.")
+  with jax.set_mesh(mesh):
+    trace_fn = jax.jit(functools.partial(train._routes_of,  # pylint: disable=protected-access
+                                         graphdef=graphdef))
+    routes = jax.device_get(trace_fn(state, batch))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      routes = jax.device_get(trace_fn(state, batch))
+      times.append(time.perf_counter() - start)
+  buffer = io.BytesIO()
+  dtype = np.uint8 if model_cfg.moe_config().num_experts <= 256 else np.int32
+  np.savez_compressed(buffer, mask=np.ones(batch["mask"].shape, bool),
+                      **{f"layer{i}": np.asarray(r, dtype) for i, r in routes.items()})
+  return {"trace_s": statistics.median(times), "trace_bytes": buffer.tell()}
 
 
 def format_report(config, out: dict[str, float]) -> str:
@@ -136,6 +168,12 @@ def format_report(config, out: dict[str, float]) -> str:
     lines.append(f"device peak bytes in use: {gib(out['peak_bytes_in_use'])}")
   lines.append(f"MFU: {out['mfu']:.1%} of {out['peak_tflops_per_device']:g} TFLOP/s per device"
                if "mfu" in out else "MFU: no peak FLOP/s known for this device (--peak_tflops)")
+  if "trace_s" in out:
+    every = config.get("routing_trace_every") or 100
+    lines.append(f"routing trace: {out['trace_s'] * 1e3:.1f} ms each (no-drop forward of one "
+                 f"batch + host copy), {out['trace_bytes'] / 1024:.1f} KiB on disk; at "
+                 f"routing_trace_every={every}: +{out['trace_s'] / (every * out['step_s']):.2%} "
+                 "of training time")
   if "audit_table" in out:
     lines += ["collectives of one train step (per device):", out["audit_table"]]
   return "\n".join(lines)
@@ -145,7 +183,7 @@ def serve(config) -> None:
   """Worker of `compare`: compiles the step of `config`, prints one JSON line, then for every
   integer n read from stdin runs n steps and prints `{"seconds", "loss", "steps"}`."""
   import moejax  # pylint: disable=import-outside-toplevel
-  compiled, state, batch, mesh, _, compile_s = compiled_step(config)
+  compiled, state, batch, mesh, _, compile_s, _ = compiled_step(config)
   print(json.dumps({"ready": True, "compile_s": compile_s, "moejax": moejax.__file__}), flush=True)
   done = 0
   with jax.set_mesh(mesh):
@@ -245,7 +283,8 @@ def main(argv):
   if _REVISIONS.value:
     print(compare(_REVISIONS.value, _ROUNDS.value, _STEPS.value, _WARMUP.value))
     return
-  out = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _PEAK.value, _AUDIT.value)
+  out = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _PEAK.value, _AUDIT.value,
+                  _TRACE.value)
   print(format_report(_CONFIG.value, out))
 
 
@@ -259,6 +298,8 @@ if __name__ == "__main__":
   _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
   _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device (default: by kind).")
   _AUDIT = flags.DEFINE_bool("audit", False, "Also print the step's collectives.")
+  _TRACE = flags.DEFINE_bool("routing_trace", False, "Also time one routing trace "
+                             "(config.routing_trace_every) and its size on disk (MoE configs).")
   _REVISIONS = flags.DEFINE_list(
       "revisions", None, "Compare git revisions (e.g. 054c109,.): tokens/s of each in "
       "interleaved rounds of --steps steps ('.' = the working tree).")

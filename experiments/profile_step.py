@@ -27,7 +27,7 @@ def main(argv):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_train  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
-  compiled, state, batch, mesh, _, _ = bench_train.compiled_step(config)
+  compiled, state, batch, mesh, _, _, _ = bench_train.compiled_step(config)
   with jax.set_mesh(mesh):
     for _ in range(2):
       state, metrics = compiled(state, batch)

@@ -266,21 +266,36 @@ def router_dtype_disagreement(x_BLD, w_DE, valid_BL) -> float:
   return float(differ[valid].mean()) if valid.any() else 0.0
 
 
+def trace_steps(trace_dir: str) -> list[int]:
+  """The steps of the `step_<N>.npz` routing traces in `trace_dir`, sorted ([] when there are
+  none or the folder does not exist)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(trace_dir):
+    return []
+  return sorted(int(m.group(1)) for m in (re.fullmatch(r"step_(\d+)\.npz", name)
+                                           for name in os.listdir(trace_dir)) if m)
+
+
 def read_routing_traces(trace_dir: str) -> dict[int, dict[str, np.ndarray]]:
   """`{step: {"mask": [B, L] bool, "layer<i>": [B, L, K] experts}}` from the `step_<N>.npz`
   files a run with `config.routing_trace_every` wrote to `workdir/routing` (sorted by step)."""
   import os  # pylint: disable=import-outside-toplevel
-  import re  # pylint: disable=import-outside-toplevel
   traces = {}
-  for name in os.listdir(trace_dir):
-    m = re.fullmatch(r"step_(\d+)\.npz", name)
-    if m:
-      with np.load(os.path.join(trace_dir, name)) as z:
-        traces[int(m.group(1))] = {k: z[k] for k in z.files}
+  for step in trace_steps(trace_dir):
+    with np.load(os.path.join(trace_dir, f"step_{step}.npz")) as z:
+      traces[step] = {k: z[k] for k in z.files}
   if not traces:
     raise FileNotFoundError(f"{trace_dir}: no step_<N>.npz routing traces (train with "
                             "--config.routing_trace_every=N)")
   return dict(sorted(traces.items()))
+
+
+def routes_changed(before_BLK: np.ndarray, after_BLK: np.ndarray, mask_BL: np.ndarray) -> float:
+  """The fraction of real tokens (`mask_BL`) whose set of experts differs between two traces of
+  the same tokens (the order of a token's k choices does not count)."""
+  changed_BL = (np.sort(before_BLK, -1) != np.sort(after_BLK, -1)).any(-1)
+  return float(changed_BL[mask_BL.astype(bool)].mean())
 
 
 def routing_stability(traces: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[str, list]]:
@@ -295,9 +310,8 @@ def routing_stability(traces: dict[int, dict[str, np.ndarray]]) -> dict[str, dic
   for layer in sorted((k for k in last if k.startswith("layer")), key=lambda k: int(k[5:])):
     rec = {"steps": [], "changed": [], "top1_changed": [], "final_agreement": []}
     for prev, cur in zip(steps, steps[1:]):
-      a, b = np.sort(traces[prev][layer], -1), np.sort(traces[cur][layer], -1)
       rec["steps"].append(cur)
-      rec["changed"].append(float((a != b).any(-1)[mask].mean()))
+      rec["changed"].append(routes_changed(traces[prev][layer], traces[cur][layer], mask))
       rec["top1_changed"].append(float(
           (traces[prev][layer][..., 0] != traces[cur][layer][..., 0])[mask].mean()))
     rec["final_agreement"] = [float((traces[s][layer][..., 0] == last[layer][..., 0])[mask].mean())

@@ -61,8 +61,11 @@ class Generation:
   # logits at column P - 1 + j are those token j was drawn from (routing replay for RL) when
   # neither pass drops choices (the default no-drop sampling, and dropless or no-drop scoring)
   # and the second-expert policy is "all" (the routes are recorded before policy and capacity).
+  # `gates`: the same columns' combine weights ({layer: [num_prompts, P + max_new_tokens - 1,
+  # K]}); `moe_gates=gates` as well replays them too (then a changed router moves no logit).
   routes: dict[int, np.ndarray] | None = None
   columns: dict[str, np.ndarray] | None = None
+  gates: dict[int, np.ndarray] | None = None
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
@@ -189,12 +192,13 @@ def generate(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens
       row = row[:int(np.argmax(row == eos_id))]
     out.append(np.asarray(row))
   n = len(prompts)
-  routes = columns = None
+  routes = columns = gates = None
   if record_routes:
     routes = {i: np.asarray(r[:n]) for i, r in recorded["routes"].items()}
+    gates = {i: np.asarray(g[:n]) for i, g in recorded["gates"].items()}
     columns = {k: np.asarray(v[:n]) for k, v in recorded["columns"].items()}
   return Generation(out, None if logits_BTV is None else np.asarray(logits_BTV[:n]), routes,
-                    columns)
+                    columns, gates)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k",
@@ -213,9 +217,9 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
                                               top_p=top_p)
   B, P = tokens_BP.shape
   cache = model.init_cache(B, P + max_new_tokens)
-  logits_BPV, cache, prompt_routes = model.decode(tokens_BP, positions_BP, segment_ids_BP, cache,
-                                                  return_routes=True,
-                                                  moe_capacity_factor=capacity_factor)
+  logits_BPV, cache, prompt_routes, prompt_gates = model.decode(
+      tokens_BP, positions_BP, segment_ids_BP, cache, return_routes=True,
+      moe_capacity_factor=capacity_factor)
   logits_BV = logits_BPV[:, -1]
   token_B = sample(jax.random.fold_in(key, 0), logits_BV)
   done_B = jnp.zeros((B,), bool) if eos_id is None else token_B == eos_id
@@ -223,13 +227,14 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
   def step(carry, n):
     cache, token_B, position_B, done_B = carry
     segment_B = jnp.where(done_B, 0, 1).astype(jnp.int32)  # A finished row takes no capacity.
-    logits_B1V, cache, routes = model.decode(token_B[:, None], position_B[:, None],
-                                             segment_B[:, None], cache, return_routes=True,
-                                             moe_capacity_factor=capacity_factor)
+    logits_B1V, cache, routes, gates = model.decode(token_B[:, None], position_B[:, None],
+                                                    segment_B[:, None], cache, return_routes=True,
+                                                    moe_capacity_factor=capacity_factor)
     next_B = sample(jax.random.fold_in(key, n), logits_B1V[:, 0])
     if eos_id is not None:
       done_B = done_B | (next_B == eos_id)
-    recorded = ((routes, {"tokens": token_B, "positions": position_B, "segment_ids": segment_B})
+    recorded = (({"routes": routes, "gates": gates},
+                 {"tokens": token_B, "positions": position_B, "segment_ids": segment_B})
                 if record_routes else ({}, {}))
     return (cache, next_B, position_B + 1, done_B), (next_B, logits_B1V[:, 0], *recorded)
 
@@ -239,9 +244,10 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
   tokens_BT = jnp.concatenate([token_B[:, None], tokens_TB.T], axis=1)
   recorded = None
   if record_routes:  # [B, P + T - 1] columns: the prompt, then every token fed back
+    prompt = {"routes": prompt_routes, "gates": prompt_gates}
     recorded = {
-        "routes": {i: jnp.concatenate([prompt_routes[i], r.transpose(1, 0, 2, 3)[:, :, 0]], 1)
-                   for i, r in routes_T.items()},
+        **{kind: {i: jnp.concatenate([prompt[kind][i], r.transpose(1, 0, 2, 3)[:, :, 0]], 1)
+                  for i, r in routes_T[kind].items()} for kind in ("routes", "gates")},
         "columns": {k: jnp.concatenate([prompt, fed_T[k].T], axis=1) for k, prompt in
                     (("tokens", tokens_BP), ("positions", positions_BP),
                      ("segment_ids", segment_ids_BP))}}

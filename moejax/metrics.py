@@ -2,7 +2,8 @@
 
 `MetricWriter.write(step, metrics, prefix)` takes a flat dict of host scalars / numpy vectors:
 
-- console (absl logging, every call): the scalar metrics, formatted short;
+- console (absl logging, every call): the main scalar metrics (all scalars when none of them
+  is there, e.g. the `routing` split), formatted short;
 - TensorBoard (`workdir/tb`): every scalar; every vector (e.g. per-expert load) as a histogram
   plus one scalar per entry when it is short (<= 16 experts), so loads can be plotted per expert;
 - JSONL (`workdir/metrics.jsonl`): one line `{"step", "split", **metrics}` with vectors as lists;
@@ -94,8 +95,8 @@ class MetricWriter:
         record[name] = value if math.isfinite(value) else str(value)
         self._tb.add_scalar(tag, value, step)
     self._jsonl.write(json.dumps(record) + "\n")
-    shown = [f"{k}={metrics[k]:.4g}" for k in _CONSOLE_KEYS if k in metrics
-             and not isinstance(metrics[k], np.ndarray)]
+    keys = [k for k in _CONSOLE_KEYS if k in metrics] or sorted(metrics)  # else: all of them
+    shown = [f"{k}={metrics[k]:.4g}" for k in keys if not isinstance(metrics[k], np.ndarray)]
     logging.info("[%s] step %d: %s%s", split, step, " ".join(shown), console_extra)
 
   def close(self) -> None:

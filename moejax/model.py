@@ -301,13 +301,13 @@ class Block(nnx.Module):
       self.ffn = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None,
-               routes_BLK=None, **moe_kwargs):
+               routes_BLK=None, gates_BLK=None, **moe_kwargs):
     """`moe_kwargs`: the MoE FFN's call variants (`deterministic`, `capacity_factor`,
     `record_routing`); a dense FFN has none."""
     x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
     if self.is_moe:
       y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL, step_balance=step_balance,
-                            routes_BLK=routes_BLK, **moe_kwargs)
+                            routes_BLK=routes_BLK, gates_BLK=gates_BLK, **moe_kwargs)
     else:
       y_BLD, aux = self.ffn(self.ffn_norm(x_BLD), mask_BL)
     return x_BLD + y_BLD, aux
@@ -316,21 +316,19 @@ class Block(nnx.Module):
              index, group_size, capacity_factor=None):
     """`__call__` for T new tokens against the KV cache, in eval mode (decoding is inference); an
     MoE FFN routes them in groups of `group_size` tokens at `capacity_factor` (None: the eval
-    factor). Returns `(x_BTD, k_BMNd, v_BMNd, routes_BTK)` (routes: the MoE
-    layer's experts per token, `aux.routes`; None for a dense block)."""
+    factor). Returns `(x_BTD, k_BMNd, v_BMNd, aux)`: the MoE layer's `MoEAux` (its `routes`,
+    `gates`, `kept` per token), None for a dense block."""
     out_BTD, k_BMNd, v_BMNd = self.attn.decode(self.attn_norm(x_BTD), positions_BT,
                                                segment_ids_BT, cache_segment_ids_BM, k_BMNd,
                                                v_BMNd, index)
     x_BTD = x_BTD + out_BTD
     mask_BT = segment_ids_BT != 0
-    routes_BTK = None
     if self.is_moe:
       y_BTD, aux = self.ffn(self.ffn_norm(x_BTD), mask_BT, group_size=group_size,
                             capacity_factor=capacity_factor, deterministic=True)
-      routes_BTK = aux.routes
     else:
-      y_BTD, _ = self.ffn(self.ffn_norm(x_BTD), mask_BT)
-    return x_BTD + y_BTD, k_BMNd, v_BMNd, routes_BTK
+      y_BTD, aux = self.ffn(self.ffn_norm(x_BTD), mask_BT)
+    return x_BTD + y_BTD, k_BMNd, v_BMNd, aux
 
 
 def _stack_units(blocks: list[Block], period: int) -> nnx.List:
@@ -356,8 +354,8 @@ def _stack_units(blocks: list[Block], period: int) -> nnx.List:
 
 
 def _call_block(block: Block, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance=None,
-                routes_BLK=None, **moe_kwargs):
-  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance, routes_BLK,
+                routes_BLK=None, gates_BLK=None, **moe_kwargs):
+  return block(x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance, routes_BLK, gates_BLK,
                **moe_kwargs)
 
 
@@ -400,6 +398,7 @@ class Transformer(nnx.Module):
                segment_ids_BL: jax.Array | None = None, mask_BL: jax.Array | None = None, *,
                moe_step_balance: dict[int, routing.StepBalance] | None = None,
                moe_routes: dict[int, jax.Array] | None = None,
+               moe_gates: dict[int, jax.Array] | None = None,
                deterministic: bool | None = None, moe_capacity_factor: float | None = None,
                moe_record_routing: bool = False):
     """`mask_BL` marks real tokens for the MoE layers (padding takes no capacity, no loss).
@@ -409,7 +408,9 @@ class Transformer(nnx.Module):
     `moe_step_balance` `{layer index: StepBalance}`: the optimizer step's f for each MoE layer's
     `batch`-scope balance losses (gradient accumulation; `moejax.train` counts it).
     `moe_routes` `{layer index: int [B, L, K]}`: routing replay, one entry per MoE layer (e.g.
-    `{i: aux.routes for i, aux in moe_aux.items()}` of an earlier call); see `MoELayer`."""
+    `{i: aux.routes for i, aux in moe_aux.items()}` of an earlier call); see `MoELayer`.
+    `moe_gates` `{layer index: float [B, L, K]}` (needs `moe_routes`, the same layers): replay
+    the recorded gates too (`aux.gates`). Both work with scanned layers."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     B, L = tokens_BL.shape
     if positions_BL is None:
@@ -423,54 +424,59 @@ class Transformer(nnx.Module):
     if self.cfg.remat != "none":  # Recompute the block in the backward pass, by the policy.
       run = nnx.remat(run, policy=REMATS[self.cfg.remat], prevent_cse=True)
     step_balance = moe_step_balance or {}
-    if moe_routes is not None:
-      layers = set(cfg.moe_layer_indices)
-      if set(moe_routes) != layers:
-        raise ValueError(f"moe_routes for layers {sorted(moe_routes)}; allowed: one entry per MoE "
-                         f"layer, {sorted(layers)} (routes of another model?).")
-      if cfg.scan_layers:
-        raise ValueError("moe_routes (routing replay) needs model.scan_layers=False.")
-    routes = moe_routes or {}
+    layers = sorted(cfg.moe_layer_indices)
+    for name, given in (("moe_routes", moe_routes), ("moe_gates", moe_gates)):
+      if given is not None and sorted(given) != layers:
+        raise ValueError(f"{name} for layers {sorted(given)}; allowed: one entry per MoE "
+                         f"layer, {layers} (routes of another model?).")
+    if moe_gates is not None and moe_routes is None:
+      raise ValueError("moe_gates without moe_routes; allowed: recorded gates only together "
+                       "with the recorded experts they belong to.")
+    routes, gates = moe_routes or {}, moe_gates or {}
     if cfg.scan_layers:
       if moe_record_routing:
         raise ValueError("moe_record_routing needs model.scan_layers=False: a scanned model's "
                          "layers run inside jax.lax.scan, where sown values cannot be collected.")
       x_BLD, moe_aux = self._scan_units(run, x_BLD, positions_BL, segment_ids_BL, mask_BL,
-                                        step_balance)
+                                        {"balance": step_balance, "routes": routes,
+                                         "gates": gates})
       return self._logits(x_BLD), moe_aux
     moe_aux = {}
     for i, block in enumerate(self.blocks):
       x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance.get(i),
-                       routes.get(i))
+                       routes.get(i), gates.get(i))
       x_BLD = constrain(x_BLD, ACTIVATION)
       if aux is not None:
         moe_aux[i] = aux
     return self._logits(x_BLD), moe_aux
 
-  def _scan_units(self, run, x_BLD, positions_BL, segment_ids_BL, mask_BL, step_balance):
+  def _scan_units(self, run, x_BLD, positions_BL, segment_ids_BL, mask_BL, per_layer):
     """The layers as one `jax.lax.scan` over the stacked units (traced and compiled once, not
     once per layer); the units' updated state (routing RNG counters) is written back.
-    `step_balance` `{layer: StepBalance}` enters the scan stacked like the weights."""
+    `per_layer` `{"balance": {layer: StepBalance}, "routes": {layer: [B, L, K]}, "gates": ...}`
+    enters the scan stacked like the weights."""
     graphdef, params, rest = nnx.split(self.units, nnx.Param, ...)
     p, n = len(self.units), self.cfg.num_layers // len(self.units)
-    # {position j in the unit: the StepBalance of layers j, j+p, ... stacked}.
-    balance_by_j = {j: jax.tree.map(lambda *xs: jnp.stack(xs),
-                                    *(step_balance[u * p + j] for u in range(n)))
-                    for j in range(p) if j in step_balance}  # layer j is MoE iff j + p is
+    # {kind: {position j in the unit: the values of layers j, j+p, ... stacked}}.
+    by_j = {kind: {j: jax.tree.map(lambda *xs: jnp.stack(xs),
+                                   *(values[u * p + j] for u in range(n)))
+                   for j in range(p) if j in values}  # layer j is MoE iff j + p is
+            for kind, values in per_layer.items()}
 
     def body(x_BLD, xs):
-      unit_params, unit_rest, unit_balance = xs
+      unit_params, unit_rest, unit_by_j = xs
       unit = nnx.merge(graphdef, unit_params, unit_rest)
       auxes = {}
       for j, block in enumerate(unit):
         x_BLD, aux = run(block, x_BLD, positions_BL, segment_ids_BL, mask_BL,
-                         unit_balance.get(j))
+                         unit_by_j["balance"].get(j), unit_by_j["routes"].get(j),
+                         unit_by_j["gates"].get(j))
         x_BLD = constrain(x_BLD, ACTIVATION)
         if aux is not None:
           auxes[j] = aux
       return x_BLD, (nnx.state(unit, nnx.Not(nnx.Param)), auxes)
 
-    x_BLD, (rest, auxes) = jax.lax.scan(body, x_BLD, (params, rest, balance_by_j))
+    x_BLD, (rest, auxes) = jax.lax.scan(body, x_BLD, (params, rest, by_j))
     nnx.update(self.units, rest)  # Parameters are read, never written.
     moe_aux = {u * p + j: jax.tree.map(lambda a, u=u: a[u], aux)
                for j, aux in auxes.items() for u in range(n)}
@@ -534,8 +540,9 @@ class Transformer(nnx.Module):
     shorter prompts, finished rows): it takes no MoE capacity and only attends to other padding.
     MoE layers route the B * T new tokens, split evenly over the mesh's batch shards, as one group
     per shard (on one device: one group of the whole batch); `B` must divide over the shards.
-    With `return_routes`, returns `(logits_BTV, cache, {MoE layer: routes [B, T, K]})` (routing
-    replay: `Transformer.__call__(..., moe_routes=)`). Decoding is inference: the MoE layers run
+    With `return_routes`, returns `(logits_BTV, cache, routes, gates)`: `{MoE layer: [B, T, K]}`
+    of each token's experts and their gates (routing replay: `Transformer.__call__(...,
+    moe_routes=routes, moe_gates=gates)`). Decoding is inference: the MoE layers run
     in eval mode (`deterministic=True`, whatever `model.train()` set), at
     `moe_capacity_factor` (None: the eval capacity factor; `math.inf`: no drop); it equals
     `__call__(..., deterministic=True, moe_capacity_factor=...)`.
@@ -550,19 +557,19 @@ class Transformer(nnx.Module):
     segment_ids_BM = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BM, segment_ids_BT,
                                                          index, 1)
     x_BTD = jnp.take(self._embedding_table(), tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
-    k_cache, v_cache, routes = [], [], {}
+    k_cache, v_cache, routes, gates = [], [], {}, {}
     for i, (block, k_BMNd, v_BMNd) in enumerate(zip(self.layer_blocks(), cache.k, cache.v)):
-      x_BTD, k_BMNd, v_BMNd, routes_BTK = block.decode(
+      x_BTD, k_BMNd, v_BMNd, aux = block.decode(
           x_BTD, positions_BT, segment_ids_BT, segment_ids_BM, k_BMNd, v_BMNd, index,
           B * T // shards, capacity_factor=moe_capacity_factor)
       k_cache.append(k_BMNd)
       v_cache.append(v_BMNd)
-      if routes_BTK is not None:
-        routes[i] = routes_BTK
+      if aux is not None:
+        routes[i], gates[i] = aux.routes, aux.gates
     cache = KVCache(k=tuple(k_cache), v=tuple(v_cache), segment_ids_BM=segment_ids_BM,
                     index=index + T)
     if return_routes:
-      return self._logits(x_BTD), cache, routes
+      return self._logits(x_BTD), cache, routes, gates
     return self._logits(x_BTD), cache
 
   def moe_layers(self) -> list[nnx.Module]:

@@ -73,6 +73,11 @@ class MoEAux:
   # to replay this routing in a later forward (routing replay; exact when neither pass drops and
   # the second-expert policy is "all"). Under expert choice: each token's ranking of all E.
   routes: jax.Array | None = None
+  # [B, L, K], aligned with `routes`: the combine weight each choice got (router dtype; 0 where
+  # it was not kept: dropped by capacity or by the second-expert policy, or padding), and whether
+  # it got a slot. Pass `gates` back as `gates_BLK` to replay the gates too.
+  gates: jax.Array | None = None
+  kept: jax.Array | None = None
 
 
 def expert_ffn(x_EXD: jax.Array, weights: dict[str, jax.Array], *, activation: str,
@@ -112,7 +117,8 @@ def expert_dropout_mask(key: jax.Array, rate: float, expert_ids_E: jax.Array,
 def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Array],
                jitter_GSD: jax.Array | None, uniform_GSK: jax.Array | None,
                dropout_key: jax.Array | None, selection_bias_E: jax.Array | None = None,
-               forced_expert_GSK: jax.Array | None = None, *,
+               forced_expert_GSK: jax.Array | None = None,
+               forced_gate_GSK: jax.Array | None = None, *,
                cfg: MoEConfig, capacity: int,
                second_expert_policy: str, expert_axis: str | None = None,
                reduce_axes: tuple[str, ...] = (), model_axis: str | None = None
@@ -120,7 +126,9 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
   """The MoE computation on G groups: `(y_GSD, routing sums, record)`, where `record` holds the
   router's top-k experts before policy and capacity (`router_topk`, int32 [G, S, K]), whether
   each choice got a slot (`kept`) and whether it asked for one (`wanted`: a real token, kept by
-  the second-expert policy; bool [G, S, K]). Pure; also the shard_map body.
+  the second-expert policy; bool [G, S, K]) and the combine weight it got (`gate`, 0 where not
+  kept). `forced_expert_GSK` / `forced_gate_GSK`: routing replay (`routing.route_group`). Pure;
+  also the shard_map body.
 
   With `expert_axis` set it runs per device inside `jax.shard_map`: `weights['wi']` etc. hold the
   local E/ep experts, and two `all_to_all`s over `expert_axis` move the capacity buffer to the
@@ -141,7 +149,8 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
                     overflow=cfg.overflow, score=cfg.score,
                     routed_scaling_factor=cfg.routed_scaling_factor, choice=cfg.choice,
                     num_expert_groups=cfg.num_expert_groups, topk_groups=cfg.topk_groups,
-                    selection_bias_E=selection_bias_E, forced_expert_GSK=forced_expert_GSK)
+                    selection_bias_E=selection_bias_E, forced_expert_GSK=forced_expert_GSK,
+                    forced_gate_GSK=forced_gate_GSK)
   if cfg.dispatch == "dropless":
     y_GSD, transport_sums = _dropless_experts(x_GSD, r, weights, cfg=cfg,
                                               expert_axis=expert_axis, model_axis=model_axis)
@@ -156,7 +165,7 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
   if reduce_axes:
     sums = jax.lax.psum(sums, reduce_axes)
   return y_GSD, sums, {"router_topk": r.router_expert_SK, "kept": r.kept_SK,
-                       "wanted": r.wanted_SK}
+                       "wanted": r.wanted_SK, "gate": r.gate_SK}
 
 
 def _capacity_experts(x_GSD, r, weights, dropout_key, *, cfg, capacity, expert_axis,
@@ -417,7 +426,8 @@ class MoELayer(nnx.Module):
   def __call__(self, x_BLD: jax.Array, mask_BL: jax.Array | None = None, *,
                deterministic: bool | None = None, group_size: int | None = None,
                step_balance: routing.StepBalance | None = None,
-               routes_BLK: jax.Array | None = None, capacity_factor: float | None = None,
+               routes_BLK: jax.Array | None = None, gates_BLK: jax.Array | None = None,
+               capacity_factor: float | None = None,
                record_routing: bool = False) -> tuple[jax.Array, MoEAux]:
     """`deterministic` (default: the module's, set by `model.eval()`): eval capacity factor, no
     jitter, random second-expert routing or expert dropout. `capacity_factor` overrides both
@@ -434,7 +444,10 @@ class MoELayer(nnx.Module):
     `routes_BLK` (int [B, L, K], e.g. an earlier call's `aux.routes`): routing replay. Each
     token uses these experts instead of the router's top-K; gates are recomputed from the
     current router's scores at them (so the router still learns), and the second-expert policy,
-    capacity and dispatch work as usual on them."""
+    capacity and dispatch work as usual on them. `gates_BLK` (float [B, L, K], an earlier call's
+    `aux.gates`; needs `routes_BLK`): replay the gates too, so the combine weights are the
+    recorded ones (a kept choice gets its recorded gate, a dropped one 0) and the router learns
+    only from the auxiliary losses."""
     cfg = self.cfg
     if x_BLD.ndim != 3 or x_BLD.shape[-1] != self.d_model:
       raise ValueError(f"MoELayer input shape {tuple(x_BLD.shape)}; allowed: rank 3 "
@@ -467,7 +480,9 @@ class MoELayer(nnx.Module):
         uniform_GSK = jax.random.uniform(self.rngs.routing(), (G, S, K), jnp.float32)
     if not deterministic and cfg.expert_dropout > 0:
       dropout_key = self.rngs.dropout()
-    forced_GSK = None
+    forced_GSK = forced_gate_GSK = None
+    if gates_BLK is not None:
+      forced_gate_GSK = self._replayed_gates(gates_BLK, routes_BLK, B, L).reshape(G, S, K)
     if routes_BLK is not None:
       forced_GSK = self._replayed_routes(routes_BLK, B, L).reshape(G, S, K)
     elif cfg.router != "learned":  # Benchmarks: experts picked without the router.
@@ -481,7 +496,7 @@ class MoELayer(nnx.Module):
       run = _sharded(run, mesh, G=G, num_experts=cfg.num_experts)
     bias_E = self.expert_bias[...] if hasattr(self, "expert_bias") else None
     y_GSD, sums, record = run(x_GSD, valid_GS, self.weights(), jitter_GSD, uniform_GSK,
-                              dropout_key, bias_E, forced_GSK)
+                              dropout_key, bias_E, forced_GSK, forced_gate_GSK)
     if record_routing:  # Collect with nnx.capture(..., nnx.Intermediate).
       self.sow(nnx.Intermediate, "router_topk", record["router_topk"].reshape(B, L, -1))
       self.sow(nnx.Intermediate, "router_kept", record["kept"].reshape(B, L, -1))
@@ -501,7 +516,9 @@ class MoELayer(nnx.Module):
             + cfg.z_loss_weight * metrics["z_loss"])
     counts = {name: jax.lax.stop_gradient(sums[name]) for name in routing.BALANCE_COUNTS}
     return y_BLD, MoEAux(loss=loss, metrics=metrics, balance_counts=counts,
-                         routes=record["router_topk"].reshape(B, L, -1))
+                         routes=record["router_topk"].reshape(B, L, -1),
+                         gates=record["gate"].reshape(B, L, -1),
+                         kept=record["kept"].reshape(B, L, -1))
 
   def _replayed_routes(self, routes_BLK, B: int, L: int) -> jax.Array:
     """`routes_BLK` checked (ValueError naming what is wrong) before anything is traced further;
@@ -525,6 +542,19 @@ class MoELayer(nnx.Module):
                          f"num_experts - 1 = {cfg.num_experts - 1}] (routes of another model?).")
     return routes_BLK.astype(jnp.int32)
 
+  def _replayed_gates(self, gates_BLK, routes_BLK, B: int, L: int) -> jax.Array:
+    """`gates_BLK` checked like the routes: it needs them, the same shape, a float dtype."""
+    if routes_BLK is None:
+      raise ValueError("replayed gates without routes; allowed: gates_BLK only together with "
+                       "routes_BLK (the gates belong to those experts).")
+    shape = tuple(gates_BLK.shape)
+    if shape != (B, L, self.cfg.top_k):
+      raise ValueError(f"replayed gates of shape {shape}; allowed: [batch, length, top_k] = "
+                       f"{(B, L, self.cfg.top_k)} (the routes' shape).")
+    if not jnp.issubdtype(gates_BLK.dtype, jnp.floating):
+      raise ValueError(f"replayed gates of dtype {gates_BLK.dtype}; allowed: floating point.")
+    return gates_BLK
+
 
 def _sharded(run, mesh, *, G: int, num_experts: int):
   """Wraps `moe_groups` in `jax.shard_map`: groups over the batch axes (data, fsdp, expert),
@@ -545,16 +575,17 @@ def _sharded(run, mesh, *, G: int, num_experts: int):
                  "wo": P(sharding.EXPERT, model_axis, None)}
 
   def sharded_run(x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E,
-                  forced_GSK):
+                  forced_GSK, forced_gate_GSK):
     weight_specs = {name: weight_spec[name] for name in weights}
     def optional(arg, spec):  # optional inputs (training-only ones in eval) get no spec
       return None if arg is None else spec
 
     in_specs = (groups, groups, weight_specs, optional(jitter_GSD, groups),
                 optional(uniform_GSK, groups), optional(dropout_key, P()), optional(bias_E, P()),
-                optional(forced_GSK, groups))
+                optional(forced_GSK, groups), optional(forced_gate_GSK, groups))
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(groups, P(), groups))(
-        x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E, forced_GSK)
+        x_GSD, valid_GS, weights, jitter_GSD, uniform_GSK, dropout_key, bias_E, forced_GSK,
+        forced_gate_GSK)
 
   return sharded_run
 

@@ -183,7 +183,8 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
                 overflow: str = "drop", score: str = "softmax",
                 routed_scaling_factor: float = 1.0, num_expert_groups: int = 1,
                 topk_groups: int = 1, selection_bias_E: jax.Array | None = None,
-                forced_expert_SK: jax.Array | None = None) -> Routing:
+                forced_expert_SK: jax.Array | None = None,
+                forced_gate_SK: jax.Array | None = None) -> Routing:
   """Routes the S tokens of one group to E experts with C slots each. See the module docstring.
 
   `uniform_SK` holds the U(0, 1) draws of the `random` policy (training only; column 0 unused);
@@ -195,8 +196,11 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   scored by the sum of its two best (biased) scores, and picks its top-k inside them
   (DeepSeek-V3's group-limited, "node-limited", routing).
 
-  `forced_expert_SK` (benchmarks: `forced_choices`) replaces the router's top-K; everything
-  after selection (policy, capacity, gates from the scores at those experts) is unchanged.
+  `forced_expert_SK` (benchmarks: `forced_choices`; routing replay) replaces the router's top-K;
+  everything after selection (policy, capacity, gates from the scores at those experts) is
+  unchanged. `forced_gate_SK` (routing replay with recorded gates; needs `forced_expert_SK`)
+  replaces the final gates of the kept choices (a dropped choice's gate stays 0): the combine
+  then carries no gradient to the router, only the auxiliary losses do.
   """
   S, E = logits_SE.shape
   K = top_k
@@ -285,6 +289,8 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
     gate_SK = kept_p_SK / jnp.where(kept_sum_S > 0, kept_sum_S, 1.0)
   if routed_scaling_factor != 1.0:
     gate_SK = gate_SK * jnp.asarray(routed_scaling_factor, gate_SK.dtype)
+  if forced_gate_SK is not None:  # Replay: the recorded combine weights (already scaled).
+    gate_SK = jnp.where(kept_SK, forced_gate_SK.astype(gate_SK.dtype), 0.0)
   return Routing(router_expert_SK, expert_SK, jnp.where(kept_SK, slot_SK, 0), kept_SK, wanted_SK,
                  gate_SK, probs_SE, logits_SE)
 
@@ -327,17 +333,17 @@ def expert_choice_group(logits_SE: jax.Array, valid_S: jax.Array, *, capacity: i
 
 
 def route(logits_GSE: jax.Array, valid_GS: jax.Array, *, uniform_GSK: jax.Array | None = None,
-          forced_expert_GSK: jax.Array | None = None, choice: str = "token",
-          **kwargs) -> Routing:
+          forced_expert_GSK: jax.Array | None = None, forced_gate_GSK: jax.Array | None = None,
+          choice: str = "token", **kwargs) -> Routing:
   """`route_group` (`choice="token"`) or `expert_choice_group` (`"expert"`; it takes only
   `capacity`, `score` and `routed_scaling_factor`) for every group (vmapped); fields get a
   leading G axis."""
   if choice == "expert":
     ec = {k: kwargs[k] for k in ("capacity", "score", "routed_scaling_factor") if k in kwargs}
     return jax.vmap(lambda l, v: expert_choice_group(l, v, **ec))(logits_GSE, valid_GS)
-  return jax.vmap(lambda l, v, u, f: route_group(l, v, uniform_SK=u, forced_expert_SK=f,
-                                                 **kwargs))(
-      logits_GSE, valid_GS, uniform_GSK, forced_expert_GSK)
+  return jax.vmap(lambda l, v, u, f, g: route_group(l, v, uniform_SK=u, forced_expert_SK=f,
+                                                    forced_gate_SK=g, **kwargs))(
+      logits_GSE, valid_GS, uniform_GSK, forced_expert_GSK, forced_gate_GSK)
 
 
 def forced_choices(router: str, shape_GSK: tuple[int, int, int], num_experts: int, *,
@@ -428,6 +434,7 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *, balance_loss_choices: str =
       "groups_with_tokens": jnp.sum(has_tokens_G.astype(jnp.float32)),
       "z_loss": masked_sum(jnp.square(logz_GS)),
       "router_entropy": masked_sum(entropy_GS),
+      "router_top1_prob": masked_sum(jnp.max(probs_f32_GSE, axis=-1)),
       "tokens": jnp.sum(n_G),
       "dropped_fraction": jnp.sum(lost_GSK.astype(jnp.float32), axis=(0, 1)),
       "skipped_fraction": jnp.sum(skipped_GSK.astype(jnp.float32), axis=(0, 1)),
@@ -476,6 +483,10 @@ def finalize_sums(sums: dict[str, jax.Array], *, balance_loss_scope: str = "grou
     tokens (see `StepBalance`; only the `batch` scope takes it).
   - `z_loss`: mean over valid tokens of logsumexp(logits)^2 (ST-MoE eq. 5).
   - `router_entropy`: mean over valid tokens of the router distribution's entropy (nats).
+  - `router_confidence`: mean over valid tokens of the router's top-1 probability (sigmoid
+    scores normalised over the experts first): 1/E for a uniform router, 1 for a certain one.
+  - `load_cv`: coefficient of variation (std / mean over experts) of `selection_count`, the
+    router's top-K choices per expert before capacity: 0 is perfect balance.
   - `dropped_fraction` [K]: fraction of valid tokens whose j-th choice wanted a slot and found
     none (capacity overflow); `skipped_fraction` [K]: removed by the second-expert policy;
     `unrouted_fraction`: valid tokens with no expert at all (they ride the residual only).
@@ -511,6 +522,9 @@ def finalize_sums(sums: dict[str, jax.Array], *, balance_loss_scope: str = "grou
       "gshard_loss": gshard,
       "z_loss": sums["z_loss"] / tokens,
       "router_entropy": sums["router_entropy"] / tokens,
+      "router_confidence": sums["router_top1_prob"] / tokens,
+      "load_cv": jnp.std(sums["selection_count"]) / jnp.maximum(
+          jnp.mean(sums["selection_count"]), 1e-9),
       "dropped_fraction": sums["dropped_fraction"] / tokens,
       "skipped_fraction": sums["skipped_fraction"] / tokens,
       "unrouted_fraction": sums["unrouted_fraction"] / tokens,

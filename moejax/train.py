@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from absl import logging
 from flax import nnx
 
+from moejax import analysis
 from moejax import checkpoint as ckpt_lib
 from moejax import cli
 from moejax import config as config_lib
@@ -452,21 +453,36 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     with jax.set_mesh(mesh):
       trace_fn = jax.jit(functools.partial(_routes_of, graphdef=graphdef))
 
+  trace_dir = os.path.join(workdir, "routing")
+  last_trace = {}  # {"step": n, "routes": {layer: [B, L, K]}}: the previous trace, for `changed`
+
   def write_routing_trace(state, at_step: int) -> None:
     """`routing/step_<at_step>.npz`: per MoE layer (`layer<i>`), each token's experts on the
-    first eval batch ([B, L, K], uint8 when E <= 256), and the batch's `mask`."""
+    first eval batch ([B, L, K], uint8 when E <= 256), and the batch's `mask`. Logs, per layer,
+    `routing/layer<i>/changed_fraction`: the fraction of those tokens whose experts changed since
+    the previous trace (read back from disk after a resume)."""
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     routes, mask = multihost_utils.process_allgather(
         (trace_fn(state, trace_batch), trace_batch["mask"]), tiled=True)
     if not is_main:
       return
     E = model_cfg.moe_config().num_experts
-    os.makedirs(os.path.join(workdir, "routing"), exist_ok=True)
-    path = os.path.join(workdir, "routing", f"step_{at_step}.npz")
-    np.savez_compressed(path + ".tmp.npz", mask=np.asarray(mask, bool),
-                        **{f"layer{i}": np.asarray(r, np.uint8 if E <= 256 else np.int32)
-                           for i, r in routes.items()})
+    routes = {i: np.asarray(r, np.uint8 if E <= 256 else np.int32) for i, r in routes.items()}
+    mask = np.asarray(mask, bool)
+    os.makedirs(trace_dir, exist_ok=True)
+    path = os.path.join(trace_dir, f"step_{at_step}.npz")
+    np.savez_compressed(path + ".tmp.npz", mask=mask,
+                        **{f"layer{i}": r for i, r in routes.items()})
     os.replace(path + ".tmp.npz", path)
+    if not last_trace:  # First trace of this process: the latest earlier one on disk, if any.
+      earlier = [n for n in analysis.trace_steps(trace_dir) if n < at_step]
+      if earlier:
+        with np.load(os.path.join(trace_dir, f"step_{earlier[-1]}.npz")) as z:
+          last_trace.update(step=earlier[-1], routes={i: z[f"layer{i}"] for i in routes})
+    if last_trace:
+      writer.write(at_step, {f"layer{i}/changed_fraction": analysis.routes_changed(
+          last_trace["routes"][i], r, mask) for i, r in routes.items()}, "routing")
+    last_trace.update(step=at_step, routes=routes)
 
   def evaluate(state, final: bool) -> dict[str, Any]:
     out = {}

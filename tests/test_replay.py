@@ -27,15 +27,15 @@ def data():
   return x, jnp.ones((B, L), bool).at[5, 7:].set(False)
 
 
-def loss_fn(layer, x, mask, routes):
-  y, aux = layer(x, mask, routes_BLK=routes)
+def loss_fn(layer, x, mask, routes, gates=None):
+  y, aux = layer(x, mask, routes_BLK=routes, gates_BLK=gates)
   return jnp.sum(jnp.sin(y)) + aux.loss, (y, aux)
 
 
 STEP = nnx.jit(nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
 
 
-def step(mesh_shape, kw, routes, perturb=0.0):
+def step(mesh_shape, kw, routes, perturb=0.0, gates=None):
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape.values())])
   with jax.set_mesh(mesh):
     layer = MoELayer(MoEConfig(num_experts=8, d_ff=6, **kw), D, rngs=nnx.Rngs(0))
@@ -44,7 +44,7 @@ def step(mesh_shape, kw, routes, perturb=0.0):
           jax.random.key(9), layer.router_DE[...].shape)
     x, mask = data()
     x = jax.device_put(x, sharding.batch_sharding(mesh, 3))
-    return STEP(layer, x, mask, routes)
+    return STEP(layer, x, mask, routes, gates)
 
 
 @pytest.mark.parametrize("mesh_shape", [{"data": 1}, {"data": 2, "expert": 4}],
@@ -77,6 +77,56 @@ def test_a_perturbed_router_still_uses_the_recorded_experts():
   assert float(jnp.max(jnp.abs(g.router_DE[...]))) > 0  # gates come from the current router
 
 
+@pytest.mark.parametrize("mesh_shape", [{"data": 1}, {"data": 2, "expert": 4}],
+                         ids=["1dev", "data2xexpert4"])
+@pytest.mark.parametrize("case", ["top2_capacity_drops", "top2_dropless"])
+def test_replayed_gates_make_a_moved_router_irrelevant_to_the_output(case, mesh_shape):
+  """With the recorded experts *and* gates, a perturbed router changes neither the output nor
+  the experts' gradients (capacity drops included: kept flags follow the replayed experts and
+  positions); the router then learns only from the auxiliary losses. Without the gates the
+  output moves (gates follow the current router)."""
+  kw = CASES[case]
+  (_, (y, aux)), (g, _) = step(mesh_shape, kw, None)
+  assert aux.gates.shape == aux.routes.shape == aux.kept.shape
+  assert bool(jnp.all(jnp.where(aux.kept, True, aux.gates == 0)))  # 0 where not kept
+  if case == "top2_capacity_drops":
+    assert not bool(jnp.all(aux.kept[data()[1]]))  # the case does drop choices
+  (_, (y_g, aux_g)), (g_g, _) = step(mesh_shape, kw, aux.routes, perturb=1.0, gates=aux.gates)
+  np.testing.assert_allclose(y_g, y, rtol=1e-6, atol=1e-7)
+  for name in ("w_up_EDF", "w_down_EFD"):  # the experts see the same inputs and gates
+    np.testing.assert_allclose(getattr(g_g, name)[...], getattr(g, name)[...], rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_array_equal(aux_g.kept, aux.kept)
+  np.testing.assert_allclose(aux_g.gates, aux.gates, rtol=1e-6)
+  (_, (y_r, _)), _ = step(mesh_shape, kw, aux.routes, perturb=1.0)
+  assert float(jnp.max(jnp.abs(y_r - y))) > 1e-3  # routes alone: the gates moved
+
+
+def test_scanned_model_replays_routes_and_gates():
+  """Replay works in the scanned layout (`scan_layers=True`): the recorded routes enter the
+  scan stacked like the weights; the same numbers as the unrolled model's replay."""
+  kw = dict(vocab_size=37, d_model=16, num_layers=4, num_heads=2, d_ff=24, moe_every=2,
+            moe=dict(num_experts=4, top_k=2, d_ff=8, gate="gshard", capacity_factor=1.0))
+  tokens = (jnp.arange(2 * 9).reshape(2, 9) * 5) % 37
+  unrolled = Transformer(TransformerConfig(**kw), rngs=nnx.Rngs(0))
+  scanned = Transformer(TransformerConfig(**kw, scan_layers=True), rngs=nnx.Rngs(0))
+  logits, moe_aux = scanned(tokens, deterministic=True)
+  routes = {i: a.routes for i, a in moe_aux.items()}
+  gates = {i: a.gates for i, a in moe_aux.items()}
+  assert sorted(routes) == [1, 3]
+  for model in (scanned, unrolled):
+    replayed, replayed_aux = model(tokens, moe_routes=routes, moe_gates=gates, deterministic=True)
+    np.testing.assert_allclose(replayed, logits, rtol=1e-5, atol=1e-5)
+    for i in routes:
+      np.testing.assert_array_equal(replayed_aux[i].routes, routes[i])
+  # Each layer gets its own routes: swapping the two layers' routes changes the result.
+  swapped, swapped_aux = scanned(tokens, moe_routes={1: routes[3], 3: routes[1]},
+                                 deterministic=True)
+  np.testing.assert_array_equal(swapped_aux[1].routes, routes[3])
+  np.testing.assert_array_equal(swapped_aux[3].routes, routes[1])
+  assert float(jnp.max(jnp.abs(swapped - logits))) > 1e-4
+
+
 def test_model_replay_equals_the_recording_pass():
   cfg = TransformerConfig(vocab_size=37, d_model=16, num_layers=3, num_heads=2, d_ff=24,
                           moe_every=1, moe=dict(num_experts=4, top_k=2, d_ff=8, gate="gshard"))
@@ -106,6 +156,33 @@ def test_bad_routes_are_named_before_compiling(routes, match):
     layer(data()[0], routes_BLK=routes)
 
 
+@pytest.mark.parametrize("routes, gates, match", [
+    (None, jnp.zeros((B, L, 2)), "gates without routes"),
+    (jnp.zeros((B, L, 2), jnp.int32), jnp.zeros((B, L, 1)),
+     r"gates of shape \(8, 12, 1\); allowed: .* \(8, 12, 2\)"),
+    (jnp.zeros((B, L, 2), jnp.int32), jnp.zeros((B, L, 2), jnp.int32),
+     "gates of dtype int32; allowed: floating point"),
+])
+def test_bad_gates_are_named_before_compiling(routes, gates, match):
+  layer = MoELayer(MoEConfig(num_experts=8, top_k=2, d_ff=6, gate="gshard"), D, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=match):
+    layer(data()[0], routes_BLK=routes, gates_BLK=gates)
+
+
+def test_model_gates_need_routes_for_every_layer():
+  cfg = TransformerConfig(vocab_size=37, d_model=16, num_layers=2, num_heads=2, d_ff=24,
+                          moe_every=1, moe=dict(num_experts=4, top_k=1, d_ff=8))
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.zeros((2, 5), jnp.int32)
+  _, aux = model(tokens)
+  routes, gates = ({i: getattr(a, f) for i, a in aux.items()} for f in ("routes", "gates"))
+  with pytest.raises(ValueError, match="moe_gates without moe_routes"):
+    model(tokens, moe_gates=gates)
+  with pytest.raises(ValueError, match=r"moe_gates for layers \[0\]; allowed: one entry per MoE "
+                                       r"layer, \[0, 1\]"):
+    model(tokens, moe_routes=routes, moe_gates={0: gates[0]})
+
+
 def test_rl_check_sampling_routes_replayed_in_the_training_forward():
   """Sample with `generate` while recording, then score the same columns with the training
   forward: with the recorded routes, the logits equal those each token was sampled from. After a
@@ -125,10 +202,10 @@ def test_rl_check_sampling_routes_replayed_in_the_training_forward():
   P = cols["tokens"].shape[1] - (steps - 1)
   assert sorted(out.routes) == [0, 1] and out.routes[0].shape == (2, P + steps - 1, 2)
 
-  def score(model, routes):
+  def score(model, routes, gates=None):
     logits, aux = model(jnp.asarray(cols["tokens"]), jnp.asarray(cols["positions"]),
                         jnp.asarray(cols["segment_ids"]), jnp.asarray(cols["segment_ids"] > 0),
-                        moe_routes=routes)
+                        moe_routes=routes, moe_gates=gates)
     return np.asarray(logits[:, P - 1:]), aux
 
   replayed, _ = score(model, {i: jnp.asarray(r) for i, r in out.routes.items()})
@@ -144,6 +221,11 @@ def test_rl_check_sampling_routes_replayed_in_the_training_forward():
   assert changed > 0.05, changed  # without replay, other experts for some tokens
   for i in out.routes:
     np.testing.assert_array_equal(np.asarray(kept[i].routes)[real], out.routes[i][real])
+  # Routes and gates replayed: only the routers moved, so every log-prob is the sampling one.
+  assert sorted(out.gates) == [0, 1] and out.gates[0].shape == out.routes[0].shape
+  both, _ = score(model, {i: jnp.asarray(r) for i, r in out.routes.items()},
+                  {i: jnp.asarray(g) for i, g in out.gates.items()})
+  np.testing.assert_allclose(both, out.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_routing_traces_are_written_and_read(tmp_path):
@@ -167,6 +249,30 @@ def test_routing_traces_are_written_and_read(tmp_path):
   moved = (np.sort(traces[3]["layer1"], -1) != np.sort(layer, -1)).any(-1)[mask].mean()
   assert stability["steps"] == [6] and stability["changed"] == [pytest.approx(moved)]
   assert stability["final_agreement"][-1] == 1.0
+  # Logged at each trace after the first: the same `changed` per layer (`routing` split); and
+  # the routing health of every MoE layer at each log step (`train` split).
+  import json  # pylint: disable=import-outside-toplevel
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  logged = [r for r in records if r["split"] == "routing"]
+  assert [r["step"] for r in logged] == [6]
+  assert logged[0]["layer1/changed_fraction"] == pytest.approx(moved)
+  train_logs = [r for r in records if r["split"] == "train"]
+  E = config.model.moe.num_experts
+  layers = [int(k[5:]) for k in traces[6] if k.startswith("layer")]
+  assert layers
+  for i in layers:
+    health = {k: train_logs[-1][f"moe/layer{i}/{k}"]
+              for k in ("router_confidence", "load_cv", "expert_load", "dropped_fraction")}
+    assert 1 / E <= health["router_confidence"] <= 1 and health["load_cv"] >= 0
+    assert len(health["expert_load"]) == E and sum(health["expert_load"]) == pytest.approx(1)
+  # A resumed run compares its first trace with the last one on disk.
+  config.num_train_steps = 9
+  train.train_and_evaluate(config, str(tmp_path))
+  traces = analysis.read_routing_traces(str(tmp_path / "routing"))
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  resumed = [r for r in records if r["split"] == "routing" and r["step"] == 9]
+  assert len(resumed) == 1 and resumed[0]["layer1/changed_fraction"] == pytest.approx(
+      analysis.routes_changed(traces[6]["layer1"], traces[9]["layer1"], traces[9]["mask"]))
   config.routing_trace_every = -1
   with pytest.raises(ValueError, match="config.routing_trace_every=-1"):
     train.validate_config(config)

@@ -180,8 +180,14 @@ def test_bench_train_reports_and_fsdp_gathers_only_weights():
   config = tiny.get_config()
   config_lib.apply_overrides(config, {"mesh.data": 1, "mesh.fsdp": 4, "mesh.model": 2,
                                  "model.vocab_size": 0})
-  out = bench_train.benchmark(config, steps=2, warmup=1, peak_tflops_per_device=1.0, audit=True)
+  out = bench_train.benchmark(config, steps=2, warmup=1, peak_tflops_per_device=1.0, audit=True,
+                              routing_trace=True)
   assert out["devices"] == 8 and out["step_s"] > 0 and out["compile_s"] > 0
+  # The trace's .npz holds uint8 experts [B, L, K] per MoE layer: under the raw bytes.
+  layers = len(train.validate_config(config).moe_layer_indices)
+  raw = config.batch_size * config.seq_len * (config.model.moe.top_k * layers + 1)
+  assert out["trace_s"] > 0 and 0 < out["trace_bytes"] < raw + 1024
+  assert "routing trace: " in bench_train.format_report(config, out)
   assert out["tokens_per_s"] == pytest.approx(config.batch_size * config.seq_len / out["step_s"])
   assert out["mfu"] == pytest.approx(out["flops_per_token"] * out["tokens_per_s"] / 8e12)
   assert np.isfinite(out["loss"]) and out["argument_bytes"] > 0
