@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_layers = 4
   # Query heads H.
   m.num_heads = 4
-  # Key/value heads K (0 = H: multi-head; smaller: grouped-query attention).
+  # Key/value heads N (0 = H: multi-head; smaller: grouped-query attention).
   m.num_kv_heads = 0
   # Head dim (0 = d_model // num_heads).
   m.head_dim = 0

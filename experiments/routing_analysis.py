@@ -111,7 +111,7 @@ def analyse_layer(rec: dict, batch: dict, num_experts: int, num_domains: int,
   """Every statistic of one MoE layer (see moejax.analysis)."""
   valid = batch["mask"] > 0
   topk, kept = rec["topk"], rec["kept"]
-  first_N = topk[..., 0][valid]
+  first_U = topk[..., 0][valid]
   tokens = batch["inputs"]
   previous = np.where(batch["segment_ids"][:, :-1] == batch["segment_ids"][:, 1:],
                       tokens[:, :-1], -1)
@@ -121,15 +121,15 @@ def analyse_layer(rec: dict, batch: dict, num_experts: int, num_domains: int,
             "position": (batch["positions"][valid] * POSITION_BUCKETS // seq_len, None),
             "previous": (previous[valid] + 1, None),
             "domain|token": (domain[valid], tokens[valid])}
-  information = {name: analysis.information_report(first_N, label, given)
+  information = {name: analysis.information_report(first_U, label, given)
                  for name, (label, given) in labels.items()}
   return {
       "tokens": int(valid.sum()),
-      "load": (np.bincount(first_N, minlength=num_experts) / len(first_N)).tolist(),
+      "load": (np.bincount(first_U, minlength=num_experts) / len(first_U)).tolist(),
       "information": information,
-      "lift": analysis.domain_expert_lift(first_N, domain[valid], num_domains,
+      "lift": analysis.domain_expert_lift(first_U, domain[valid], num_domains,
                                           num_experts).tolist(),
-      "top_tokens": analysis.top_tokens(first_N, tokens[valid], num_experts),
+      "top_tokens": analysis.top_tokens(first_U, tokens[valid], num_experts),
       "consecutive": analysis.consecutive_sharing(topk, valid, batch["segment_ids"],
                                                   batch["domain"]),
       "drops": analysis.drop_rates(kept, valid, batch["positions"], batch["domain"],

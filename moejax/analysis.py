@@ -3,14 +3,14 @@
 The published answers (OpenMoE, Mixtral, ST-MoE): experts specialise by *token identity* far more
 than by topic or language; routing is decided early in training; consecutive tokens share an
 expert more often than chance; with position-priority capacity, drops concentrate late in the
-sequence. Everything here works on plain arrays of N real tokens (or [B, L] blocks), so it runs on
+sequence. Everything here works on plain arrays of U real tokens (or [B, L] blocks), so it runs on
 any model's routing; `experiments/routing_analysis.py` records a trained run and writes a report.
 
-- Information: `mutual_information(counts_XY)` (plug-in, bits), `conditional_mutual_information`,
+- Information: `mutual_information(counts)` (plug-in, bits), `conditional_mutual_information`,
   and `information_report`: I(expert; label) for any labels (domain, token, position bucket,
   previous token) and I(expert; domain | token), each with its *shuffled-label baseline* (the
   mean MI after permuting the label, within each token for the conditional one) subtracted. A
-  plug-in MI is biased upward by about (cells - 1) / (2 N ln 2) bits, which for a 32k-token label
+  plug-in MI is biased upward by about (cells - 1) / (2 U ln 2) bits, which for a 32k-token label
   and a few thousand tokens exceeds the real signal; the baseline removes that bias, so random
   routing reads ~0. Shares are divided by H(expert). A split-half difference gives the sampling
   spread. The baseline is the bias *under independence*: where routing strongly depends on a
@@ -35,10 +35,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def contingency(x_N: np.ndarray, y_N: np.ndarray, num_x: int, num_y: int) -> np.ndarray:
-  """Counts `[num_x, num_y]` of the pairs (x_n, y_n)."""
+def contingency(x_U: np.ndarray, y_U: np.ndarray, num_x: int, num_y: int) -> np.ndarray:
+  """Counts `[num_x, num_y]` of the pairs (x[u], y[u])."""
   counts = np.zeros((num_x, num_y), np.float64)
-  np.add.at(counts, (np.asarray(x_N, np.int64), np.asarray(y_N, np.int64)), 1.0)
+  np.add.at(counts, (np.asarray(x_U, np.int64), np.asarray(y_U, np.int64)), 1.0)
   return counts
 
 
@@ -49,62 +49,62 @@ def entropy(p: np.ndarray) -> float:
   return float(-np.sum(p * np.log2(p)))
 
 
-def mutual_information(counts_XY: np.ndarray) -> float:
-  """I(X; Y) in bits = H(X) + H(Y) - H(X, Y) (plug-in)."""
-  counts_XY = np.asarray(counts_XY, np.float64)
-  if counts_XY.sum() == 0:
+def mutual_information(counts: np.ndarray) -> float:
+  """I(X; Y) in bits = H(X) + H(Y) - H(X, Y) (plug-in), from `counts` `[num_x, num_y]`."""
+  counts = np.asarray(counts, np.float64)
+  if counts.sum() == 0:
     return 0.0
-  return max(entropy(counts_XY.sum(1)) + entropy(counts_XY.sum(0)) - entropy(counts_XY), 0.0)
+  return max(entropy(counts.sum(1)) + entropy(counts.sum(0)) - entropy(counts), 0.0)
 
 
-def _joint_entropy(*columns_N: np.ndarray) -> float:
+def _joint_entropy(*columns_U: np.ndarray) -> float:
   """H of the tuple of integer columns, in bits (plug-in, from the observed tuples)."""
-  _, counts = np.unique(np.stack([np.asarray(c, np.int64) for c in columns_N]), axis=1,
+  _, counts = np.unique(np.stack([np.asarray(c, np.int64) for c in columns_U]), axis=1,
                         return_counts=True)
   return entropy(counts)
 
 
-def conditional_mutual_information(x_N, y_N, z_N) -> float:
+def conditional_mutual_information(x_U, y_U, z_U) -> float:
   """I(X; Y | Z) in bits = H(X, Z) + H(Y, Z) - H(X, Y, Z) - H(Z) (plug-in)."""
-  return max(_joint_entropy(x_N, z_N) + _joint_entropy(y_N, z_N) - _joint_entropy(x_N, y_N, z_N)
-             - _joint_entropy(z_N), 0.0)
+  return max(_joint_entropy(x_U, z_U) + _joint_entropy(y_U, z_U) - _joint_entropy(x_U, y_U, z_U)
+             - _joint_entropy(z_U), 0.0)
 
 
-def _mi(experts_N, label_N, given_N) -> float:
-  if given_N is None:
-    return max(_joint_entropy(experts_N) + _joint_entropy(label_N)
-               - _joint_entropy(experts_N, label_N), 0.0)
-  return conditional_mutual_information(label_N, experts_N, given_N)
+def _mi(experts_U, label_U, given_U) -> float:
+  if given_U is None:
+    return max(_joint_entropy(experts_U) + _joint_entropy(label_U)
+               - _joint_entropy(experts_U, label_U), 0.0)
+  return conditional_mutual_information(label_U, experts_U, given_U)
 
 
-def _permute_within(label_N: np.ndarray, given_N: np.ndarray | None, rng) -> np.ndarray:
-  """`label_N` shuffled, within each value of `given_N` when set (keeps p(label | given))."""
-  if given_N is None:
-    return rng.permutation(label_N)
-  order = np.lexsort((rng.random(len(given_N)), given_N))  # random order inside each stratum
-  by_given = np.argsort(given_N, kind="stable")
-  out = np.empty_like(label_N)
-  out[by_given] = label_N[order]
+def _permute_within(label_U: np.ndarray, given_U: np.ndarray | None, rng) -> np.ndarray:
+  """`label_U` shuffled, within each value of `given_U` when set (keeps p(label | given))."""
+  if given_U is None:
+    return rng.permutation(label_U)
+  order = np.lexsort((rng.random(len(given_U)), given_U))  # random order inside each stratum
+  by_given = np.argsort(given_U, kind="stable")
+  out = np.empty_like(label_U)
+  out[by_given] = label_U[order]
   return out
 
 
-def information_report(experts_N: np.ndarray, label_N: np.ndarray,
-                       given_N: np.ndarray | None = None, *, rounds: int = 4,
+def information_report(experts_U: np.ndarray, label_U: np.ndarray,
+                       given_U: np.ndarray | None = None, *, rounds: int = 4,
                        seed: int = 0) -> dict[str, float]:
   """I(expert; label [| given]) with its shuffled-label baseline, in bits and as a share of
   H(expert); `spread_share` is |share(first half) - share(second half)| (sampling noise)."""
-  experts_N, label_N = np.asarray(experts_N, np.int64), np.asarray(label_N, np.int64)
-  given_N = None if given_N is None else np.asarray(given_N, np.int64)
+  experts_U, label_U = np.asarray(experts_U, np.int64), np.asarray(label_U, np.int64)
+  given_U = None if given_U is None else np.asarray(given_U, np.int64)
   rng = np.random.default_rng(seed)
 
   def corrected(idx):
-    e, l, g = experts_N[idx], label_N[idx], None if given_N is None else given_N[idx]
+    e, l, g = experts_U[idx], label_U[idx], None if given_U is None else given_U[idx]
     mi = _mi(e, l, g)
     baseline = float(np.mean([_mi(e, _permute_within(l, g, rng), g) for _ in range(rounds)]))
     return mi, baseline
 
-  n = len(experts_N)
-  h_expert = _joint_entropy(experts_N) if n else 0.0
+  n = len(experts_U)
+  h_expert = _joint_entropy(experts_U) if n else 0.0
   mi, baseline = corrected(np.arange(n))
   scale = 1.0 / h_expert if h_expert > 0 else 0.0
   # Contiguous halves: records are row-major, so each half holds other rows and documents.
@@ -116,35 +116,35 @@ def information_report(experts_N: np.ndarray, label_N: np.ndarray,
                           * scale}
 
 
-def routing_report(experts_N: np.ndarray, tokens_N: np.ndarray, domains_N: np.ndarray,
+def routing_report(experts_U: np.ndarray, tokens_U: np.ndarray, domains_U: np.ndarray,
                    num_experts: int) -> dict[str, float]:
   """Bias-corrected shares of H(expert) explained by the domain, the token, and the domain
-  beyond the token, for one layer's top-1 choices over N real tokens."""
+  beyond the token, for one layer's top-1 choices over U real tokens."""
   del num_experts  # Read from the data; kept for callers that pass it.
-  out = {"tokens": float(len(experts_N))}
-  for name, label, given in (("domain", domains_N, None), ("token", tokens_N, None),
-                             ("domain_given_token", domains_N, tokens_N)):
-    report = information_report(experts_N, label, given)
+  out = {"tokens": float(len(experts_U))}
+  for name, label, given in (("domain", domains_U, None), ("token", tokens_U, None),
+                             ("domain_given_token", domains_U, tokens_U)):
+    report = information_report(experts_U, label, given)
     out[f"{name}_share"] = report["share"]
     out["expert_entropy_bits"] = report["expert_entropy_bits"]
   return out
 
 
-def domain_expert_lift(experts_N: np.ndarray, domains_N: np.ndarray, num_domains: int,
+def domain_expert_lift(experts_U: np.ndarray, domains_U: np.ndarray, num_domains: int,
                        num_experts: int) -> np.ndarray:
   """`[num_domains, num_experts]`: p(expert | domain) / p(expert); 1 = chance, 0 = never."""
-  counts = contingency(domains_N, experts_N, num_domains, num_experts)
+  counts = contingency(domains_U, experts_U, num_domains, num_experts)
   p_e = counts.sum(0) / max(counts.sum(), 1)
   p_e_given_d = counts / np.maximum(counts.sum(1, keepdims=True), 1)
   return np.divide(p_e_given_d, p_e, out=np.zeros_like(p_e_given_d), where=p_e > 0)
 
 
-def top_tokens(experts_N: np.ndarray, tokens_N: np.ndarray, num_experts: int, *, n: int = 8,
+def top_tokens(experts_U: np.ndarray, tokens_U: np.ndarray, num_experts: int, *, n: int = 8,
                min_count: int = 20) -> list[list[tuple[int, int, float]]]:
   """Per expert, up to `n` (token, times routed there, p(expert | token)) among tokens seen at
   least `min_count` times, highest p(expert | token) first: the tokens the expert owns."""
-  tokens_N, experts_N = np.asarray(tokens_N, np.int64), np.asarray(experts_N, np.int64)
-  counts = contingency(tokens_N, experts_N, tokens_N.max() + 1, num_experts)
+  tokens_U, experts_U = np.asarray(tokens_U, np.int64), np.asarray(experts_U, np.int64)
+  counts = contingency(tokens_U, experts_U, tokens_U.max() + 1, num_experts)
   totals = counts.sum(1)
   frequent = np.flatnonzero(totals >= min_count)
   out = []
@@ -189,30 +189,31 @@ def consecutive_sharing(topk_BLK: np.ndarray, valid_BL: np.ndarray, segment_ids_
   topk_BLK = np.asarray(topk_BLK)
   valid_BL = np.asarray(valid_BL, bool)
   pair_BL = _neighbour_pairs(valid_BL, segment_ids_BL)
-  left_PK, right_PK = topk_BLK[:, :-1][pair_BL], topk_BLK[:, 1:][pair_BL]
-  real_NK = topk_BLK[valid_BL]
+  # The pairs, as their tokens t (a token with a neighbour t+1), and every real token.
+  left_UK, right_UK = topk_BLK[:, :-1][pair_BL], topk_BLK[:, 1:][pair_BL]
+  real_UK = topk_BLK[valid_BL]
   rng = np.random.default_rng(seed)
 
-  def random_partners(sel_P, pool_N):
-    """A random token of `pool_N` (indices into real_NK) for each pair in `sel_P`."""
-    return real_NK[pool_N[rng.integers(0, len(pool_N), int(sel_P.sum()))]]
+  def random_partners(sel_U, pool_U):
+    """A random token of `pool_U` (indices into real_UK) for each pair in `sel_U`."""
+    return real_UK[pool_U[rng.integers(0, len(pool_U), int(sel_U.sum()))]]
 
-  def rates(a_PK, b_PK):
-    first = a_PK[:, 0] == b_PK[:, 0]
-    any_ = (a_PK[:, :, None] == b_PK[:, None, :]).any((1, 2))
+  def rates(a_UK, b_UK):
+    first = a_UK[:, 0] == b_UK[:, 0]
+    any_ = (a_UK[:, :, None] == b_UK[:, None, :]).any((1, 2))
     return first, any_
 
-  first, any_ = rates(left_PK, right_PK)
-  groups = {"all": (np.ones(len(left_PK), bool), np.arange(len(real_NK)))}
+  first, any_ = rates(left_UK, right_UK)
+  groups = {"all": (np.ones(len(left_UK), bool), np.arange(len(real_UK)))}
   if domain_BL is not None:
-    domain_P = np.asarray(domain_BL)[:, :-1][pair_BL]
-    domain_N = np.asarray(domain_BL)[valid_BL]
-    groups.update({int(d): (domain_P == d, np.flatnonzero(domain_N == d))
-                   for d in np.unique(domain_P) if d >= 0})
+    left_domain_U = np.asarray(domain_BL)[:, :-1][pair_BL]
+    domain_U = np.asarray(domain_BL)[valid_BL]
+    groups.update({int(d): (left_domain_U == d, np.flatnonzero(domain_U == d))
+                   for d in np.unique(left_domain_U) if d >= 0})
   out = {}
   for name, (sel, pool) in groups.items():
     if sel.any():
-      first_chance, any_chance = rates(left_PK[sel], random_partners(sel, pool))
+      first_chance, any_chance = rates(left_UK[sel], random_partners(sel, pool))
       out[name] = {"pairs": int(sel.sum()), "first": float(first[sel].mean()),
                    "first_chance": float(first_chance.mean()),
                    "any": float(any_[sel].mean()), "any_chance": float(any_chance.mean())}
@@ -229,18 +230,18 @@ def drop_rates(kept_BLK: np.ndarray, valid_BL: np.ndarray, positions_BL: np.ndar
   kept_BLK, valid_BL = np.asarray(kept_BLK, bool), np.asarray(valid_BL, bool)
   positions_BL = np.asarray(positions_BL)
   wanted_BLK = np.ones_like(kept_BLK) if wanted_BLK is None else np.asarray(wanted_BLK, bool)
-  lost_NK = (wanted_BLK & ~kept_BLK)[valid_BL]
-  dropped_N = lost_NK.sum(-1) / np.maximum(wanted_BLK[valid_BL].sum(-1), 1)  # per token
+  lost_UK = (wanted_BLK & ~kept_BLK)[valid_BL]
+  dropped_U = lost_UK.sum(-1) / np.maximum(wanted_BLK[valid_BL].sum(-1), 1)  # per token
   max_position = max_position or int(positions_BL.max()) + 1
-  bucket_N = np.minimum(positions_BL[valid_BL] * num_buckets // max_position, num_buckets - 1)
-  by_bucket = [float(dropped_N[bucket_N == b].mean()) if (bucket_N == b).any() else None
+  bucket_U = np.minimum(positions_BL[valid_BL] * num_buckets // max_position, num_buckets - 1)
+  by_bucket = [float(dropped_U[bucket_U == b].mean()) if (bucket_U == b).any() else None
                for b in range(num_buckets)]
-  out = {"all": float(dropped_N.mean()) if len(dropped_N) else 0.0, "by_position": by_bucket,
+  out = {"all": float(dropped_U.mean()) if len(dropped_U) else 0.0, "by_position": by_bucket,
          "bucket_edges": [b * max_position // num_buckets for b in range(num_buckets + 1)]}
   if domain_BL is not None:
-    domain_N = np.asarray(domain_BL)[valid_BL]
-    out["by_domain"] = {int(d): float(dropped_N[domain_N == d].mean())
-                        for d in np.unique(domain_N) if d >= 0}
+    domain_U = np.asarray(domain_BL)[valid_BL]
+    out["by_domain"] = {int(d): float(dropped_U[domain_U == d].mean())
+                        for d in np.unique(domain_U) if d >= 0}
   return out
 
 

@@ -179,15 +179,16 @@ def rope(x_BLNd: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding (rotate-half form) at integer `positions_BL`, in float32."""
   d = x_BLNd.shape[-1]
   inv_freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) / (d // 2))
-  angle_BL1h = (positions_BL.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
-  sin, cos = jnp.sin(angle_BL1h), jnp.cos(angle_BL1h)
+  # [B, L, 1, d/2]: one angle per position and frequency, broadcast over the heads.
+  angle = (positions_BL.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
   x = x_BLNd.astype(jnp.float32)
   x1, x2 = x[..., : d // 2], x[..., d // 2:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BLNd.dtype)
 
 
 class Attention(nnx.Module):
-  """Causal (document-causal) self-attention with RoPE; grouped-query when K < H."""
+  """Causal (document-causal) self-attention with RoPE; grouped-query when N < H."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     D, H, N, d = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dh

@@ -11,9 +11,10 @@ expert `i` runs its FFN on its `[G*C, D]` slots with stacked weights `w_up_EDF`,
 contributes exactly zero: the token continues through the residual connection of the block.
 
 Dropless (`dispatch="dropless"`, `_dropless_experts`): no capacity buffer. The kept (token,
-choice) pairs of the device's groups are sorted by expert into `[M, D]` rows (M = T*K) and each
-expert's FFN runs on its rows as grouped matmuls (`moejax.grouped`); under expert parallelism the
-rows travel to their experts' devices by a buffered or ragged all-to-all (`_exchange`).
+choice) pairs of the device's groups are sorted by expert into `[A, D]` rows (A = U*K, U the
+device's tokens) and each expert's FFN runs on its rows as grouped matmuls (`moejax.grouped`);
+under expert parallelism the rows travel to their experts' devices by a buffered or ragged
+all-to-all (`_exchange`).
 
 Expert parallelism: when a mesh with an `expert` axis is set (`jax.set_mesh`), groups are sharded
 over (`data`, `expert`) and expert weights over `expert`. Inside `jax.shard_map` every device
@@ -164,8 +165,8 @@ def moe_groups(x_GSD: jax.Array, valid_GS: jax.Array, weights: dict[str, jax.Arr
   sums.update(transport_sums)
   if reduce_axes:
     sums = jax.lax.psum(sums, reduce_axes)
-  return y_GSD, sums, {"router_topk": r.router_expert_SK, "kept": r.kept_SK,
-                       "wanted": r.wanted_SK, "gate": r.gate_SK}
+  return y_GSD, sums, {"router_topk": r.router_expert, "kept": r.kept,
+                       "wanted": r.wanted, "gate": r.gate}
 
 
 def _capacity_experts(x_GSD, r, weights, dropout_key, *, cfg, capacity, expert_axis,
@@ -215,25 +216,25 @@ def _dropless_experts(x_GSD, r, weights, *, cfg, expert_axis, model_axis):
   `ep_overflow` (pairs a full receive buffer dropped) and `assignments` (kept pairs)."""
   G, S, D = x_GSD.shape
   E = cfg.num_experts
-  K = r.expert_SK.shape[-1]
-  kept_TK = r.kept_SK.reshape(G * S, K)
-  pairs = dispatch_lib.expert_sort(r.expert_SK.reshape(G * S, K), kept_TK, E)
-  x_MD = dispatch_lib.dispatch_sorted(x_GSD.reshape(G * S, D), pairs)
+  K = r.expert.shape[-1]
+  kept_UK = r.kept.reshape(G * S, K)
+  pairs = dispatch_lib.expert_sort(r.expert.reshape(G * S, K), kept_UK, E)
+  x_AD = dispatch_lib.dispatch_sorted(x_GSD.reshape(G * S, D), pairs)
 
-  def ffn(x_XD, group_sizes_L):  # rows sorted by (local) expert, L = local experts
-    y_XD = grouped.grouped_ffn(x_XD, {n: w for n, w in weights.items() if n != "router"},
-                               group_sizes_L, activation=cfg.activation, impl=cfg.grouped_matmul)
+  def ffn(x_AD, group_sizes_E):  # rows sorted by (local) expert: E is the local experts
+    y_AD = grouped.grouped_ffn(x_AD, {n: w for n, w in weights.items() if n != "router"},
+                               group_sizes_E, activation=cfg.activation, impl=cfg.grouped_matmul)
     if model_axis is not None:  # Partial sums over this device's hidden units -> full output.
-      y_XD = jax.lax.psum(y_XD, model_axis)
-    return y_XD
+      y_AD = jax.lax.psum(y_AD, model_axis)
+    return y_AD
 
   if expert_axis is None:
-    y_MD, overflow = ffn(x_MD, pairs.group_sizes_E), jnp.zeros((), jnp.float32)
+    y_AD, overflow = ffn(x_AD, pairs.group_sizes_E), jnp.zeros((), jnp.float32)
   else:
-    y_MD, overflow = _exchange(x_MD, pairs.group_sizes_E, ffn, cfg=cfg, expert_axis=expert_axis)
-  y_GSD = dispatch_lib.combine_sorted(y_MD, r.gate_SK.reshape(G * S, K), pairs).reshape(G, S, D)
+    y_AD, overflow = _exchange(x_AD, pairs.group_sizes_E, ffn, cfg=cfg, expert_axis=expert_axis)
+  y_GSD = dispatch_lib.combine_sorted(y_AD, r.gate.reshape(G * S, K), pairs).reshape(G, S, D)
   return y_GSD, {"ep_overflow": overflow,
-                 "assignments": jnp.sum(kept_TK.astype(jnp.float32))}
+                 "assignments": jnp.sum(kept_UK.astype(jnp.float32))}
 
 
 def receive_rows(pairs: int, ep: int, factor: float | None) -> int:
@@ -244,57 +245,58 @@ def receive_rows(pairs: int, ep: int, factor: float | None) -> int:
   return max(1, min(pairs, math.ceil(factor * pairs / ep)))
 
 
-def _exchange(x_MD, group_sizes_E, ffn, *, cfg, expert_axis):
+def _exchange(x_AD, group_sizes_E, ffn, *, cfg, expert_axis):
   """Dropless expert parallelism inside `shard_map`: this device's expert-sorted rows go to the
   devices holding their experts (E/ep consecutive experts per device), each device runs its
   local grouped FFN on what it received, and the results come back.
 
-  Every source sends at most R rows to each destination (`receive_rows`); the receive side is a
-  `[ep, R, D]` buffer, chunk s from source s. Rows past R are dropped (their output is zero, as
-  a capacity drop) and counted. Per-expert counts travel first (one small all_to_all), so the
-  receiver knows each row's expert. `buffered` moves the whole buffer with a dense all_to_all;
-  `ragged` moves only the rows with `jax.lax.ragged_all_to_all`, into the same layout.
-  Returns `(y_MD, dropped pairs)`.
+  Every source sends at most W rows to each destination (`receive_rows`); the receive side is a
+  `[J, W, D]` buffer (J = ep devices), chunk j from source j. Rows past W are dropped (their
+  output is zero, as a capacity drop) and counted. Per-expert counts travel first (one small
+  all_to_all), so the receiver knows each row's expert. `buffered` moves the whole buffer with a
+  dense all_to_all; `ragged` moves only the rows with `jax.lax.ragged_all_to_all`, into the same
+  layout. Returns `(y_AD, dropped pairs)`.
   """
-  M, D = x_MD.shape
+  A, D = x_AD.shape
   E = group_sizes_E.shape[0]
   ep = jax.lax.axis_size(expert_axis)
   if ep == 1:  # Every expert is local: nothing to move, nothing to drop.
-    return ffn(x_MD, group_sizes_E), jnp.zeros((), jnp.float32)
+    return ffn(x_AD, group_sizes_E), jnp.zeros((), jnp.float32)
   me = jax.lax.axis_index(expert_axis)
   El = E // ep
-  R = receive_rows(M, ep, cfg.receive_buffer_factor)
+  W = receive_rows(A, ep, cfg.receive_buffer_factor)
   count_E = group_sizes_E
   start_E = jnp.cumsum(count_E) - count_E
   count_J = count_E.reshape(ep, El).sum(axis=1)  # rows for each destination device
   start_J = jnp.cumsum(count_J) - count_J
-  sent_J = jnp.minimum(count_J, R)
-  # Rows of expert e that fit: the destination's first R rows, in expert order.
+  sent_J = jnp.minimum(count_J, W)
+  # Rows of expert e that fit: the destination's first W rows, in expert order.
   offset_E = start_E - jnp.repeat(start_J, El)
-  sent_E = jnp.clip(R - offset_E, 0, count_E).astype(jnp.int32)
+  sent_E = jnp.clip(W - offset_E, 0, count_E).astype(jnp.int32)
   dropped = jnp.sum(count_J - sent_J).astype(jnp.float32)
-  recv_count_SL = jax.lax.all_to_all(sent_E.reshape(ep, El), expert_axis, 0, 0, tiled=True)
+  # [J, E]: the rows each source sends for each of this device's E / ep experts.
+  recv_count_JE = jax.lax.all_to_all(sent_E.reshape(ep, El), expert_axis, 0, 0, tiled=True)
 
-  # Buffer position of each sorted row (ep*R: dropped or past the kept rows), and the inverse.
-  row_M = jnp.arange(M, dtype=jnp.int32)
-  dest_M = jnp.searchsorted(jnp.cumsum(count_J), row_M, side="right").astype(jnp.int32)
-  in_range_M = dest_M < ep
-  dest_M = jnp.minimum(dest_M, ep - 1)
-  r_M = row_M - start_J[dest_M]
-  slot_M = jnp.where(in_range_M & (r_M < R), dest_M * R + r_M, ep * R)
-  r_R = jnp.arange(R, dtype=jnp.int32)
-  source_JR = jnp.where(r_R[None, :] < sent_J[:, None], start_J[:, None] + r_R[None, :], M)
+  # Buffer position of each sorted row (ep*W: dropped or past the kept rows), and the inverse.
+  row_A = jnp.arange(A, dtype=jnp.int32)
+  dest_A = jnp.searchsorted(jnp.cumsum(count_J), row_A, side="right").astype(jnp.int32)
+  in_range_A = dest_A < ep
+  dest_A = jnp.minimum(dest_A, ep - 1)
+  r_A = row_A - start_J[dest_A]
+  slot_A = jnp.where(in_range_A & (r_A < W), dest_A * W + r_A, ep * W)
+  r_W = jnp.arange(W, dtype=jnp.int32)
+  source_JW = jnp.where(r_W[None, :] < sent_J[:, None], start_J[:, None] + r_W[None, :], A)
 
-  def buffered_there(x_MD):
-    send_JRD = grouped.permute_rows(x_MD, source_JR.reshape(-1), slot_M).reshape(ep, R, D)
-    return jax.lax.all_to_all(send_JRD, expert_axis, 0, 0, tiled=True).reshape(ep * R, D)
+  def buffered_there(x_AD):
+    send_JWD = grouped.permute_rows(x_AD, source_JW.reshape(-1), slot_A).reshape(ep, W, D)
+    return jax.lax.all_to_all(send_JWD, expert_axis, 0, 0, tiled=True).reshape(ep * W, D)
 
-  def buffered_back(y_XD):
-    y_JRD = jax.lax.all_to_all(y_XD.reshape(ep, R, D), expert_axis, 0, 0, tiled=True)
-    return grouped.permute_rows(y_JRD.reshape(ep * R, D), slot_M, source_JR.reshape(-1))
+  def buffered_back(y_AD):
+    y_JWD = jax.lax.all_to_all(y_AD.reshape(ep, W, D), expert_axis, 0, 0, tiled=True)
+    return grouped.permute_rows(y_JWD.reshape(ep * W, D), slot_A, source_JW.reshape(-1))
 
   start_J, sent_J = start_J.astype(jnp.int32), sent_J.astype(jnp.int32)
-  recv_S = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)  # rows from each source
+  recv_J = jax.lax.all_to_all(sent_J, expert_axis, 0, 0, tiled=True)  # rows from each source
 
   def as_varying_like(a, like):  # shard_map's types: ragged_all_to_all's result (and the
     # buffer it writes into) must vary over the token axes as the rows do, or the backward
@@ -305,31 +307,31 @@ def _exchange(x_MD, group_sizes_E, ffn, *, cfg, expert_axis):
   def zeros_like_tokens(shape, like):
     return as_varying_like(jnp.zeros(shape, like.dtype), like)
 
-  def ragged_there(x_MD):  # Source chunk s lands at rows [s*R, s*R + its size) of the receiver.
+  def ragged_there(x_AD):  # Source chunk s lands at rows [s*W, s*W + its size) of the receiver.
     return jax.lax.ragged_all_to_all(
-        x_MD, zeros_like_tokens((ep * R, D), x_MD), start_J, sent_J,
-        jnp.full((ep,), me * R, jnp.int32), recv_S, axis_name=expert_axis)
+        x_AD, zeros_like_tokens((ep * W, D), x_AD), start_J, sent_J,
+        jnp.full((ep,), me * W, jnp.int32), recv_J, axis_name=expert_axis)
 
-  def ragged_back(y_XD):  # ... and back to where each source's rows started.
-    source_start_S = jax.lax.all_to_all(start_J, expert_axis, 0, 0, tiled=True)
+  def ragged_back(y_AD):  # ... and back to where each source's rows started.
+    source_start_J = jax.lax.all_to_all(start_J, expert_axis, 0, 0, tiled=True)
     return jax.lax.ragged_all_to_all(
-        y_XD, zeros_like_tokens((M, D), y_XD), (jnp.arange(ep) * R).astype(jnp.int32), recv_S,
-        source_start_S, sent_J, axis_name=expert_axis)
+        y_AD, zeros_like_tokens((A, D), y_AD), (jnp.arange(ep) * W).astype(jnp.int32), recv_J,
+        source_start_J, sent_J, axis_name=expert_axis)
 
   def run(there, back):
-    x_XD = there(x_MD)
+    recv_AD = there(x_AD)  # [J * W, D]: the pairs this device's experts received
     # On the receiver: each row's local expert from the counts, rows sorted by it.
-    end_SL = jnp.cumsum(recv_count_SL, axis=1)
-    local_SR = jax.vmap(lambda e: jnp.searchsorted(e, r_R, side="right"))(end_SL)
-    key_X = local_SR.reshape(-1).astype(jnp.int32)  # El: an empty row
-    order_X = jnp.argsort(key_X, stable=True).astype(jnp.int32)
-    kept_X = key_X[order_X] < El
-    take_X = jnp.where(kept_X, order_X, ep * R)
-    inverse_X = jnp.full((ep * R + 1,), ep * R, jnp.int32).at[
-        jnp.where(kept_X, order_X, ep * R)].set(jnp.arange(ep * R, dtype=jnp.int32))[:ep * R]
-    xs_XD = grouped.permute_rows(x_XD, take_X, inverse_X)
-    ys_XD = ffn(xs_XD, jnp.sum(recv_count_SL, axis=0))
-    return as_varying_like(back(grouped.permute_rows(ys_XD, inverse_X, take_X)), x_MD)
+    end_JE = jnp.cumsum(recv_count_JE, axis=1)
+    local_JW = jax.vmap(lambda e: jnp.searchsorted(e, r_W, side="right"))(end_JE)
+    key_A = local_JW.reshape(-1).astype(jnp.int32)  # El: an empty row
+    order_A = jnp.argsort(key_A, stable=True).astype(jnp.int32)
+    kept_A = key_A[order_A] < El
+    take_A = jnp.where(kept_A, order_A, ep * W)
+    inverse_A = jnp.full((ep * W + 1,), ep * W, jnp.int32).at[
+        jnp.where(kept_A, order_A, ep * W)].set(jnp.arange(ep * W, dtype=jnp.int32))[:ep * W]
+    xs_AD = grouped.permute_rows(recv_AD, take_A, inverse_A)
+    ys_AD = ffn(xs_AD, jnp.sum(recv_count_JE, axis=0))
+    return as_varying_like(back(grouped.permute_rows(ys_AD, inverse_A, take_A)), x_AD)
 
   if cfg.ep_transport == "ragged":
     return run(ragged_there, ragged_back), dropped

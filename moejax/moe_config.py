@@ -127,8 +127,8 @@ class MoEConfig:
   expert_init_scale: float = 1.0
   # Dropout rate on the expert hidden activations in training (Switch "expert dropout").
   expert_dropout: float = 0.0
-  # Dispatch implementation: sort (gather into capacity buffers, O(T*K*D)), onehot (einsum,
-  # O(T*S*K*CF*D)), or dropless (no capacity: pairs sorted by expert, grouped matmuls; the
+  # Dispatch implementation: sort (gather into capacity buffers, O(U*K*D)), onehot (einsum,
+  # O(U*S*K*CF*D)), or dropless (no capacity: pairs sorted by expert, grouped matmuls; the
   # capacity-only fields above must keep their defaults, see DROPLESS_IGNORES).
   dispatch: str = "sort"
   # Dropless only. Grouped-matmul implementation (moejax.grouped): auto (blocked on CPU,

@@ -1,11 +1,12 @@
 """Routing math for Mixture-of-Experts layers, as pure functions on arrays.
 
 Everything a paper specifies about *which token goes to which expert slot* lives here, so it can be
-read against the papers line by line and tested without building a model. Shapes use one letter
-per axis:
+read against the papers line by line and tested without building a model. Shapes use the
+package's one-letter axes (`moejax/__init__.py`):
 
   G groups, S tokens per group, E experts, K experts per token (top_k), C capacity (slots per
-  expert per group), D model width.
+  expert per group), D model width; A flattened (token, choice) pairs; Q expert groups and k the
+  groups each token keeps (group-limited routing).
 
 Pipeline for one group (`route_group`; `route` vmaps it over groups):
 
@@ -142,38 +143,42 @@ def router_logits(x_GSD: jax.Array, w_DE: jax.Array, *, dtype=jnp.float32,
 
 
 class Routing(NamedTuple):
-  """Where each of a token's K choices went. Leading dims `[G, S]` (or `[S]` for one group)."""
-  router_expert_SK: jax.Array  # int32: the router's top-K experts, before policy and capacity
-  expert_SK: jax.Array  # int32: the expert each choice finally uses (differs after reroute)
-  slot_SK: jax.Array  # int32: the choice's slot in that expert's buffer, valid where kept
-  kept_SK: jax.Array  # bool: the choice has a slot (it is computed and combined)
-  wanted_SK: jax.Array  # bool: the choice asked for a slot (valid token, kept by the policy)
-  gate_SK: jax.Array  # combine weight (router dtype), 0 where not kept
-  probs_SE: jax.Array  # router probabilities (router dtype)
-  logits_SE: jax.Array  # router logits (for the z-loss)
+  """Where each of a token's K choices went. Every field has shape `[..., S, K]` (`probs` and
+  `logits`: `[..., S, E]`), with a leading G when `route` vmaps over groups (`[G, S, K]`) and
+  none for one group (`route_group`: `[S, K]`)."""
+  router_expert: jax.Array  # int32: the router's top-K experts, before policy and capacity
+  expert: jax.Array  # int32: the expert each choice finally uses (differs after reroute)
+  slot: jax.Array  # int32: the choice's slot in that expert's buffer, valid where kept
+  kept: jax.Array  # bool: the choice has a slot (it is computed and combined)
+  wanted: jax.Array  # bool: the choice asked for a slot (valid token, kept by the policy)
+  gate: jax.Array  # combine weight (router dtype), 0 where not kept
+  probs: jax.Array  # router probabilities (router dtype)
+  logits: jax.Array  # router logits (for the z-loss)
 
 
-def _claim_slots(expert_N: jax.Array, wants_N: jax.Array, fill_E: jax.Array,
+def _claim_slots(expert_A: jax.Array, wants_A: jax.Array, fill_E: jax.Array,
                  capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Gives slots to N choices listed in priority order (earlier wins).
+  """Gives slots to A choices (flattened (token, choice) pairs) listed in priority order (earlier
+  wins).
 
-  Choice n wanting expert e gets slot `fill_E[e] + (number of earlier choices wanting e)`; it is
-  kept if that slot is < capacity. A stable sort by expert makes this O(N log N), independent of
-  E, instead of a cumulative sum over an [N, E] one-hot.
-  Returns (slot_N, kept_N, new fill_E).
+  Choice a wanting expert e gets slot `fill_E[e] + (number of earlier choices wanting e)`; it is
+  kept if that slot is < capacity. A stable sort by expert makes this O(A log A), independent of
+  E, instead of a cumulative sum over an [A, E] one-hot.
+  Returns (slot_A, kept_A, new fill_E).
   """
   (num_experts,) = fill_E.shape
-  n = expert_N.shape[0]
-  key_N = jnp.where(wants_N, expert_N, num_experts)  # non-wanting choices sort last
-  order_N = jnp.argsort(key_N, stable=True)
-  count_X = jnp.bincount(key_N, length=num_experts + 1)
-  start_X = jnp.cumsum(count_X) - count_X
-  rank_sorted_N = jnp.arange(n, dtype=jnp.int32) - start_X[key_N[order_N]]
-  rank_N = jnp.zeros(n, jnp.int32).at[order_N].set(rank_sorted_N.astype(jnp.int32))
-  slot_N = fill_E[jnp.minimum(key_N, num_experts - 1)] + rank_N
-  kept_N = wants_N & (slot_N < capacity)
-  new_fill_E = jnp.minimum(fill_E + count_X[:num_experts], capacity)
-  return slot_N.astype(jnp.int32), kept_N, new_fill_E.astype(jnp.int32)
+  n = expert_A.shape[0]
+  key_A = jnp.where(wants_A, expert_A, num_experts)  # non-wanting choices sort last
+  order_A = jnp.argsort(key_A, stable=True)
+  # [E + 1]: choices per expert, the last bucket the non-wanting ones.
+  count = jnp.bincount(key_A, length=num_experts + 1)
+  start = jnp.cumsum(count) - count
+  rank_sorted_A = jnp.arange(n, dtype=jnp.int32) - start[key_A[order_A]]
+  rank_A = jnp.zeros(n, jnp.int32).at[order_A].set(rank_sorted_A.astype(jnp.int32))
+  slot_A = fill_E[jnp.minimum(key_A, num_experts - 1)] + rank_A
+  kept_A = wants_A & (slot_A < capacity)
+  new_fill_E = jnp.minimum(fill_E + count[:num_experts], capacity)
+  return slot_A.astype(jnp.int32), kept_A, new_fill_E.astype(jnp.int32)
 
 
 def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacity: int,
@@ -213,21 +218,21 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
     select_SE = probs_SE.astype(jnp.float32) + selection_bias_E.astype(jnp.float32)
   if num_expert_groups > 1:
     n = num_expert_groups
-    by_group_SNX = select_SE.reshape(S, n, E // n)
-    group_score_SN = jnp.sum(jax.lax.top_k(by_group_SNX, min(2, E // n))[0], axis=-1)
-    _, best_groups_SG = jax.lax.top_k(group_score_SN, topk_groups)
-    allowed_SN = jnp.zeros((S, n), bool).at[jnp.arange(S)[:, None], best_groups_SG].set(True)
-    allowed_SE = jnp.repeat(allowed_SN, E // n, axis=1)
+    by_group = select_SE.reshape(S, n, E // n)  # [S, Q, E / Q]
+    group_score_SQ = jnp.sum(jax.lax.top_k(by_group, min(2, E // n))[0], axis=-1)
+    _, best_groups_Sk = jax.lax.top_k(group_score_SQ, topk_groups)
+    allowed_SQ = jnp.zeros((S, n), bool).at[jnp.arange(S)[:, None], best_groups_Sk].set(True)
+    allowed_SE = jnp.repeat(allowed_SQ, E // n, axis=1)
     select_SE = jnp.where(allowed_SE, select_SE, -jnp.inf)
 
   # Router's choices. With reroute the full ranking is needed; top_k(E) breaks ties as top_k(K).
   num_ranked = E if overflow == "reroute" else K
-  _, ranking_SX = jax.lax.top_k(select_SE, num_ranked)
+  _, ranking = jax.lax.top_k(select_SE, num_ranked)  # [S, K], or [S, E] under reroute
   if forced_expert_SK is not None:  # Benchmarks: these experts instead of the router's top-K.
-    ranking_SX = forced_expert_SK.astype(jnp.int32)
-  top_p_SX = jnp.take_along_axis(probs_SE, ranking_SX, axis=-1)  # scores, without the bias
-  router_expert_SK = ranking_SX[:, :K].astype(jnp.int32)
-  top_p_SK = top_p_SX[:, :K]
+    ranking = forced_expert_SK.astype(jnp.int32)
+  ranking_p = jnp.take_along_axis(probs_SE, ranking, axis=-1)  # scores, without the bias
+  router_expert_SK = ranking[:, :K].astype(jnp.int32)
+  top_p_SK = ranking_p[:, :K]
   topk_sum_S = jnp.sum(top_p_SK, axis=-1)
 
   # Second-expert policy (GShard), applied to every choice after the first.
@@ -247,16 +252,16 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   inverse_S = jnp.argsort(token_order_S)
   fill_E = jnp.zeros((E,), jnp.int32)
   if priority == "token":  # token-major: token 0's K choices, then token 1's, ...
-    slot_N, kept_N, fill_E = _claim_slots(router_expert_SK.reshape(-1), wanted_SK.reshape(-1),
+    slot_A, kept_A, fill_E = _claim_slots(router_expert_SK.reshape(-1), wanted_SK.reshape(-1),
                                           fill_E, capacity)
-    slot_SK, kept_SK = slot_N.reshape(S, K), kept_N.reshape(S, K)
+    slot_SK, kept_SK = slot_A.reshape(S, K), kept_A.reshape(S, K)
   else:  # choice-major: all first choices, then all second choices, ...
     expert_KS = router_expert_SK[token_order_S].T
     wanted_KS = wanted_SK[token_order_S].T
-    slot_N, kept_N, fill_E = _claim_slots(expert_KS.reshape(-1), wanted_KS.reshape(-1), fill_E,
+    slot_A, kept_A, fill_E = _claim_slots(expert_KS.reshape(-1), wanted_KS.reshape(-1), fill_E,
                                           capacity)
-    slot_SK = slot_N.reshape(K, S).T[inverse_S]
-    kept_SK = kept_N.reshape(K, S).T[inverse_S]
+    slot_SK = slot_A.reshape(K, S).T[inverse_S]
+    kept_SK = kept_A.reshape(K, S).T[inverse_S]
   expert_SK = router_expert_SK
 
   if overflow == "reroute" and E > K:
@@ -266,12 +271,13 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
       unplaced_SK = wanted_SK & ~kept_SK
       has_unplaced_S = jnp.any(unplaced_SK, axis=-1)
       first_SK = jax.nn.one_hot(jnp.argmax(unplaced_SK, axis=-1), K, dtype=bool) & unplaced_SK
-      candidate_S = jax.lax.dynamic_index_in_dim(ranking_SX, K + r, axis=1, keepdims=False)
-      slot_N, kept_N, fill_E = _claim_slots(candidate_S[token_order_S].astype(jnp.int32),
+      candidate_S = jax.lax.dynamic_index_in_dim(ranking, K + r, axis=1, keepdims=False)
+      # One choice per token, in priority order.
+      slot_S, kept_S, fill_E = _claim_slots(candidate_S[token_order_S].astype(jnp.int32),
                                             has_unplaced_S[token_order_S], fill_E, capacity)
-      placed_SK = first_SK & kept_N[inverse_S][:, None]
+      placed_SK = first_SK & kept_S[inverse_S][:, None]
       expert_SK = jnp.where(placed_SK, candidate_S[:, None].astype(jnp.int32), expert_SK)
-      slot_SK = jnp.where(placed_SK, slot_N[inverse_S][:, None], slot_SK)
+      slot_SK = jnp.where(placed_SK, slot_S[inverse_S][:, None], slot_SK)
       return expert_SK, slot_SK, kept_SK | placed_SK, fill_E
 
     expert_SK, slot_SK, kept_SK, fill_E = jax.lax.fori_loop(
@@ -285,8 +291,8 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   elif renormalize == "before_drop":
     gate_SK = kept_p_SK / topk_sum_S[:, None]
   else:
-    kept_sum_S = jnp.sum(kept_p_SK, axis=-1, keepdims=True)
-    gate_SK = kept_p_SK / jnp.where(kept_sum_S > 0, kept_sum_S, 1.0)
+    kept_sum_S1 = jnp.sum(kept_p_SK, axis=-1, keepdims=True)
+    gate_SK = kept_p_SK / jnp.where(kept_sum_S1 > 0, kept_sum_S1, 1.0)
   if routed_scaling_factor != 1.0:
     gate_SK = gate_SK * jnp.asarray(routed_scaling_factor, gate_SK.dtype)
   if forced_gate_SK is not None:  # Replay: the recorded combine weights (already scaled).
@@ -385,42 +391,42 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *, balance_loss_choices: str =
   counting first choices only (uniform: 1/E^2). Both are averaged over the groups that hold at
   least one valid token.
   """
-  G, S, E = r.probs_SE.shape
-  K = r.expert_SK.shape[-1]
+  G, S, E = r.probs.shape
+  K = r.expert.shape[-1]
   valid_GS = valid_GS.astype(bool)
   validf_GS = valid_GS.astype(jnp.float32)
   n_G = jnp.sum(validf_GS, axis=-1)
   has_tokens_G = n_G > 0
   safe_n_G = jnp.maximum(n_G, 1.0)
 
-  probs_f32_GSE = r.probs_SE.astype(jnp.float32)  # Loss sums in float32 whatever the router dtype.
+  probs_f32_GSE = r.probs.astype(jnp.float32)  # Loss sums in float32 whatever the router dtype.
   if score == "sigmoid":  # A distribution over experts, for P and the entropy.
     probs_f32_GSE = probs_f32_GSE / jnp.maximum(jnp.sum(probs_f32_GSE, -1, keepdims=True), 1e-30)
   probs_GSE = jnp.where(valid_GS[..., None], probs_f32_GSE, 0.0)
-  P_GE = jnp.sum(probs_GSE, axis=1) / safe_n_G[:, None]
-  first_GSE = jax.nn.one_hot(r.router_expert_SK[..., 0], E) * validf_GS[..., None]
+  mean_prob_GE = jnp.sum(probs_GSE, axis=1) / safe_n_G[:, None]  # Switch's P
+  first_GSE = jax.nn.one_hot(r.router_expert[..., 0], E) * validf_GS[..., None]
   f_first_GE = jnp.sum(first_GSE, axis=1) / safe_n_G[:, None]
   if balance_loss_choices == "first":
     f_GE = f_first_GE
   else:
-    all_GSE = jnp.sum(jax.nn.one_hot(r.router_expert_SK, E), axis=-2) * validf_GS[..., None]
+    all_GSE = jnp.sum(jax.nn.one_hot(r.router_expert, E), axis=-2) * validf_GS[..., None]
     per_choice = K if balance_loss_choices == "all" else 1
     f_GE = jnp.sum(all_GSE, axis=1) / (per_choice * safe_n_G[:, None])
   # f is a count: no gradient flows through it (Switch eq. 5); P carries the gradient.
   f_GE = jax.lax.stop_gradient(f_GE)
   f_first_GE = jax.lax.stop_gradient(f_first_GE)
-  balance_G = E * jnp.sum(f_GE * P_GE, axis=-1)
+  balance_G = E * jnp.sum(f_GE * mean_prob_GE, axis=-1)
   # The batch-scope losses' numerators: counts and probability mass of every token (finalised
   # after the sums are psum-ed over the mesh, so f and P are the whole batch's).
   n_G1 = n_G[:, None]
-  gshard_G = jnp.mean(f_first_GE * P_GE, axis=-1)
+  gshard_G = jnp.mean(f_first_GE * mean_prob_GE, axis=-1)
 
-  logz_GS = jax.nn.logsumexp(r.logits_SE.astype(jnp.float32), axis=-1)
+  logz_GS = jax.nn.logsumexp(r.logits.astype(jnp.float32), axis=-1)
   entropy_GS = -jnp.sum(probs_f32_GSE * jnp.log(jnp.maximum(probs_f32_GSE, 1e-30)), axis=-1)
-  lost_GSK = (r.wanted_SK & ~r.kept_SK) & valid_GS[..., None]
-  skipped_GSK = ~r.wanted_SK & valid_GS[..., None]
-  unrouted_GS = ~jnp.any(r.kept_SK, axis=-1) & valid_GS
-  load_E = jnp.sum(jax.nn.one_hot(r.expert_SK, E) * r.kept_SK[..., None], axis=(0, 1, 2))
+  lost_GSK = (r.wanted & ~r.kept) & valid_GS[..., None]
+  skipped_GSK = ~r.wanted & valid_GS[..., None]
+  unrouted_GS = ~jnp.any(r.kept, axis=-1) & valid_GS
+  load_E = jnp.sum(jax.nn.one_hot(r.expert, E) * r.kept[..., None], axis=(0, 1, 2))
 
   def masked_sum(v_GS):
     return jnp.sum(jnp.where(valid_GS, v_GS, 0.0))
@@ -440,7 +446,7 @@ def routing_sums(r: Routing, valid_GS: jax.Array, *, balance_loss_choices: str =
       "skipped_fraction": jnp.sum(skipped_GSK.astype(jnp.float32), axis=(0, 1)),
       "unrouted_fraction": masked_sum(unrouted_GS.astype(jnp.float32)),
       "router_load": jnp.sum(first_GSE, axis=(0, 1)),
-      "selection_count": jnp.sum(jax.nn.one_hot(r.router_expert_SK, E)
+      "selection_count": jnp.sum(jax.nn.one_hot(r.router_expert, E)
                                  * validf_GS[..., None, None], axis=(0, 1, 2)),
       "expert_load": load_E,
   }
@@ -502,13 +508,13 @@ def finalize_sums(sums: dict[str, jax.Array], *, balance_loss_scope: str = "grou
   expert_load_E = sums["expert_load"] / jnp.maximum(jnp.sum(sums["expert_load"]), 1.0)
   groups = jnp.maximum(sums["groups_with_tokens"], 1.0)
   if balance_loss_scope == "batch" and step_balance is not None:
-    P_E = sums["prob_mass"] / step_balance.tokens_share
-    balance = E * jnp.sum(step_balance.f_E * P_E)
-    gshard = jnp.mean(step_balance.f_first_E * P_E)
+    mean_prob_E = sums["prob_mass"] / step_balance.tokens_share
+    balance = E * jnp.sum(step_balance.f_E * mean_prob_E)
+    gshard = jnp.mean(step_balance.f_first_E * mean_prob_E)
   elif balance_loss_scope == "batch":
-    P_E = sums["prob_mass"] / tokens
-    balance = E * jnp.sum(sums["f_count"] / tokens * P_E)
-    gshard = jnp.mean(sums["f_first_count"] / tokens * P_E)
+    mean_prob_E = sums["prob_mass"] / tokens
+    balance = E * jnp.sum(sums["f_count"] / tokens * mean_prob_E)
+    gshard = jnp.mean(sums["f_first_count"] / tokens * mean_prob_E)
   elif step_balance is not None:
     raise ValueError(f"step_balance is for balance_loss_scope='batch'; got "
                      f"{balance_loss_scope!r}.")

@@ -151,8 +151,8 @@ def test_layer_records_router_top_k_before_capacity():
   logits = routing.router_logits(x.reshape(2, 9, 7), layer.router_DE[...])
   capacity = cfg.capacity(9, deterministic=False)
   r = routing.route(logits, jnp.ones((2, 9), bool), top_k=2, capacity=capacity)
-  np.testing.assert_array_equal(recorded, r.router_expert_SK)
-  np.testing.assert_array_equal(kept, r.kept_SK)  # At the layer's (training) capacity.
+  np.testing.assert_array_equal(recorded, r.router_expert)
+  np.testing.assert_array_equal(kept, r.kept)  # At the layer's (training) capacity.
   assert 0 < kept.sum() < kept.size  # CF 0.5 drops some choices, not all.
 
 

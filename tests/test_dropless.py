@@ -104,17 +104,17 @@ def test_a_sequence_does_not_depend_on_its_batch_companions():
   assert not np.allclose(cap_forward(capacity, batch)[5], cap_forward(capacity, seq)[0])
 
 
-def reference_ffn(x_MD, weights, sizes, activation):
+def reference_ffn(x_AD, weights, sizes, activation):
   """Row by row, each through its expert's FFN (numpy loop over groups)."""
   act, gated = grouped.ACTIVATIONS[activation]
   out, start = [], 0
   for e, n in enumerate(sizes):
-    rows = x_MD[start:start + n]
+    rows = x_AD[start:start + n]
     h = rows @ weights["wi"][e]
     h = act(rows @ weights["wi_gate"][e]) * h if gated else act(h)
     out.append(h @ weights["wo"][e])
     start += n
-  out.append(jnp.zeros((x_MD.shape[0] - start, x_MD.shape[1])))
+  out.append(jnp.zeros((x_AD.shape[0] - start, x_AD.shape[1])))
   return jnp.concatenate(out)
 
 
@@ -146,15 +146,15 @@ def test_grouped_ffn_implementations_agree(impl, block_rows, activation):
 
 def test_blocked_layout_puts_every_expert_at_a_block_boundary():
   sizes = jnp.array([5, 0, 9, 4], jnp.int32)
-  dest_M, source_P, expert_N = grouped.blocked_layout(sizes, 20, 4)
-  assert expert_N.shape == (5 + 4,)  # ceil(20 / 4) + E blocks
-  dest = np.asarray(dest_M)
+  dest_A, source, expert_Z = grouped.blocked_layout(sizes, 20, 4)
+  assert expert_Z.shape == (5 + 4,)  # ceil(20 / 4) + E blocks
+  dest = np.asarray(dest_A)
   # Expert 0: rows 0-4 at positions 0-4 (blocks 0, 1); expert 2 starts at block 2; expert 3 at 5.
   np.testing.assert_array_equal(dest[:18], [0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 14, 15, 16,
                                             20, 21, 22, 23])
-  assert (dest[18:] == expert_N.shape[0] * 4).all()  # padding rows go nowhere
-  np.testing.assert_array_equal(np.asarray(expert_N)[:6], [0, 0, 2, 2, 2, 3])
-  np.testing.assert_array_equal(np.asarray(source_P)[dest[:18]], np.arange(18))
+  assert (dest[18:] == expert_Z.shape[0] * 4).all()  # padding rows go nowhere
+  np.testing.assert_array_equal(np.asarray(expert_Z)[:6], [0, 0, 2, 2, 2, 3])
+  np.testing.assert_array_equal(np.asarray(source)[dest[:18]], np.arange(18))
 
 
 def test_forced_routers():
@@ -179,8 +179,8 @@ def test_forced_routers():
   r = routing.route_group(logits_SE, jnp.ones(16, bool), top_k=2, capacity=16, gate="gshard",
                           forced_expert_SK=forced_SK)
   probs_SK = jnp.take_along_axis(jax.nn.softmax(logits_SE), forced_SK, axis=-1)
-  np.testing.assert_allclose(r.gate_SK, probs_SK / probs_SK.sum(-1, keepdims=True), rtol=1e-6)
-  np.testing.assert_array_equal(r.expert_SK, forced_SK)
+  np.testing.assert_allclose(r.gate, probs_SK / probs_SK.sum(-1, keepdims=True), rtol=1e-6)
+  np.testing.assert_array_equal(r.expert, forced_SK)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -278,13 +278,13 @@ def _fake_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_o
   out_off[s][me] of this device's output."""
   del recv_sizes, axis_index_groups
   me = jax.lax.axis_index(axis_name)
-  rows_S = jax.lax.all_gather(operand, axis_name)
-  in_off_S, sizes_S, out_off_S = (jax.lax.all_gather(a, axis_name)[:, me]
+  rows_J = jax.lax.all_gather(operand, axis_name)
+  in_off_J, sizes_J, out_off_J = (jax.lax.all_gather(a, axis_name)[:, me]
                                   for a in (input_offsets, send_sizes, output_offsets))
   p = jnp.arange(operand.shape[0])
-  sent_SP = (p[None] >= in_off_S[:, None]) & (p[None] < (in_off_S + sizes_S)[:, None])
-  dest_SP = jnp.where(sent_SP, out_off_S[:, None] + p[None] - in_off_S[:, None], output.shape[0])
-  return output.at[dest_SP.reshape(-1)].set(rows_S.reshape(-1, operand.shape[-1]), mode="drop")
+  sent_JA = (p[None] >= in_off_J[:, None]) & (p[None] < (in_off_J + sizes_J)[:, None])
+  dest_JA = jnp.where(sent_JA, out_off_J[:, None] + p[None] - in_off_J[:, None], output.shape[0])
+  return output.at[dest_JA.reshape(-1)].set(rows_J.reshape(-1, operand.shape[-1]), mode="drop")
 
 
 @pytest.mark.parametrize("mesh_shape, factor", [({"data": 2, "expert": 4}, None),

@@ -117,8 +117,8 @@ def test_dropped_tokens_get_exactly_zero_and_kept_tokens_their_experts(dispatch)
   r = moe.routing.route(logits, jnp.ones((1, 13), bool), top_k=1, capacity=3)
   assert float(aux.metrics["dropped_fraction"][0]) > 0
   for t in range(13):
-    if r.kept_SK[0, t, 0]:
-      want = r.gate_SK[0, t, 0] * naive_ffn(layer, x[0, t], int(r.expert_SK[0, t, 0]))
+    if r.kept[0, t, 0]:
+      want = r.gate[0, t, 0] * naive_ffn(layer, x[0, t], int(r.expert[0, t, 0]))
       np.testing.assert_allclose(y[0, t], want, rtol=2e-5, atol=1e-6)
     else:
       assert np.all(np.asarray(y[0, t]) == 0.0)
@@ -296,13 +296,13 @@ def test_bfloat16_router_computes_softmax_and_gates_in_bfloat16():
   kw = dict(top_k=2, capacity=64, gate="gshard")
   r32 = moe.routing.route_group(logits_SE, valid_S, **kw)
   r16 = moe.routing.route_group(logits_SE.astype(jnp.bfloat16), valid_S, **kw)
-  assert r32.probs_SE.dtype == r32.gate_SK.dtype == jnp.float32
-  assert r16.probs_SE.dtype == r16.gate_SK.dtype == jnp.bfloat16
+  assert r32.probs.dtype == r32.gate.dtype == jnp.float32
+  assert r16.probs.dtype == r16.gate.dtype == jnp.bfloat16
   # The bfloat16 softmax is the float32 one rounded at bfloat16 precision (8 bits of mantissa),
   # not float32 arithmetic on bfloat16 logits.
   p32_of_bf16 = jax.nn.softmax(logits_SE.astype(jnp.bfloat16).astype(jnp.float32), axis=-1)
-  np.testing.assert_allclose(r16.probs_SE.astype(jnp.float32), p32_of_bf16, rtol=2e-2, atol=1e-3)
-  assert not np.array_equal(np.asarray(r16.probs_SE.astype(jnp.float32)),
+  np.testing.assert_allclose(r16.probs.astype(jnp.float32), p32_of_bf16, rtol=2e-2, atol=1e-3)
+  assert not np.array_equal(np.asarray(r16.probs.astype(jnp.float32)),
                             np.asarray(p32_of_bf16))
   # Losses and statistics are still float32 sums.
   sums = moe.routing.routing_sums(jax.tree.map(lambda a: a[None], r16), valid_S[None])
@@ -425,7 +425,7 @@ def test_random_second_expert_is_kept_with_probability_min_1_2g2():
     u = jax.random.uniform(key, (S, 2))
     r = moe.routing.route_group(logits_SE, jnp.ones(S, bool), top_k=2, capacity=S, gate="gshard",
                                 second_expert_policy="random", uniform_SK=u)
-    return r.kept_SK[:, 1]
+    return r.kept[:, 1]
 
   freq_S = np.asarray(jax.vmap(kept)(jax.random.split(jax.random.key(1), trials)).mean(0))
   # Binomial standard error per token, at most 0.025 with 400 trials: 5 sigma everywhere.

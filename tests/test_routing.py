@@ -59,44 +59,44 @@ def test_capacity_floor_multiple_clip_and_no_drop():
 def test_switch_top1_position_priority_drops_later_tokens():
   probs = [[0.7, 0.3], [0.6, 0.4], [0.2, 0.8]]
   r = route1(probs, top_k=1, capacity=1)
-  np.testing.assert_array_equal(r.expert_SK[:, 0], [0, 0, 1])
-  np.testing.assert_array_equal(r.kept_SK[:, 0], [True, False, True])
-  np.testing.assert_array_equal(r.slot_SK[[0, 2], 0], [0, 0])
+  np.testing.assert_array_equal(r.expert[:, 0], [0, 0, 1])
+  np.testing.assert_array_equal(r.kept[:, 0], [True, False, True])
+  np.testing.assert_array_equal(r.slot[[0, 2], 0], [0, 0])
   # Switch gate: the raw router probability; dropped choices weigh 0.
-  np.testing.assert_allclose(r.gate_SK[:, 0], [0.7, 0.0, 0.8], rtol=1e-6)
+  np.testing.assert_allclose(r.gate[:, 0], [0.7, 0.0, 0.8], rtol=1e-6)
 
 
 def test_batch_prioritized_routing_lets_the_confident_token_win():
   probs = [[0.55, 0.45], [0.9, 0.1], [0.6, 0.4]]
   r = route1(probs, top_k=1, capacity=2, priority="probability")
   # Expert 0 is wanted by all three; the two most confident (tokens 1, 2) get its two slots.
-  np.testing.assert_array_equal(r.kept_SK[:, 0], [False, True, True])
-  np.testing.assert_array_equal(r.slot_SK[[1, 2], 0], [0, 1])
+  np.testing.assert_array_equal(r.kept[:, 0], [False, True, True])
+  np.testing.assert_array_equal(r.slot[[1, 2], 0], [0, 1])
   r_pos = route1(probs, top_k=1, capacity=2, priority="position")
-  np.testing.assert_array_equal(r_pos.kept_SK[:, 0], [True, True, False])
+  np.testing.assert_array_equal(r_pos.kept[:, 0], [True, True, False])
 
 
 def test_top2_places_all_first_choices_before_any_second_choice():
   # token 0 prefers (e0, e1); token 1 prefers (e1, e0). C = 1.
   probs = [[0.6, 0.3, 0.1], [0.3, 0.6, 0.1]]
   r = route1(probs, top_k=2, capacity=1, gate="gshard")
-  np.testing.assert_array_equal(r.expert_SK, [[0, 1], [1, 0]])
+  np.testing.assert_array_equal(r.expert, [[0, 1], [1, 0]])
   # Token-major order would have given token 0 both e0 and e1; choice-major gives each token
   # its first choice and drops both second choices.
-  np.testing.assert_array_equal(r.kept_SK, [[True, False], [True, False]])
+  np.testing.assert_array_equal(r.kept, [[True, False], [True, False]])
   # GShard gates normalised over the top-2 before the drop: 0.6 / 0.9.
-  np.testing.assert_allclose(r.gate_SK, [[0.6 / 0.9, 0.0], [0.6 / 0.9, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(r.gate, [[0.6 / 0.9, 0.0], [0.6 / 0.9, 0.0]], rtol=1e-6)
   after = route1(probs, top_k=2, capacity=1, gate="gshard", renormalize="after_drop")
-  np.testing.assert_allclose(after.gate_SK, [[1.0, 0.0], [1.0, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(after.gate, [[1.0, 0.0], [1.0, 0.0]], rtol=1e-6)
   raw = route1(probs, top_k=2, capacity=1, gate="softmax")
-  np.testing.assert_allclose(raw.gate_SK, [[0.6, 0.0], [0.6, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(raw.gate, [[0.6, 0.0], [0.6, 0.0]], rtol=1e-6)
 
 
 def test_mixtral_gate_is_softmax_over_selected_logits():
   logits_SE = jax.random.normal(jax.random.key(0), (11, 7))
   r = routing.route_group(logits_SE, jnp.ones(11, bool), top_k=3, capacity=11, gate="mixtral")
-  selected_SK = jnp.take_along_axis(logits_SE, r.expert_SK, axis=-1)
-  np.testing.assert_allclose(r.gate_SK, jax.nn.softmax(selected_SK, axis=-1), rtol=1e-5)
+  selected_SK = jnp.take_along_axis(logits_SE, r.expert, axis=-1)
+  np.testing.assert_allclose(r.gate, jax.nn.softmax(selected_SK, axis=-1), rtol=1e-5)
 
 
 def test_second_expert_policies():
@@ -104,25 +104,25 @@ def test_second_expert_policies():
   # Normalised second gates: 0.45 / 0.95 = 0.47 and 0.1 / 0.95 = 0.105.
   thr = route1(probs, top_k=2, capacity=2, second_expert_policy="threshold",
                second_expert_threshold=0.2)
-  np.testing.assert_array_equal(thr.wanted_SK, [[True, True], [True, False]])
-  np.testing.assert_array_equal(thr.kept_SK, [[True, True], [True, False]])
+  np.testing.assert_array_equal(thr.wanted, [[True, True], [True, False]])
+  np.testing.assert_array_equal(thr.kept, [[True, True], [True, False]])
   # random: keep iff 2 * g2 > u. 2 * 0.47 = 0.95 > 0.9; 2 * 0.105 = 0.21 < 0.3 but > 0.2.
   u = jnp.array([[0.0, 0.9], [0.0, 0.3]])
   rnd = route1(probs, top_k=2, capacity=2, second_expert_policy="random", uniform_SK=u)
-  np.testing.assert_array_equal(rnd.kept_SK[:, 1], [True, False])
+  np.testing.assert_array_equal(rnd.kept[:, 1], [True, False])
   rnd2 = route1(probs, top_k=2, capacity=2, second_expert_policy="random",
                 uniform_SK=jnp.array([[0.0, 0.99], [0.0, 0.2]]))
-  np.testing.assert_array_equal(rnd2.kept_SK[:, 1], [False, True])
+  np.testing.assert_array_equal(rnd2.kept[:, 1], [False, True])
   # Without draws (eval) `random` keeps every choice.
   det = route1(probs, top_k=2, capacity=2, second_expert_policy="random")
-  assert bool(jnp.all(det.kept_SK))
+  assert bool(jnp.all(det.kept))
 
 
 def test_token_major_priority_places_each_tokens_choices_together():
   # Same inputs as the choice-major test above: token 0 now keeps both its experts first.
   probs = [[0.6, 0.3, 0.1], [0.3, 0.6, 0.1]]
   r = route1(probs, top_k=2, capacity=1, gate="gshard", priority="token")
-  np.testing.assert_array_equal(r.kept_SK, [[True, True], [False, False]])
+  np.testing.assert_array_equal(r.kept, [[True, True], [False, False]])
 
 
 def test_token_major_priority_is_causal_for_top2():
@@ -130,12 +130,12 @@ def test_token_major_priority_is_causal_for_top2():
   first = [0.6, 0.3, 0.1]
   for later in ([0.3, 0.6, 0.1], [0.1, 0.3, 0.6], [0.6, 0.3, 0.1]):
     r = route1([first, later], top_k=2, capacity=1, gate="gshard", priority="token")
-    np.testing.assert_array_equal(r.kept_SK[0], [True, True])
-    np.testing.assert_allclose(r.gate_SK[0], [0.6 / 0.9, 0.3 / 0.9], rtol=1e-6)
+    np.testing.assert_array_equal(r.kept[0], [True, True])
+    np.testing.assert_allclose(r.gate[0], [0.6 / 0.9, 0.3 / 0.9], rtol=1e-6)
   # Choice-major is not: token 1's first choice takes the slot token 0's second choice wanted.
   a = route1([first, [0.1, 0.3, 0.6]], top_k=2, capacity=1, priority="position")
   b = route1([first, [0.3, 0.6, 0.1]], top_k=2, capacity=1, priority="position")
-  assert bool(a.kept_SK[0, 1]) and not bool(b.kept_SK[0, 1])
+  assert bool(a.kept[0, 1]) and not bool(b.kept[0, 1])
 
 
 def test_reroute_with_top2_only_uses_unused_experts():
@@ -144,34 +144,34 @@ def test_reroute_with_top2_only_uses_unused_experts():
   # choice (its first), round 1 offers e3 to its second.
   probs = [[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]]
   r = route1(probs, top_k=2, capacity=1, gate="gshard", overflow="reroute")
-  np.testing.assert_array_equal(r.expert_SK, [[0, 1], [2, 3]])
-  assert bool(jnp.all(r.kept_SK))
+  np.testing.assert_array_equal(r.expert, [[0, 1], [2, 3]])
+  assert bool(jnp.all(r.kept))
   # Gates before_drop: the new experts' probabilities over the router's original top-2 sum.
-  np.testing.assert_allclose(r.gate_SK[1], [0.2 / 0.7, 0.1 / 0.7], rtol=1e-6)
+  np.testing.assert_allclose(r.gate[1], [0.2 / 0.7, 0.1 / 0.7], rtol=1e-6)
 
 
 def test_reroute_sends_overflow_to_next_best_expert_with_room():
   # Both tokens want e0 (C = 1). Token 1's ranking: e0, e2, e1 -> rerouted to e2.
   probs = [[0.7, 0.2, 0.1], [0.5, 0.15, 0.35]]
   r = route1(probs, top_k=1, capacity=1, overflow="reroute")
-  np.testing.assert_array_equal(r.router_expert_SK[:, 0], [0, 0])
-  np.testing.assert_array_equal(r.expert_SK[:, 0], [0, 2])
-  np.testing.assert_array_equal(r.kept_SK[:, 0], [True, True])
-  np.testing.assert_allclose(r.gate_SK[:, 0], [0.7, 0.35], rtol=1e-6)
+  np.testing.assert_array_equal(r.router_expert[:, 0], [0, 0])
+  np.testing.assert_array_equal(r.expert[:, 0], [0, 2])
+  np.testing.assert_array_equal(r.kept[:, 0], [True, True])
+  np.testing.assert_allclose(r.gate[:, 0], [0.7, 0.35], rtol=1e-6)
   # Full next-best expert: token 2's second-best (e2) is taken by token 1, so it goes to e1.
   probs3 = probs + [[0.45, 0.2, 0.35]]
   r3 = route1(probs3, top_k=1, capacity=1, overflow="reroute")
-  np.testing.assert_array_equal(r3.expert_SK[:, 0], [0, 2, 1])
+  np.testing.assert_array_equal(r3.expert[:, 0], [0, 2, 1])
   dropped = route1(probs3, top_k=1, capacity=1, overflow="drop")
-  np.testing.assert_array_equal(dropped.kept_SK[:, 0], [True, False, False])
+  np.testing.assert_array_equal(dropped.kept[:, 0], [True, False, False])
 
 
 def test_padding_takes_no_capacity():
   probs = [[0.9, 0.1], [0.8, 0.2]]
   r = route1(probs, valid_S=[False, True], top_k=1, capacity=1)
-  np.testing.assert_array_equal(r.kept_SK[:, 0], [False, True])
-  assert int(r.slot_SK[1, 0]) == 0
-  assert float(r.gate_SK[0, 0]) == 0.0
+  np.testing.assert_array_equal(r.kept[:, 0], [False, True])
+  assert int(r.slot[1, 0]) == 0
+  assert float(r.gate[0, 0]) == 0.0
 
 
 # ---------------------------------------------------------------------------- losses vs formulas
@@ -355,9 +355,9 @@ def test_route_invariants(S, E, K, C, priority, overflow, policy, renormalize, s
   r = routing.route_group(logits, valid, top_k=K, capacity=C, priority=priority,
                           overflow=overflow, second_expert_policy=policy, uniform_SK=uniform,
                           gate="gshard", renormalize=renormalize)
-  kept = np.asarray(r.kept_SK)
-  expert = np.asarray(r.expert_SK)
-  slot = np.asarray(r.slot_SK)
+  kept = np.asarray(r.kept)
+  expert = np.asarray(r.expert)
+  slot = np.asarray(r.slot)
   # Padding never holds a slot; no expert exceeds C; no two choices share a slot.
   assert not kept[~np.asarray(valid)].any()
   for e in range(E):
@@ -370,23 +370,23 @@ def test_route_invariants(S, E, K, C, priority, overflow, policy, renormalize, s
     used = expert[s][kept[s]]
     assert len(set(used.tolist())) == len(used)
   if overflow == "drop":
-    np.testing.assert_array_equal(expert, r.router_expert_SK)
+    np.testing.assert_array_equal(expert, r.router_expert)
     # Dropping only happens when the expert is full.
     for e in range(E):
-      lost = r.wanted_SK & ~r.kept_SK & (expert == e)
+      lost = r.wanted & ~r.kept & (expert == e)
       if np.any(lost):
         assert np.sum(kept & (expert == e)) == C
   else:
     # Rerouting only drops a choice when every expert it could still use is full.
     for s in range(S):
       for j in range(K):
-        if r.wanted_SK[s, j] and not kept[s, j]:
+        if r.wanted[s, j] and not kept[s, j]:
           unused = set(range(E)) - set(expert[s][kept[s]].tolist())
           for e in unused:
             assert np.sum(kept & (expert == e)) == C
   # Gates: zero exactly where not kept, positive where kept; per token they sum to 1 after the
   # drop (after_drop) or to the kept share of the router's top-K mass (before_drop).
-  gate = np.asarray(r.gate_SK)
+  gate = np.asarray(r.gate)
   assert np.all(gate[~kept] == 0) and np.all(gate[kept] > 0)
   sums = gate.sum(-1)
   if renormalize == "after_drop":
@@ -394,7 +394,7 @@ def test_route_invariants(S, E, K, C, priority, overflow, policy, renormalize, s
   else:
     assert np.all(sums <= 1.0 + 1e-5)
   # Policy: only later choices are ever skipped, and only valid tokens want slots.
-  wanted = np.asarray(r.wanted_SK)
+  wanted = np.asarray(r.wanted)
   np.testing.assert_array_equal(wanted[:, 0], np.asarray(valid))
   if policy == "all":
     np.testing.assert_array_equal(wanted, np.asarray(valid)[:, None] & np.ones(K, bool))
@@ -408,16 +408,16 @@ def test_sigmoid_scores_deepseek_v3_gates():
   r = routing.route(logits, jnp.ones((1, 1), bool), top_k=2, capacity=1, gate="gshard",
                     score="sigmoid", routed_scaling_factor=2.5)
   s = 1 / (1 + np.exp(-np.array([2.0, 0.0, 1.0, -1.0])))
-  np.testing.assert_array_equal(r.expert_SK[0, 0], [0, 2])
-  np.testing.assert_allclose(r.gate_SK[0, 0], 2.5 * s[[0, 2]] / (s[0] + s[2]), rtol=1e-6)
-  np.testing.assert_allclose(r.probs_SE[0, 0], s, rtol=1e-6)  # raw scores, not normalised
+  np.testing.assert_array_equal(r.expert[0, 0], [0, 2])
+  np.testing.assert_allclose(r.gate[0, 0], 2.5 * s[[0, 2]] / (s[0] + s[2]), rtol=1e-6)
+  np.testing.assert_allclose(r.probs[0, 0], s, rtol=1e-6)  # raw scores, not normalised
   # The balance loss reads normalised scores: P = s / sum(s), f = first choices.
   m = routing.finalize_sums(routing.routing_sums(r, jnp.ones((1, 1), bool), score="sigmoid"))
   np.testing.assert_allclose(m["balance_loss"], 4 * s[0] / s.sum(), rtol=1e-6)
   # Softmax scores with the scale: the Switch gate times 2.5.
   r = routing.route(logits, jnp.ones((1, 1), bool), top_k=1, capacity=1,
                     routed_scaling_factor=2.5)
-  np.testing.assert_allclose(r.gate_SK[0, 0, 0], 2.5 * jax.nn.softmax(logits[0, 0])[0],
+  np.testing.assert_allclose(r.gate[0, 0, 0], 2.5 * jax.nn.softmax(logits[0, 0])[0],
                              rtol=1e-6)
 
 
@@ -433,16 +433,16 @@ def test_expert_choice_each_expert_takes_its_top_c_tokens():
   for token, expert in ((0, 0), (1, 0), (2, 1), (1, 1)):
     kept[token, expert] = True
   # Columns are each token's experts by its own score: token 2 lists expert 1 first.
-  np.testing.assert_array_equal(r.expert_SK[0], [[0, 1], [0, 1], [1, 0], [0, 1]])
+  np.testing.assert_array_equal(r.expert[0], [[0, 1], [0, 1], [1, 0], [0, 1]])
   got = np.zeros((4, 2), bool)
   for s_ in range(4):
     for j in range(2):
-      got[s_, r.expert_SK[0, s_, j]] = r.kept_SK[0, s_, j]
+      got[s_, r.expert[0, s_, j]] = r.kept[0, s_, j]
   np.testing.assert_array_equal(got, kept)
   # Slots: rank among the expert's picks (expert 1: token 2 first, then token 1).
-  assert int(r.slot_SK[0, 1, 1]) == 1 and int(r.slot_SK[0, 2, 0]) == 0
+  assert int(r.slot[0, 1, 1]) == 1 and int(r.slot[0, 2, 0]) == 0
   # Gates: the token's score for each expert that picked it, 0 otherwise.
-  np.testing.assert_allclose(r.gate_SK[0], [[.9, 0], [.6, .4], [.8, 0], [0, 0]], atol=1e-6)
+  np.testing.assert_allclose(r.gate[0], [[.9, 0], [.6, .4], [.8, 0], [0, 0]], atol=1e-6)
   m = routing.finalize_sums(routing.routing_sums(r, valid))
   np.testing.assert_allclose(m["unrouted_fraction"], 0.0)
   np.testing.assert_allclose(m["expert_load"], [0.5, 0.5])
@@ -452,8 +452,8 @@ def test_expert_choice_leaves_slots_empty_when_a_group_has_few_real_tokens():
   probs = np.full((4, 3), 1 / 3)
   valid = jnp.array([[True, False, False, False]])
   r = routing.route(logits_from_probs(probs)[None], valid, choice="expert", capacity=2)
-  assert int(jnp.sum(r.kept_SK)) == 3  # The one real token, once per expert; padding never.
-  assert not bool(jnp.any(r.kept_SK[0, 1:]))
+  assert int(jnp.sum(r.kept)) == 3  # The one real token, once per expert; padding never.
+  assert not bool(jnp.any(r.kept[0, 1:]))
 
 
 def test_selection_bias_steers_the_choice_but_not_the_gate():
@@ -462,11 +462,11 @@ def test_selection_bias_steers_the_choice_but_not_the_gate():
   logits = logits_from_probs(np.array([[.5, .3, .2]]))[None]
   valid = jnp.ones((1, 1), bool)
   r = routing.route(logits, valid, top_k=1, capacity=1)
-  assert int(r.expert_SK[0, 0, 0]) == 0
+  assert int(r.expert[0, 0, 0]) == 0
   r = routing.route(logits, valid, top_k=1, capacity=1,
                     selection_bias_E=jnp.array([0.0, 0.0, 0.35]))
-  assert int(r.expert_SK[0, 0, 0]) == 2
-  np.testing.assert_allclose(r.gate_SK[0, 0, 0], 0.2, rtol=1e-5)
+  assert int(r.expert[0, 0, 0]) == 2
+  np.testing.assert_allclose(r.gate[0, 0, 0], 0.2, rtol=1e-5)
   m = routing.finalize_sums(routing.routing_sums(r, valid))
   np.testing.assert_array_equal(m["selection_count"], [0, 0, 1])
 
@@ -480,8 +480,8 @@ def test_group_limited_routing_picks_inside_the_best_groups():
   valid = jnp.ones((1, 1), bool)
   r = routing.route(logits, valid, top_k=2, capacity=1, gate="gshard", num_expert_groups=3,
                     topk_groups=1)
-  np.testing.assert_array_equal(r.expert_SK[0, 0], [2, 3])
-  np.testing.assert_allclose(r.gate_SK[0, 0], [.20 / .39, .19 / .39], rtol=1e-5)
+  np.testing.assert_array_equal(r.expert[0, 0], [2, 3])
+  np.testing.assert_allclose(r.gate[0, 0], [.20 / .39, .19 / .39], rtol=1e-5)
   r = routing.route(logits, valid, top_k=2, capacity=1, gate="gshard", num_expert_groups=3,
                     topk_groups=2)  # groups 1 and 0: experts 0 (.30) and 2 (.20)
-  np.testing.assert_array_equal(r.expert_SK[0, 0], [0, 2])
+  np.testing.assert_array_equal(r.expert[0, 0], [0, 2])
