@@ -12,7 +12,7 @@ Tensor names carry their shape, one letter per axis, with one vocabulary for the
   C capacity (slots per expert per group)            X rows of an expert's buffer (G * C)
   Y slots of a group's buffer (E * C)                U tokens, flattened (G * S, or a batch's)
   A (token, choice) pairs, flattened (U * K or S * K): the rows of the dropless sort
-  Q expert groups (group-limited routing)            k expert groups per token (topk_groups)
+  Q expert groups (group-limited routing)
   J devices of the `expert` mesh axis                W rows one device sends another (dropless)
   Z blocks of the blocked grouped matmul             b rows per block
   P prompt length (left-padded)                      T new tokens of a decoding call

@@ -47,12 +47,15 @@ class _DropLibraryInfo(logging.Filter):
 
 
 def quiet_library_logs() -> None:
-  """Keeps the console to moejax's own progress lines (warnings still pass)."""
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  # absl's handler (absl.app commands) and the loggers themselves (plain-Python commands, whose
-  # records reach the root logger's handler instead).
-  for target in (absl_logging.get_absl_handler(), logging.getLogger("absl"),
-                 logging.getLogger("jax._src.xla_bridge")):
+  """Keeps the console to moejax's own progress lines (warnings still pass). Needs no absl:
+  a peer benchmark runs `cli.run` in a Python without it."""
+  targets = [logging.getLogger("absl"), logging.getLogger("jax._src.xla_bridge")]
+  try:  # absl's handler (absl.app commands); plain-Python commands' records reach the root
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    targets.append(absl_logging.get_absl_handler())  # logger's handler instead.
+  except ImportError:
+    pass
+  for target in targets:
     if not any(isinstance(f, _DropLibraryInfo) for f in target.filters):
       target.addFilter(_DropLibraryInfo())
 

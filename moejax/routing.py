@@ -220,8 +220,8 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
     n = num_expert_groups
     by_group = select_SE.reshape(S, n, E // n)  # [S, Q, E / Q]
     group_score_SQ = jnp.sum(jax.lax.top_k(by_group, min(2, E // n))[0], axis=-1)
-    _, best_groups_Sk = jax.lax.top_k(group_score_SQ, topk_groups)
-    allowed_SQ = jnp.zeros((S, n), bool).at[jnp.arange(S)[:, None], best_groups_Sk].set(True)
+    _, best_groups = jax.lax.top_k(group_score_SQ, topk_groups)  # [S, topk_groups]
+    allowed_SQ = jnp.zeros((S, n), bool).at[jnp.arange(S)[:, None], best_groups].set(True)
     allowed_SE = jnp.repeat(allowed_SQ, E // n, axis=1)
     select_SE = jnp.where(allowed_SE, select_SE, -jnp.inf)
 
