@@ -175,11 +175,15 @@ def peers(args, experts):
   import os  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_hf_moe.py")
+  root = os.path.dirname(os.path.dirname(script))  # moejax's light `cli`, without installing it
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
   proc = subprocess.run(
       [args.peer_python, script, "--tokens", str(args.tokens), "--groups", str(args.groups),
        "--d_model", str(args.d_model), "--d_ff", str(args.d_ff), "--capacity_factor",
        str(args.capacity_factor), "--repeats", str(args.repeats),
-       "--experts", ",".join(map(str, experts))], capture_output=True, text=True, check=False)
+       "--experts", ",".join(map(str, experts))], capture_output=True, text=True, check=False,
+      env=env)
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   if proc.returncode or not rows:
     print(f"# peer benchmark failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
