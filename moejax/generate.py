@@ -62,7 +62,8 @@ class Generation:
   # neither pass drops choices (the default no-drop sampling, and dropless or no-drop scoring)
   # and the second-expert policy is "all" (the routes are recorded before policy and capacity).
   # `gates`: the same columns' combine weights ({layer: [num_prompts, P + max_new_tokens - 1,
-  # K]}); `moe_gates=gates` as well replays them too (then a changed router moves no logit).
+  # K]}); `moe_gates=gates` as well replays them and the keep decisions (then a change of the
+  # routers alone moves no logit).
   routes: dict[int, np.ndarray] | None = None
   columns: dict[str, np.ndarray] | None = None
   gates: dict[int, np.ndarray] | None = None
@@ -244,9 +245,9 @@ def _generate_jit(state, tokens_BP, segment_ids_BP, positions_BP, key, *, graphd
   tokens_BT = jnp.concatenate([token_B[:, None], tokens_TB.T], axis=1)
   recorded = None
   if record_routes:  # [B, P + T - 1] columns: the prompt, then every token fed back
-    prompt = {"routes": prompt_routes, "gates": prompt_gates}
+    at_prompt = {"routes": prompt_routes, "gates": prompt_gates}
     recorded = {
-        **{kind: {i: jnp.concatenate([prompt[kind][i], r.transpose(1, 0, 2, 3)[:, :, 0]], 1)
+        **{kind: {i: jnp.concatenate([at_prompt[kind][i], r.transpose(1, 0, 2, 3)[:, :, 0]], 1)
                   for i, r in routes_T[kind].items()} for kind in ("routes", "gates")},
         "columns": {k: jnp.concatenate([prompt, fed_T[k].T], axis=1) for k, prompt in
                     (("tokens", tokens_BP), ("positions", positions_BP),

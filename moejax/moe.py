@@ -74,9 +74,10 @@ class MoEAux:
   # to replay this routing in a later forward (routing replay; exact when neither pass drops and
   # the second-expert policy is "all"). Under expert choice: each token's ranking of all E.
   routes: jax.Array | None = None
-  # [B, L, K], aligned with `routes`: the combine weight each choice got (router dtype; 0 where
-  # it was not kept: dropped by capacity or by the second-expert policy, or padding), and whether
-  # it got a slot. Pass `gates` back as `gates_BLK` to replay the gates too.
+  # [B, L, K], column j of each: the combine weight choice j got (router dtype; 0 where it was
+  # not kept: dropped by capacity or by the second-expert policy, or padding), and whether it got
+  # a slot. Column j belongs to `routes[..., j]` except under `overflow="reroute"`, where a
+  # rerouted choice used another expert. Pass `gates` back as `gates_BLK` to replay them too.
   gates: jax.Array | None = None
   kept: jax.Array | None = None
 

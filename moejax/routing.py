@@ -204,8 +204,11 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
   `forced_expert_SK` (benchmarks: `forced_choices`; routing replay) replaces the router's top-K;
   everything after selection (policy, capacity, gates from the scores at those experts) is
   unchanged. `forced_gate_SK` (routing replay with recorded gates; needs `forced_expert_SK`)
-  replaces the final gates of the kept choices (a dropped choice's gate stays 0): the combine
-  then carries no gradient to the router, only the auxiliary losses do.
+  replaces the final gates of the kept choices, and the second-expert policy: a choice wants a
+  slot iff its recorded gate is nonzero (what the recording pass kept), so with the recording
+  pass's capacity every wanted choice fits whatever the priority, and the output does not depend
+  on the current router (a choice whose recorded gate is 0 counts as skipped, not dropped). The
+  combine then carries no gradient to the router, only the auxiliary losses do.
   """
   S, E = logits_SE.shape
   K = top_k
@@ -242,6 +245,8 @@ def route_group(logits_SE: jax.Array, valid_S: jax.Array, *, top_k: int, capacit
     keep_SK = keep_SK.at[:, 1:].set(2.0 * norm_gate_SK[:, 1:] > uniform_SK[:, 1:])
   elif K > 1 and second_expert_policy == "threshold":
     keep_SK = keep_SK.at[:, 1:].set(norm_gate_SK[:, 1:] > second_expert_threshold)
+  if forced_gate_SK is not None:  # Replayed gates: the recording pass's keep decisions too.
+    keep_SK = forced_gate_SK != 0
   wanted_SK = keep_SK & valid_S[:, None]
 
   # Priority: the order in which tokens claim slots within each choice rank.
@@ -478,6 +483,13 @@ class StepBalance(NamedTuple):
 BALANCE_COUNTS = ("f_count", "f_first_count", "tokens")  # what a StepBalance is counted from
 
 
+def load_cv(selection_count_E: jax.Array) -> jax.Array:
+  """Coefficient of variation (std / mean over experts) of the router's choices per expert:
+  0 is perfect balance (and always 0 under expert choice, balanced by construction)."""
+  count_E = selection_count_E.astype(jnp.float32)
+  return jnp.std(count_E) / jnp.maximum(jnp.mean(count_E), 1e-9)
+
+
 def finalize_sums(sums: dict[str, jax.Array], *, balance_loss_scope: str = "group",
                   step_balance: StepBalance | None = None) -> dict[str, jax.Array]:
   """Turns `routing_sums` (possibly psum-ed over a mesh) into losses and statistics.
@@ -492,7 +504,8 @@ def finalize_sums(sums: dict[str, jax.Array], *, balance_loss_scope: str = "grou
   - `router_confidence`: mean over valid tokens of the router's top-1 probability (sigmoid
     scores normalised over the experts first): 1/E for a uniform router, 1 for a certain one.
   - `load_cv`: coefficient of variation (std / mean over experts) of `selection_count`, the
-    router's top-K choices per expert before capacity: 0 is perfect balance.
+    router's top-K choices per expert before capacity (`load_cv`): 0 is perfect balance; always
+    0 under expert choice, where every expert takes C tokens by construction.
   - `dropped_fraction` [K]: fraction of valid tokens whose j-th choice wanted a slot and found
     none (capacity overflow); `skipped_fraction` [K]: removed by the second-expert policy;
     `unrouted_fraction`: valid tokens with no expert at all (they ride the residual only).
@@ -529,8 +542,7 @@ def finalize_sums(sums: dict[str, jax.Array], *, balance_loss_scope: str = "grou
       "z_loss": sums["z_loss"] / tokens,
       "router_entropy": sums["router_entropy"] / tokens,
       "router_confidence": sums["router_top1_prob"] / tokens,
-      "load_cv": jnp.std(sums["selection_count"]) / jnp.maximum(
-          jnp.mean(sums["selection_count"]), 1e-9),
+      "load_cv": load_cv(sums["selection_count"]),
       "dropped_fraction": sums["dropped_fraction"] / tokens,
       "skipped_fraction": sums["skipped_fraction"] / tokens,
       "unrouted_fraction": sums["unrouted_fraction"] / tokens,

@@ -149,6 +149,11 @@ def make_train_step(graphdef, grad_accum_steps: int, schedule):
     # micro-batches; global on a mesh).
     model.update_selection_biases({i: sums[f"moe/layer{i}/selection_count"]
                                    for i in model.cfg.moe_layer_indices})
+    if A > 1 and model.cfg.moe_layer_indices:  # The step's load CV, not a mean of micro-batch CVs.
+      cvs = [routing.load_cv(sums[f"moe/layer{i}/selection_count"])
+             for i in model.cfg.moe_layer_indices]
+      sums.update({f"moe/layer{i}/load_cv": cv for i, cv in zip(model.cfg.moe_layer_indices, cvs)})
+      sums["moe/load_cv"] = sum(cvs) / len(cvs)
     new_params = nnx.state(model, nnx.Param)
     ce = sums.pop("ce_sum") / num_targets
     metrics = {"loss": ce + sums.get("moe/aux_loss", 0.0), "ce": ce,
@@ -476,10 +481,12 @@ def train_and_evaluate(config, workdir: str, *, make_pipeline: Callable | None =
     os.replace(path + ".tmp.npz", path)
     if not last_trace:  # First trace of this process: the latest earlier one on disk, if any.
       earlier = [n for n in analysis.trace_steps(trace_dir) if n < at_step]
-      if earlier:
+      if earlier:  # Only a trace of the same layers and tokens compares (a reused workdir).
         with np.load(os.path.join(trace_dir, f"step_{earlier[-1]}.npz")) as z:
-          last_trace.update(step=earlier[-1], routes={i: z[f"layer{i}"] for i in routes})
-    if last_trace:
+          if all(f"layer{i}" in z.files and z[f"layer{i}"].shape == r.shape
+                 for i, r in routes.items()):
+            last_trace.update(step=earlier[-1], routes={i: z[f"layer{i}"] for i in routes})
+    if last_trace and mask.any():
       writer.write(at_step, {f"layer{i}/changed_fraction": analysis.routes_changed(
           last_trace["routes"][i], r, mask) for i, r in routes.items()}, "routing")
     last_trace.update(step=at_step, routes=routes)

@@ -460,3 +460,33 @@ def test_layer_benchmark_builds_every_routing_option():
   for name, options in bench_moe.OPTIONS.items():
     grads = bench_moe.moe_step(8, 16, 32, 2, 4, 2, 1.25, "sort", **options)()
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads)), name
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_routing_health_metrics_match_their_definitions(score):
+  """`router_confidence` = mean top-1 router probability over real tokens (sigmoid scores
+  normalised over the experts); `load_cv` = std / mean of the top-k choices per expert; a
+  router with zero weights is uniform (confidence 1/E) and a balanced forced router has CV 0."""
+  E, D_ = 8, 16
+  x = jax.random.normal(jax.random.key(0), (4, 32, D_))
+  mask = jnp.ones((4, 32), bool).at[3, 20:].set(False)
+  layer = MoELayer(MoEConfig(num_experts=E, top_k=2, d_ff=8, score=score, gate="gshard"), D_,
+                   rngs=nnx.Rngs(0))
+  _, aux = layer(x, mask, deterministic=True)
+  logits = np.asarray(x.reshape(-1, D_) @ layer.router_DE[...])
+  probs = (1 / (1 + np.exp(-logits)) if score == "sigmoid"
+           else np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))
+  probs = probs / probs.sum(-1, keepdims=True)
+  real = np.asarray(mask).reshape(-1)
+  np.testing.assert_allclose(aux.metrics["router_confidence"], probs.max(-1)[real].mean(),
+                             rtol=1e-5)
+  count = np.bincount(np.asarray(aux.routes).reshape(-1, 2)[real].reshape(-1), minlength=E)
+  np.testing.assert_allclose(aux.metrics["load_cv"], count.std() / count.mean(), rtol=1e-5)
+  assert float(aux.metrics["load_cv"]) > 0.05  # an untrained router is not balanced here
+  layer.router_DE[...] = jnp.zeros_like(layer.router_DE[...])
+  _, uniform = layer(x, mask, deterministic=True)
+  np.testing.assert_allclose(uniform.metrics["router_confidence"], 1 / E, rtol=1e-6)
+  balanced = MoELayer(MoEConfig(num_experts=E, top_k=2, d_ff=8, router="balanced"), D_,
+                      rngs=nnx.Rngs(0))
+  _, aux_b = balanced(x, deterministic=True)
+  np.testing.assert_allclose(aux_b.metrics["load_cv"], 0.0, atol=1e-6)

@@ -274,7 +274,7 @@ def test_selection_bias_update_is_the_same_with_gradient_accumulation(tmp_path):
   """Auxiliary-loss-free balancing: after one step every bias is +-rate or 0 (one sign step), not
   all zero, and identical whether the batch is one micro-batch or two (the update reads the
   step's summed selection counts); it is checkpointed and restored."""
-  biases = {}
+  biases, cvs = {}, {}
   for accum in (1, 2):
     workdir = str(tmp_path / f"accum{accum}")
     config = _config(**{"model.moe.bias_update_rate": 1e-3, "model.moe.second_expert_policy":
@@ -284,6 +284,13 @@ def test_selection_bias_update_is_the_same_with_gradient_accumulation(tmp_path):
     model, _, step = train.load_model(config, workdir)
     assert step == 1
     biases[accum] = [np.asarray(layer.expert_bias[...]) for layer in model.moe_layers()]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      logged = [json.loads(line) for line in f if '"train"' in line][-1]
+    cvs[accum] = {k: v for k, v in logged.items() if k.endswith("load_cv")}
+  # The logged load CV is the step's (from its summed counts), not a mean of micro-batch CVs.
+  assert len(cvs[1]) == len(model.moe_layers()) + 1 and max(cvs[1].values()) > 0
+  for key, cv in cvs[1].items():
+    assert cvs[2][key] == pytest.approx(cv, rel=1e-5), key
   for b1, b2 in zip(biases[1], biases[2], strict=True):
     np.testing.assert_array_equal(b1, b2)
     assert set(np.round(b1 / 1e-3, 4)) <= {-1.0, 0.0, 1.0} and np.abs(b1).max() > 0
