@@ -106,6 +106,39 @@ def test_sharded_layer_equals_single_device(references, mesh_shape, case):
   _assert_same_step(_sharded_step(mesh_shape, CASES[case]), references[case])
 
 
+def replay_loss_fn(layer, x, mask, routes, gates):
+  y, aux = layer(x, mask, routes_BLK=routes, gates_BLK=gates)
+  return jnp.sum(jnp.sin(y)) + aux.loss, (y, aux.metrics)
+
+
+REPLAY_STEP = nnx.jit(nnx.value_and_grad(replay_loss_fn, argnums=(0, 1), has_aux=True))
+
+
+@pytest.mark.parametrize("mesh_shape", [MESHES[1], MESHES[4]],
+                         ids=["x".join(f"{k}{v}" for k, v in m.items()) for m in
+                              (MESHES[1], MESHES[4])])
+@pytest.mark.parametrize("with_gates", [False, True], ids=["routes", "routes_gates"])
+def test_replay_on_the_mesh_equals_single_device(mesh_shape, with_gates):
+  """Routing replay (recorded experts, and gates) is a routing option like the others: the
+  sharded step equals one device's, with probability priority and random second experts."""
+  kw = CASES["top2_bpr"]
+  x, mask = data()
+  recorder = _layer(kw)
+  recorder.router_DE[...] = recorder.router_DE[...] + jax.random.normal(
+      jax.random.key(4), recorder.router_DE[...].shape)  # routes of another router
+  _, aux = recorder(x, mask)
+  routes, gates = aux.routes, (aux.gates if with_gates else None)
+  want = REPLAY_STEP(_layer(kw), x, mask, routes, gates)
+  # Choices are lost: dropped at capacity, or (replayed gates) skipped as the recording lost them.
+  lost = "skipped_fraction" if with_gates else "dropped_fraction"
+  assert float(jnp.sum(want[0][1][1][lost])) > 0
+  mesh = sharding.make_mesh(mesh_shape)
+  with jax.set_mesh(mesh):
+    got = REPLAY_STEP(_layer(kw), jax.device_put(x, sharding.batch_sharding(mesh, 3)), mask,
+                      routes, gates)
+  _assert_same_step(got, want)
+
+
 def test_forward_moves_only_the_capacity_buffer():
   E, C_expected = 8, 6  # C = ceil(2 * 1.0 * 24 / 8)
   mesh = sharding.make_mesh({"data": 2, "expert": 4})
