@@ -9,8 +9,7 @@ compilation cache: one directory per user under the system temp dir, shared by t
 and inherited by subprocesses through the environment. It cuts `tests/test_train.py` from 11.7 to
 6.9 CPU-minutes. Set `JAX_COMPILATION_CACHE_DIR` yourself to move it, or to an empty string to
 switch it off. Cache keys include the JAX version, the program and the devices, so an old entry
-is never reused for a different computation. Reads and writes hold JAX's file lock (a size
-limit turns it on; `filelock` is in the `test` extra), so no process reads a half-written entry.
+is never reused for a different computation.
 """
 import getpass
 import os
@@ -26,11 +25,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(tempfile.gettempdir(), f"moejax-tests-jax-cache-{getpass.getuser()}"))
-# A size limit turns on JAX's file lock around every cache read and write: without it an entry
-# is written in place, and a worker (or a test's subprocess) reading it mid-write can crash on a
-# torn executable (seen once: a segfault deserializing in `compilation_cache.get_executable...`).
-# 8 GiB: far above the suite's ~200 MB, so nothing is ever evicted.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 # Cache every program, however small or fast to compile: the suite's are all small.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
