@@ -15,6 +15,8 @@ import getpass
 import os
 import tempfile
 
+import pytest
+
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
@@ -28,3 +30,14 @@ os.environ.setdefault(
 # Cache every program, however small or fast to compile: the suite's are all small.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs_after_each_module():
+  """An xdist worker runs many test files in one process; without this it keeps every file's
+  executables and their memory mappings reach `vm.max_map_count` late in the suite (then
+  array_record's thread pool hangs and executable loads segfault; see
+  `moejax.study.runner.release_compiled_programs`)."""
+  yield
+  from moejax.study.runner import release_compiled_programs  # pylint: disable=import-outside-toplevel
+  release_compiled_programs()

@@ -396,6 +396,52 @@ def test_identical_runs_are_reused_across_studies_not_retrained(tmp_path):
   assert len(calls) == 4
 
 
+def test_each_finished_run_releases_its_compiled_programs(tmp_path, monkeypatch):
+  """Without it a study process keeps every run's executables, and their memory mappings pile up
+  to the kernel's limit (see `release_compiled_programs`)."""
+  from moejax.study import runner  # pylint: disable=import-outside-toplevel
+  events, calls = [], []
+  monkeypatch.setattr(runner, "release_compiled_programs", lambda: events.append(len(calls)))
+  study.run_study(_tiny_study("s", "dense", 1e-3), str(tmp_path), train_fn=_fake_train(calls),
+                  log=lambda _: None)
+  assert events == [1, 2]  # After each of the two runs, not only at the end.
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts Linux memory mappings")
+def test_releasing_compiled_programs_unmaps_their_code():
+  import gc  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from moejax.study.runner import release_compiled_programs  # pylint: disable=import-outside-toplevel
+
+  def maps():
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f)
+
+  def loss(w, x):
+    for _ in range(8):
+      x = jnp.tanh(x @ w) * jax.nn.sigmoid(x) + jnp.sin(x)
+    return x.sum()
+
+  def compile_eight(start):  # 8 programs (one per shape), each mapping its kernels' code.
+    grad = jax.jit(jax.grad(loss))
+    for n in range(start, start + 8):
+      grad(jnp.ones((n, n)), jnp.ones((2, n))).block_until_ready()
+    del grad
+    gc.collect()
+    return maps()
+
+  release_compiled_programs()
+  kept = [compile_eight(8), compile_eight(16)]  # JAX's caches hold the dead functions' programs.
+  assert kept[1] - kept[0] > 20
+  released = []
+  for start in (24, 32, 40):
+    compile_eight(start)
+    release_compiled_programs()
+    released.append(maps())
+  assert released[-1] - released[0] < (kept[1] - kept[0]) // 4, (kept, released)
+
+
 def test_an_edited_arm_is_not_mixed_with_its_old_runs(tmp_path):
   calls = []
   study.run_study(_tiny_study("s", "dense", 1e-3), str(tmp_path), train_fn=_fake_train(calls),

@@ -12,12 +12,15 @@ paired comparisons.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import jax
 
 from moejax import config as config_lib
 from moejax.study.keys import config_key, data_identity
@@ -141,9 +144,25 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
     lines = "".join(json.dumps(r) + "\n" for r in records)
     with open(results_path, "a") as f:  # One write: a run's records land together.
       f.write(lines)
+    release_compiled_programs()
     if on_run_finished is not None:
       on_run_finished()
   return read_results(results_path)
+
+
+def release_compiled_programs() -> None:
+  """Frees the executables of finished runs: `jax.clear_caches()`, then a garbage collection.
+
+  XLA:CPU maps each compiled program's kernel code into memory mappings of its own (tens to
+  hundreds per program), and JAX's jit caches keep every program alive. A process that compiles
+  many distinct programs (a study sweeping model sizes; a test worker running hundreds of tests)
+  can reach the kernel's `vm.max_map_count` (65,530 by default); past it nothing more can be
+  mapped: starting a thread fails (array_record's thread pool then hangs in its constructor) and
+  loading an executable segfaults. The next run compiles afresh or loads from the persistent
+  compilation cache.
+  """
+  jax.clear_caches()
+  gc.collect()
 
 
 def _start_from(workdir: str, study_dir: str, arm: Arm, seed: int, source_key: str, config,
