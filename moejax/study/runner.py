@@ -74,7 +74,9 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
 
   `train_fn(config, run_dir)` defaults to `moejax.train.train_and_evaluate`; `on_run_finished()`
   is called after each run's records are written (the command rewrites the table there, so a
-  committed `results.jsonl` always has its table).
+  committed `results.jsonl` always has its table). After each run the process's compiled
+  programs are released (`release_compiled_programs`): a caller's own jitted functions recompile
+  on their next call.
   """
   log = log or functools.partial(print, flush=True)
   if study.reuse:
