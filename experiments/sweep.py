@@ -52,6 +52,7 @@ def run_sweep(config_spec: str, workdir: str, seeds: list[int], train_fn=None) -
   if train_fn is None:
     from moejax import train  # pylint: disable=import-outside-toplevel
     train_fn = train.train_and_evaluate
+  from moejax.study import runner  # pylint: disable=import-outside-toplevel
   path, _, arg = config_spec.partition(":")
   module = load_config_module(path)
   entries = module.sweep() if hasattr(module, "sweep") else [{}]
@@ -64,6 +65,7 @@ def run_sweep(config_spec: str, workdir: str, seeds: list[int], train_fn=None) -
     print(f"[sweep] run {i + 1}/{len(runs)}: {run_name(overrides)} seed {seed} -> {run_dir}",
           flush=True)
     train_fn(config, run_dir)
+    runner.release_compiled_programs()  # A sweep of shapes would pile up their executables.
     records.append({"overrides": overrides, "seed": seed, **last_eval(run_dir)})
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(records, f, indent=2)

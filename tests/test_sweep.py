@@ -10,8 +10,13 @@ import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 CONFIG = os.path.join(os.path.dirname(__file__), "sweep_config.py")
 
 
-def test_sweep_runs_every_entry_and_seed(tmp_path):
+def test_sweep_runs_every_entry_and_seed(tmp_path, monkeypatch):
+  from moejax.study import runner  # pylint: disable=import-outside-toplevel
+  released, release = [], runner.release_compiled_programs
+  monkeypatch.setattr(runner, "release_compiled_programs",
+                      lambda: (released.append(len(list(tmp_path.glob("*/seed*")))), release()))
   records = sweep.run_sweep(f"{CONFIG}:runlocal", str(tmp_path), seeds=[0, 1])
+  assert released == [1, 2, 3, 4]  # After each run: a sweep's executables do not pile up.
   assert [(r["overrides"]["model.moe.capacity_factor"], r["seed"]) for r in records] == [
       (0.5, 0), (0.5, 1), (2.0, 0), (2.0, 1)]
   # Seeds differ; the train capacity factor changes what the model learns.
