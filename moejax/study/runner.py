@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
-
 from moejax import config as config_lib
 from moejax.study.keys import config_key, data_identity
 from moejax.study.results import read_results, run_records
@@ -155,14 +153,16 @@ def run_study(study: Study, workdir: str, *, scale: str = "cpu", data: str = "bu
 def release_compiled_programs() -> None:
   """Frees the executables of finished runs: `jax.clear_caches()`, then a garbage collection.
 
-  XLA:CPU maps each compiled program's kernel code into memory mappings of its own (tens to
-  hundreds per program), and JAX's jit caches keep every program alive. A process that compiles
+  XLA:CPU maps each compiled program's kernel code into memory mappings of its own (a few for a
+  small program, about a hundred for a 30-layer gradient), and JAX's jit caches keep every
+  program alive. A process that compiles
   many distinct programs (a study sweeping model sizes; a test worker running hundreds of tests)
   can reach the kernel's `vm.max_map_count` (65,530 by default); past it nothing more can be
   mapped: starting a thread fails (array_record's thread pool then hangs in its constructor) and
   loading an executable segfaults. The next run compiles afresh or loads from the persistent
   compilation cache.
   """
+  import jax  # pylint: disable=import-outside-toplevel  (`moejax.study` stays JAX-free to import)
   jax.clear_caches()
   gc.collect()
 
