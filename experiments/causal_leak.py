@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moejax import cli  # noqa: E402  pylint: disable=wrong-import-position
 from moejax import causal, train  # noqa: E402  pylint: disable=wrong-import-position
+from moejax.study import runner  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _capacity_factor(value: str | None, workdir: str) -> float | None:
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
           f"leak {r['leak']:+.5f} nats" + ("" if math.isfinite(r["leak"]) else " (non-finite)"),
           flush=True)
     results[workdir] = r
+    runner.release_compiled_programs()  # Runs of other shapes would pile up their executables.
   if len(workdirs) > 1:
     groups = collections.defaultdict(list)
     for workdir, r in results.items():

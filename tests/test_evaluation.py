@@ -133,9 +133,12 @@ def test_causal_leak_cli_at_the_train_capacity_factor_over_a_glob(run, tmp_path,
   train_cf = train.load_run_config(workdir).model.moe.capacity_factor
   for seed in (0, 1):  # Two copies of the run: one arm of a study, two "seeds".
     shutil.copytree(workdir, tmp_path / "arm" / f"seed{seed}")
+  released = []
+  monkeypatch.setattr(causal_leak_cli.runner, "release_compiled_programs",
+                      lambda: released.append(len(capsys.readouterr().out.split("# ")) - 1))
   results = causal_leak_cli.main([f"--workdir={tmp_path}/arm/seed*", "--capacity_factor=train",
                                   "--positions=3"])
-  assert len(results) == 2
+  assert len(results) == 2 and released == [1, 1]  # After each run (its report just printed).
   r0, r1 = results.values()
   assert r0 == r1 and r0["capacity_factor"] == train_cf and r0["positions"] == 3
   assert r0["leak"] == pytest.approx(r0["causal_ce"] - r0["teacher_forced_ce"])
