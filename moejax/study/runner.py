@@ -155,11 +155,10 @@ def release_compiled_programs() -> None:
 
   XLA:CPU maps each compiled program's kernel code into memory mappings of its own (a few for a
   small program, about a hundred for a 30-layer gradient), and JAX's jit caches keep every
-  program alive. A process that compiles
-  many distinct programs (a study sweeping model sizes; a test worker running hundreds of tests)
-  can reach the kernel's `vm.max_map_count` (65,530 by default); past it nothing more can be
-  mapped: starting a thread fails (array_record's thread pool then hangs in its constructor) and
-  loading an executable segfaults. The next run compiles afresh or loads from the persistent
+  program alive. A process that compiles many distinct programs (a study sweeping model sizes; a
+  test worker running hundreds of tests) can reach the kernel's `vm.max_map_count` (65,530 by
+  default); past it nothing more can be mapped: starting a thread fails (array_record's thread
+  pool then hangs in its constructor) and loading an executable segfaults. The next run compiles afresh or loads from the persistent
   compilation cache.
   """
   import jax  # pylint: disable=import-outside-toplevel  (`moejax.study` stays JAX-free to import)
